@@ -1,0 +1,36 @@
+"""Test setup: 8 fake CPU devices, absl flags parsed (Grain workers), paths to ../shared."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# Must precede the first `import jax` anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+flags.FLAGS.mark_as_parsed()
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DIR = pathlib.Path(os.environ.get("JCLIP_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+    """The ../shared folder of CI (reference values and real data); skips where a clone lacks it."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"{SHARED_DIR} is absent: reference files live in ../shared, which only CI and developers have")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def reference_dir(shared_dir: pathlib.Path) -> pathlib.Path:
+    path = shared_dir / "reference"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
