@@ -1,0 +1,113 @@
+"""Shared pieces of every jclip config: the defaults, arg-string parsing, and model presets.
+
+Every config file's `get_config(arg)` starts from `base_config()` and changes what its method needs.
+Arg strings follow big_vision: `configs/clip.py:model=B/32,steps=20000` (comma-separated key=value;
+a bare key means True). Any field can then be overridden with `--config.<path>=<value>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from jclip.models import presets
+
+# Known keys of arg strings and what they set.
+ARG_KEYS = ("model", "steps", "batch", "data", "dtype")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses `key=value,key2=value2` into a ConfigDict over `defaults`; unknown keys are an error."""
+    parsed = ml_collections.ConfigDict(dict(defaults))
+    if not arg:
+        return parsed
+    for item in arg.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r} in {arg!r}; known args: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            parsed[key] = True
+        elif isinstance(default, bool):
+            parsed[key] = value.strip().lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            parsed[key] = int(value)
+        elif isinstance(default, float):
+            parsed[key] = float(value)
+        else:
+            parsed[key] = value.strip()
+    return parsed
+
+
+def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict:
+    """A model preset by name (`tiny`, `B/32`, `B/16`, `L/14`) as a ConfigDict, with compute options."""
+    model = ml_collections.ConfigDict(presets.get_preset(name))
+    model.dtype = dtype
+    model.remat = False
+    return model
+
+
+def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Defaults that run anywhere: the tiny model on the embedded dataset, one CPU, a few minutes."""
+    args = parse_arg(arg, model="tiny", steps=1200, batch=128, data="embedded", dtype="float32")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.total_steps = args.steps
+
+    config.model = model_config(args.model, args.dtype)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = args.data  # `embedded`: the procedurally generated jclip_scenes dataset.
+    config.data.embedded_config = "default"
+    config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = ~/tensorflow_datasets.
+    config.data.train_split = "train"
+    config.data.image_key = "image"
+    config.data.text_key = "caption"
+    config.data.batch_size = args.batch  # global, over all processes and devices.
+    config.data.random_crop_scale = config_dict.placeholder(tuple)  # e.g. (0.9, 1.0); None = centre crop.
+    config.data.num_workers = 0  # Grain worker processes per host (0 = threads in the main process).
+    config.data.num_threads = 2
+    config.data.prefetch = 4
+
+    config.losses = ml_collections.ConfigDict({"clip": {"weight": 1.0}})
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 1e-3
+    config.optim.min_learning_rate_ratio = 0.0  # cosine decays to learning_rate x this.
+    config.optim.warmup_steps = 100
+    config.optim.weight_decay = 0.1
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.98
+    config.optim.eps = 1e-6
+    config.optim.grad_clip_norm = 1.0  # 0 disables clipping.
+    config.optim.accum_steps = 1  # micro-batches per step; the loss still sees the whole global batch.
+    config.optim.max_log_logit_scale = 4.605170185988092  # ln 100: CLIP's clamp of the logit scale.
+
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.sharding_rules = [list(rule) for rule in _default_rules()]
+
+    config.log_every = 25
+    config.checkpoint_every = 200
+    config.keep_checkpoints = 3
+    config.async_checkpointing = True
+
+    config.evals = ml_collections.ConfigDict()
+    config.evals.retrieval = ml_collections.ConfigDict(
+        {"every": 400, "split": "validation", "limit": config_dict.placeholder(int), "batch_size": 256}
+    )
+    config.evals.zeroshot = ml_collections.ConfigDict(
+        {"every": 400, "split": "validation", "limit": config_dict.placeholder(int), "batch_size": 256,
+         "templates": "scenes"}
+    )
+    return config
+
+
+def _default_rules():
+    from jclip.parallel import DEFAULT_RULES
+
+    return [(name, list(target) if isinstance(target, tuple) else target) for name, target in DEFAULT_RULES]

@@ -1,0 +1,66 @@
+"""CLIP's byte-level BPE tokenizer, with OpenAI CLIP's cleaning, start/end tokens and truncation.
+
+The BPE merges and vocabulary come from the `instant-clip-tokenizer` package, which ships OpenAI's
+`bpe_simple_vocab_16e6` (49,408 tokens) and reproduces OpenAI's `SimpleTokenizer`. Around it we apply
+OpenAI's `clip.tokenize` conventions: ftfy + HTML-unescape cleaning, whitespace collapsing, lower-casing,
+`<start_of_text>` ... `<end_of_text>`, zero padding, and truncation that keeps the end token last.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import re
+from collections.abc import Sequence
+
+import ftfy
+import instant_clip_tokenizer
+import numpy as np
+
+VOCAB_SIZE = 49408
+START_OF_TEXT = 49406
+END_OF_TEXT = 49407
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """OpenAI CLIP's `basic_clean` then `whitespace_clean`, lower-cased."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe() -> instant_clip_tokenizer.Tokenizer:
+    return instant_clip_tokenizer.Tokenizer()
+
+
+class ClipTokenizer:
+    """Text -> fixed-length int32 token ids, identical to OpenAI's `clip.tokenize(..., truncate=True)`."""
+
+    def __init__(self, context_length: int = 77):
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
+        self.context_length = context_length
+        self.vocab_size = VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of the cleaned text, without start/end tokens."""
+        return list(_bpe().encode(clean_text(text)))
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = [START_OF_TEXT, *self.encode(text), END_OF_TEXT]
+        if len(ids) > self.context_length:
+            ids = ids[: self.context_length]
+            ids[-1] = END_OF_TEXT
+        out = np.zeros(self.context_length, dtype=np.int32)
+        out[: len(ids)] = ids
+        return out
+
+    def batch(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self(text) for text in texts]) if texts else np.zeros((0, self.context_length), np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the ids between the start and end tokens (for logs and debugging)."""
+        body = [int(i) for i in ids if int(i) not in (0, START_OF_TEXT, END_OF_TEXT)]
+        return _bpe().decode(body).strip()

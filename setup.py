@@ -1,0 +1,35 @@
+"""jclip: CLIP-family vision-language pretraining in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jclip",
+    version="0.1.0",
+    description="A JAX/Flax NNX stack for pretraining CLIP-family two-tower models on TPU pods and GPU clusters",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jclip", "jclip.*"]),
+    install_requires=[
+        "jax>=0.10.0",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8.1",
+        "ml_collections>=1.0.0",
+        "chex>=0.1.89",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        # The CLIP BPE tokenizer with OpenAI's vocabulary shipped inside the package.
+        "instant-clip-tokenizer>=0.1.1",
+        # OpenAI CLIP's text cleaning (mojibake repair) before tokenisation.
+        "ftfy>=6.1",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "safetensors>=0.4"],
+    },
+)
