@@ -1,1 +1,36 @@
-"""jclip.losses."""
+"""jclip.losses: pure loss functions, one module per family, and the loss-term registry.
+
+Importing this package imports every family module in it (contrastive, rank, soft, ...), so that each
+registers its terms in `TERMS`; a new method adds a module here with `@register_term(name)` functions
+and nothing else (shared/ARCHITECTURE.md, principle 1). Modules whose names start with `_` are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from jclip.losses.terms import TERMS, LossContext, LossTerm, register_term, total_loss, validate_terms_config
+
+
+def _import_families() -> None:
+    """Imports the family modules of this package (sorted by name) so their terms register."""
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()
+
+from jclip.losses.contrastive import clip_loss, siglip_loss  # noqa: E402
+
+__all__ = [
+    "TERMS",
+    "LossContext",
+    "LossTerm",
+    "clip_loss",
+    "register_term",
+    "siglip_loss",
+    "total_loss",
+    "validate_terms_config",
+]

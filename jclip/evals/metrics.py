@@ -1,0 +1,67 @@
+"""Metric maths of the evaluators, in NumPy on gathered embeddings (shared/METHODS.md section 6).
+
+Ties count against the model: a true item is ranked after every other item with an equal score, so a
+constant model gets chance-level (not perfect) recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def ranks_of_true(scores: np.ndarray, true_mask: np.ndarray) -> np.ndarray:
+    """For each row, the 0-based rank of its best-scoring true column (pessimistic on ties).
+
+    `scores` [Q, C]; `true_mask` [Q, C] bool, at least one True per row.
+    """
+    scores = np.asarray(scores, np.float64)
+    true_mask = np.asarray(true_mask, bool)
+    if not true_mask.any(axis=1).all():
+        raise ValueError("every query needs at least one true candidate")
+    best_true = np.where(true_mask, scores, -np.inf).max(axis=1, keepdims=True)
+    better_false = ((scores > best_true) & ~true_mask).sum(axis=1)
+    tied_false = ((scores == best_true) & ~true_mask).sum(axis=1)
+    return better_false + tied_false
+
+
+def recall_at_k(scores: np.ndarray, true_mask: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    ranks = ranks_of_true(scores, true_mask)
+    return {k: float(np.mean(ranks < k)) for k in ks}
+
+
+def retrieval_metrics(
+    image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Image->text and text->image R@k; texts may be several per image (`text_to_image[t]` = its image).
+
+    An image->text hit is any of the image's captions within the top k.
+    """
+    text_to_image = np.asarray(text_to_image)
+    similarity = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
+    pairs = np.arange(len(image_embeddings))[:, None] == text_to_image[None, :]
+    out = {}
+    for k, value in recall_at_k(similarity, pairs, ks).items():
+        out[f"image_to_text_R@{k}"] = value
+    for k, value in recall_at_k(similarity.T, pairs.T, ks).items():
+        out[f"text_to_image_R@{k}"] = value
+    return out
+
+
+def class_embeddings(text_embeddings: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+    """Per-class mean of L2-normalised template embeddings, re-normalised (CLIP's zero-shot classifier).
+
+    `text_embeddings` [num_classes * num_templates, d], class-major.
+    """
+    per_template = np.asarray(text_embeddings, np.float64).reshape(num_classes, num_templates, -1)
+    per_template /= np.linalg.norm(per_template, axis=-1, keepdims=True)
+    mean = per_template.mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracy, pessimistic on ties (see `ranks_of_true`)."""
+    labels = np.asarray(labels)
+    true_mask = np.arange(logits.shape[1])[None, :] == labels[:, None]
+    return recall_at_k(logits, true_mask, ks)

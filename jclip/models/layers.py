@@ -1,0 +1,233 @@
+"""Transformer building blocks shared by the image and text towers, laid out like OpenCLIP's.
+
+The blocks follow OpenCLIP's `ResidualAttentionBlock` (mlfoundations/open_clip, `transformer.py`): pre-norm
+residual blocks `x + attn(ln_1(x))`, `x + mlp(ln_2(x))`, with an MLP `c_fc -> GELU | quick-GELU -> c_proj`
+and multi-head self-attention whose fused input projection maps 1:1 onto `attn.in_proj_weight/bias`.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) as NNX `out_sharding`
+metadata; `jclip.parallel`'s rules table maps them to mesh axes. Eager sharding is switched off per
+variable so that a model can be built without a mesh; shardings come from `nnx.get_named_sharding` and a
+jitted initialiser's `out_shardings` (shared/ARCHITECTURE.md, principle 3).
+
+Mixed precision: parameters are stored in `param_dtype` (float32) and cast to the compute `dtype` where used;
+LayerNorm statistics and attention softmax are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jclip.parallel import constrain
+
+Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
+LogicalAxes = tuple[str | None, ...]
+
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, used throughout OpenCLIP
+
+
+def logical_param(
+    rngs: nnx.Rngs | None,
+    initializer: Initializer,
+    shape: Sequence[int],
+    logical_axes: LogicalAxes,
+    param_dtype: Any = jnp.float32,
+) -> nnx.Param:
+    """Creates an `nnx.Param` tagged with logical axis names (read by `nnx.get_partition_spec`).
+
+    `eager_sharding=False`: the value is not constrained at creation, so the model can be built with
+    or without a mesh; the caller shards it (jit `out_shardings` from `nnx.get_named_sharding`).
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {logical_axes} do not match parameter shape {tuple(shape)}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    value = initializer(key, tuple(shape), param_dtype)
+    return nnx.Param(value, out_sharding=tuple(logical_axes), eager_sharding=False)
+
+
+def normal(stddev: float) -> Initializer:
+    """Normal initialiser N(0, stddev^2) (OpenCLIP's `nn.init.normal_(std=...)`)."""
+    return nnx.initializers.normal(stddev)
+
+
+zeros: Initializer = nnx.initializers.zeros
+ones: Initializer = nnx.initializers.ones
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x) (OpenCLIP `QuickGELU`)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """The erf GELU of `torch.nn.GELU()` (OpenCLIP's default activation), not the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def activation_fn(use_quick_gelu: bool) -> Callable[[jax.Array], jax.Array]:
+    """The MLP activation: quick-GELU (OpenAI weights) or exact GELU (OpenCLIP default)."""
+    return quick_gelu if use_quick_gelu else exact_gelu
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, eps 1e-5, statistics in float32, output in the compute dtype."""
+
+    def __init__(self, width: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        self.dtype = dtype
+        self.scale = logical_param(rngs, ones, (width,), ("embed",), param_dtype)
+        self.bias = logical_param(rngs, zeros, (width,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normalised = (x32 - mean) * jax.lax.rsqrt(variance + LAYER_NORM_EPS)
+        out = normalised * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """Linear layer y = x @ kernel + bias with kernel [in, out] (the transpose of torch's `weight`)."""
+
+    def __init__(self, in_features: int, out_features: int, *, logical_axes: tuple[str, str],
+                 stddev: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        self.dtype = dtype
+        self.kernel = logical_param(rngs, normal(stddev), (in_features, out_features), logical_axes, param_dtype)
+        self.bias = logical_param(rngs, zeros, (out_features,), (logical_axes[1],), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+
+
+class MultiHeadSelfAttention(nnx.Module):
+    """Multi-head self-attention with a fused q/k/v projection (torch `nn.MultiheadAttention` layout).
+
+    `in_proj.kernel` [embed, 3, heads, head_dim] is `in_proj_weight` [3*width, width] transposed and
+    reshaped; `out_proj.kernel` [heads, head_dim, embed] is `out_proj.weight` transposed and reshaped.
+    Keeping heads as their own axis lets the `heads` logical name shard them (tensor parallelism).
+    """
+
+    def __init__(self, width: int, num_heads: int, *, causal: bool, init_std: float, out_std: float,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.causal = causal
+        self.dtype = dtype
+        self.in_kernel = logical_param(rngs, normal(init_std), (width, 3, num_heads, self.head_dim),
+                                       ("embed", None, "heads", "kv"), param_dtype)
+        self.in_bias = logical_param(rngs, zeros, (3, num_heads, self.head_dim), (None, "heads", "kv"), param_dtype)
+        self.out_kernel = logical_param(rngs, normal(out_std), (num_heads, self.head_dim, width),
+                                        ("heads", "kv", "embed"), param_dtype)
+        self.out_bias = logical_param(rngs, zeros, (width,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, length, width] -> [batch, length, width]."""
+        x = x.astype(self.dtype)
+        qkv = jnp.einsum("btd,dknh->kbtnh", x, self.in_kernel[...].astype(self.dtype))
+        qkv = qkv + self.in_bias[...].astype(self.dtype)[:, None, None]
+        query, key, value = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv)
+        attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+        attended = constrain(attended, ("batch", "length", "act_heads", None))
+        out = jnp.einsum("btnh,nhd->btd", attended, self.out_kernel[...].astype(self.dtype))
+        return out + self.out_bias[...].astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """OpenCLIP's block MLP: `c_fc` -> GELU (erf) or quick-GELU -> `c_proj`."""
+
+    def __init__(self, width: int, hidden: int, *, quick_gelu: bool, fc_std: float, proj_std: float,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        self.quick_gelu = quick_gelu
+        self.c_fc = Dense(width, hidden, logical_axes=("embed", "mlp"), stddev=fc_std,
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_proj = Dense(hidden, width, logical_axes=("mlp", "embed"), stddev=proj_std,
+                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = activation_fn(self.quick_gelu)(self.c_fc(x))
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+        return self.c_proj(hidden)
+
+
+class ResidualBlock(nnx.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)) (OpenCLIP `ResidualAttentionBlock`)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_hidden: int, *, causal: bool, quick_gelu: bool,
+                 num_layers: int, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        # OpenCLIP's text-tower initialisation (`TextTransformer.init_parameters`), used for both towers.
+        attn_std = width ** -0.5
+        proj_std = width ** -0.5 * (2 * num_layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.ln_1 = LayerNorm(width, **common)
+        self.attn = MultiHeadSelfAttention(width, num_heads, causal=causal, init_std=attn_std,
+                                           out_std=proj_std, **common)
+        self.ln_2 = LayerNorm(width, **common)
+        self.mlp = MLP(width, mlp_hidden, quick_gelu=quick_gelu, fc_std=fc_std, proj_std=proj_std, **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln_1(x))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x = x + self.mlp(self.ln_2(x))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+def _apply_block(block: ResidualBlock, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+_apply_block_remat = nnx.remat(_apply_block)
+
+
+class Transformer(nnx.Module):
+    """A stack of `ResidualBlock`s (OpenCLIP `Transformer.resblocks`); optionally rematerialised per block."""
+
+    def __init__(self, width: int, num_layers: int, num_heads: int, mlp_ratio: float, *, causal: bool,
+                 quick_gelu: bool, remat: bool = False, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+        mlp_hidden = int(width * mlp_ratio)
+        self.remat = remat
+        self.blocks = nnx.List([
+            ResidualBlock(width, num_heads, mlp_hidden, causal=causal, quick_gelu=quick_gelu,
+                          num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(num_layers)
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        apply = _apply_block_remat if self.remat else _apply_block
+        for block in self.blocks:
+            x = apply(block, x)
+        return x
+
+
+def num_heads_for(width: int, head_width: int) -> int:
+    """OpenCLIP's vision head count: width // head_width (head_width 64 by default)."""
+    if width % head_width:
+        raise ValueError(f"vision width {width} is not a multiple of head_width {head_width}")
+    return width // head_width
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, in float32 (torch `F.normalize`)."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+__all__ = [
+    "LAYER_NORM_EPS", "Dense", "LayerNorm", "MLP", "MultiHeadSelfAttention", "ResidualBlock", "Transformer",
+    "activation_fn", "exact_gelu", "l2_normalize", "logical_param", "normal", "num_heads_for", "quick_gelu",
+]

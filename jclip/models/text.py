@@ -1,0 +1,58 @@
+"""The causal Transformer text tower of CLIP, parameter for parameter OpenCLIP's `CLIP` text half.
+
+Follows Radford et al. 2021 (CLIP) as implemented in mlfoundations/open_clip (`model.py::CLIP.encode_text`):
+token embedding + learned positional embedding, pre-norm residual blocks under a causal mask, `ln_final`,
+pooling at the end-of-text token — the position of the largest token id, since CLIP's tokenizer gives the
+end token the largest id — and a bias-free `text_projection`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jclip.models.layers import LayerNorm, Transformer, logical_param, normal
+from jclip.parallel import constrain
+
+
+class TextTransformer(nnx.Module):
+    """Text tower: token ids [batch, length] -> projected text features [batch, output_dim] (float32)."""
+
+    def __init__(self, *, context_length: int, vocab_size: int, width: int, heads: int, layers: int,
+                 output_dim: int, mlp_ratio: float = 4.0, quick_gelu: bool = False, remat: bool = False,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs | None = None) -> None:
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.dtype = dtype
+        # OpenCLIP `CLIP.init_parameters`: token std 0.02, positions std 0.01, projection std width^-0.5.
+        self.token_embedding = logical_param(rngs, normal(0.02), (vocab_size, width), ("vocab", "embed"),
+                                             param_dtype)
+        self.positional_embedding = logical_param(rngs, normal(0.01), (context_length, width),
+                                                  ("length", "embed"), param_dtype)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, causal=True, quick_gelu=quick_gelu,
+                                       remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_final = LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.projection = logical_param(rngs, normal(width ** -0.5), (width, output_dim), ("embed", "proj"),
+                                        param_dtype)
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        """Projected (not normalised) text features [batch, output_dim] in float32.
+
+        Sequences may be shorter than `context_length` (positions are sliced, as OpenCLIP does).
+        """
+        batch, length = token_ids.shape
+        if length > self.context_length:
+            raise ValueError(f"token sequences of length {length} exceed context_length {self.context_length}")
+        tokens = jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
+        tokens = tokens + self.positional_embedding[...][:length].astype(self.dtype)
+        tokens = constrain(tokens, ("batch", "length", "act_embed"))
+        tokens = self.transformer(tokens)
+        end_positions = jnp.argmax(token_ids, axis=-1)
+        pooled = jnp.take_along_axis(tokens, end_positions[:, None, None], axis=1)[:, 0]
+        pooled = self.ln_final(pooled)  # per-token LayerNorm: pooling first equals OpenCLIP's order
+        pooled = constrain(pooled, ("batch", "act_embed"))
+        return jnp.dot(pooled.astype(jnp.float32), self.projection[...].astype(jnp.float32))

@@ -1,0 +1,86 @@
+"""The ViT image tower of CLIP, parameter for parameter OpenCLIP's `VisionTransformer` (CLIP's default).
+
+Follows Radford et al. 2021 (CLIP) as implemented in mlfoundations/open_clip `transformer.py`: a bias-free
+patch-embedding convolution (`visual.conv1`), a class token, learned positional embeddings, `ln_pre`,
+pre-norm residual blocks, `ln_post` on the class token and a bias-free projection (`visual.proj`).
+Images come in NHWC, already normalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jclip.models.layers import LayerNorm, Transformer, logical_param, normal, num_heads_for
+from jclip.parallel import constrain
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+class VisionTransformer(nnx.Module):
+    """ViT image tower: images [batch, H, W, C] -> projected image features [batch, output_dim] (float32)."""
+
+    def __init__(self, *, image_size: int | Sequence[int], patch_size: int, width: int, layers: int,
+                 output_dim: int, head_width: int = 64, mlp_ratio: float = 4.0, quick_gelu: bool = False,
+                 in_channels: int = 3, remat: bool = False, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+        image_height, image_width = _pair(image_size)
+        if image_height % patch_size or image_width % patch_size:
+            raise ValueError(f"image size {(image_height, image_width)} is not a multiple of patch {patch_size}")
+        self.image_size = (image_height, image_width)
+        self.patch_size = patch_size
+        self.grid = (image_height // patch_size, image_width // patch_size)
+        self.dtype = dtype
+        num_tokens = self.grid[0] * self.grid[1] + 1
+        scale = width ** -0.5  # OpenCLIP's init scale for class/positional embeddings and the projection
+        patch_fan_in = patch_size * patch_size * in_channels
+        self.patch_embedding = logical_param(  # OpenCLIP visual.conv1 (no bias), HWIO
+            rngs, normal(patch_fan_in ** -0.5), (patch_size, patch_size, in_channels, width),
+            ("patch", "patch", "channels", "embed"), param_dtype)
+        self.class_embedding = logical_param(rngs, normal(scale), (width,), ("embed",), param_dtype)
+        self.positional_embedding = logical_param(rngs, normal(scale), (num_tokens, width),
+                                                  ("length", "embed"), param_dtype)
+        self.ln_pre = LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transformer = Transformer(width, layers, num_heads_for(width, head_width), mlp_ratio,
+                                       causal=False, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.ln_post = LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.projection = logical_param(rngs, normal(scale), (width, output_dim), ("embed", "proj"), param_dtype)
+
+    def embed_patches(self, images: jax.Array) -> jax.Array:
+        """Non-overlapping patch embedding (a stride-`patch` convolution) -> [batch, grid_h*grid_w, width].
+
+        Patches are ordered row-major, as OpenCLIP's flattening of the conv output.
+        """
+        batch, height, width, channels = images.shape
+        if (height, width) != self.image_size:
+            raise ValueError(f"expected images of size {self.image_size}, got {(height, width)}")
+        p = self.patch_size
+        grid_h, grid_w = self.grid
+        patches = images.astype(self.dtype).reshape(batch, grid_h, p, grid_w, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid_h * grid_w, p, p, channels)
+        kernel = self.patch_embedding[...].astype(self.dtype)
+        return jnp.einsum("bnijc,ijcd->bnd", patches, kernel)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """Projected (not normalised) image features [batch, output_dim] in float32."""
+        tokens = self.embed_patches(images)
+        batch, _, width = tokens.shape
+        class_token = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (batch, 1, width))
+        tokens = jnp.concatenate([class_token, tokens], axis=1)
+        tokens = tokens + self.positional_embedding[...].astype(self.dtype)
+        tokens = constrain(tokens, ("batch", "length", "act_embed"))
+        tokens = self.ln_pre(tokens)
+        tokens = self.transformer(tokens)
+        pooled = self.ln_post(tokens[:, 0])  # OpenCLIP applies ln_post to all tokens, then takes the class token
+        pooled = constrain(pooled, ("batch", "act_embed"))
+        return jnp.dot(pooled.astype(jnp.float32), self.projection[...].astype(jnp.float32))
