@@ -1,1 +1,28 @@
-"""jclip.models."""
+"""jclip.models: the CLIP two-tower model in Flax NNX (OpenCLIP's architecture), presets and builders."""
+
+from jclip.models.clip_model import (
+    CLIP_INIT_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
+    SIGLIP_INIT_LOGIT_SCALE,
+    CLIPModel,
+    abstract_model,
+    build_model,
+    count_params,
+)
+from jclip.models.presets import PRESETS, get_preset
+from jclip.models.text import TextTransformer
+from jclip.models.vision import VisionTransformer
+
+__all__ = [
+    "CLIP_INIT_LOGIT_SCALE",
+    "SIGLIP_INIT_LOGIT_BIAS",
+    "SIGLIP_INIT_LOGIT_SCALE",
+    "CLIPModel",
+    "PRESETS",
+    "TextTransformer",
+    "VisionTransformer",
+    "abstract_model",
+    "build_model",
+    "count_params",
+    "get_preset",
+]

@@ -1,0 +1,97 @@
+"""Checks a config before anything is built or compiled, so a bad value stops the run with a clear message."""
+
+from __future__ import annotations
+
+import ml_collections
+from jax.sharding import Mesh
+
+from jclip import parallel
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field and what is expected."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
+    """Raises ConfigError naming the first invalid field; `mesh` adds the divisibility checks."""
+    from jclip import evals, losses
+    from jclip.data import sources
+
+    _require(int(config.total_steps) > 0, f"total_steps must be positive, got {config.total_steps}")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _require(int(config[name]) > 0, f"{name} must be positive, got {config[name]}")
+
+    model = config.model
+    vision, text = model.vision, model.text
+    for path, value in [
+        ("model.embed_dim", model.embed_dim),
+        ("model.vision.image_size", vision.image_size),
+        ("model.vision.patch_size", vision.patch_size),
+        ("model.vision.width", vision.width),
+        ("model.vision.layers", vision.layers),
+        ("model.text.context_length", text.context_length),
+        ("model.text.width", text.width),
+        ("model.text.layers", text.layers),
+        ("model.text.heads", text.heads),
+    ]:
+        _require(int(value) > 0, f"{path} must be positive, got {value}")
+    _require(
+        vision.image_size % vision.patch_size == 0,
+        f"model.vision.image_size ({vision.image_size}) must be a multiple of patch_size ({vision.patch_size})",
+    )
+    _require(text.width % text.heads == 0, f"model.text.width ({text.width}) must be divisible by heads ({text.heads})")
+    _require(model.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {model.dtype!r}")
+
+    data = config.data
+    _require(data.source in sources.KNOWN_SOURCES, f"data.source {data.source!r} unknown; known: {list(sources.KNOWN_SOURCES)}")
+    batch = int(data.batch_size)
+    _require(batch > 0, f"data.batch_size must be positive, got {batch}")
+    _require(int(data.num_workers) >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    if data.random_crop_scale is not None:
+        low, high = data.random_crop_scale
+        _require(0 < low <= high <= 1, f"data.random_crop_scale must satisfy 0 < low <= high <= 1, got {data.random_crop_scale}")
+
+    opt = config.optim
+    _require(float(opt.learning_rate) > 0, f"optim.learning_rate must be positive, got {opt.learning_rate}")
+    _require(int(opt.warmup_steps) >= 0, f"optim.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    _require(float(opt.weight_decay) >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}")
+    _require(0 <= float(opt.b1) < 1 and 0 <= float(opt.b2) < 1, f"optim.b1/b2 must be in [0, 1), got {opt.b1}, {opt.b2}")
+    _require(float(opt.grad_clip_norm) >= 0, f"optim.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm}")
+    accum = int(opt.accum_steps)
+    _require(accum >= 1, f"optim.accum_steps must be >= 1, got {accum}")
+    _require(batch % accum == 0, f"data.batch_size ({batch}) must be divisible by optim.accum_steps ({accum})")
+
+    try:
+        losses.validate_terms_config(config.losses)
+    except ValueError as error:
+        raise ConfigError(f"losses: {error}") from error
+    for name, entry in config.evals.items():
+        try:
+            evals.evaluator_type(name, entry)
+        except ValueError as error:
+            raise ConfigError(f"evals.{name}: {error}") from error
+        _require(int(entry.every) >= 0, f"evals.{name}.every must be >= 0 (0 = only at the end), got {entry.every}")
+
+    if mesh is not None:
+        import jax
+
+        shards = parallel.batch_shards(mesh)
+        _require(
+            (batch // accum) % shards == 0,
+            f"the micro-batch ({batch} / accum_steps {accum} = {batch // accum}) must be divisible by the "
+            f"{shards} batch shards of mesh {dict(mesh.shape)}",
+        )
+        _require(batch % jax.process_count() == 0, f"data.batch_size ({batch}) must be divisible by {jax.process_count()} processes")
+        for name, entry in config.evals.items():
+            if "batch_size" in entry:
+                _require(
+                    int(entry.batch_size) % shards == 0,
+                    f"evals.{name}.batch_size ({entry.batch_size}) must be divisible by the {shards} batch shards",
+                )

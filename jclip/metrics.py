@@ -1,0 +1,91 @@
+"""Metrics of a run: a live progress line, `metrics.jsonl`, and TensorBoard event files in the workdir.
+
+Only process 0 writes. JSONL lines are `{"step": int, "time": float, <name>: float, ...}`; after a resume
+the steps between the last checkpoint and the interruption appear twice, and the later line is current.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tensorboard = None
+        if enabled:
+            workdir = pathlib.Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {name: _scalar(value) for name, value in metrics.items()}
+        record = {"step": int(step), "time": time.time(), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            if math.isfinite(value):
+                self._tensorboard.add_scalar(name, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Progress:
+    """The live line: step, loss, examples/s and ETA, measured between log points (compile excluded)."""
+
+    def __init__(self, total_steps: int, global_batch_size: int, *, enabled: bool = True, stream=sys.stdout):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.enabled = enabled
+        self.stream = stream
+        self._last_step: int | None = None
+        self._last_time = 0.0
+
+    def start(self, step: int) -> None:
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def update(self, step: int, loss: float) -> dict[str, float]:
+        """Prints the line for `step`; returns throughput metrics for the metrics stream."""
+        now = time.perf_counter()
+        rates: dict[str, float] = {}
+        if self._last_step is not None and step > self._last_step:
+            seconds_per_step = (now - self._last_time) / (step - self._last_step)
+            rates = {
+                "perf/examples_per_second": self.global_batch_size / seconds_per_step,
+                "perf/seconds_per_step": seconds_per_step,
+            }
+        self._last_step, self._last_time = step, now
+        if self.enabled:
+            line = f"step {step}/{self.total_steps} | loss {loss:.4f}"
+            if rates:
+                eta = rates["perf/seconds_per_step"] * (self.total_steps - step)
+                line += f" | {rates['perf/examples_per_second']:.0f} examples/s | ETA {format_duration(eta)}"
+            print(line, file=self.stream, flush=True)
+        return rates

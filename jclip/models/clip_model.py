@@ -1,0 +1,132 @@
+"""The two-tower CLIP model (image ViT + causal text Transformer) and its builders.
+
+Architecturally identical to OpenCLIP's `CLIP` (mlfoundations/open_clip `model.py`): the towers of
+`jclip.models.vision` and `jclip.models.text`, a learnable `logit_scale` (stored as its log, init ln(1/0.07))
+and, for SigLIP-style sigmoid losses only, a learnable `logit_bias` (Zhai et al. 2023 initialise the scale at
+ln 10 and the bias at -10). Model configs are plain dicts (or ml_collections ConfigDicts); see
+`jclip.models.presets`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jclip.models.layers import l2_normalize, logical_param
+from jclip.models.text import TextTransformer
+from jclip.models.vision import VisionTransformer
+
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # Radford et al. 2021
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al. 2023
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "in_channels"}
+TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
+              "dtype", "param_dtype", "remat"}
+
+
+class CLIPModel(nnx.Module):
+    """Image and text towers projecting into a shared embedding space, plus the logit scale (and bias)."""
+
+    def __init__(self, *, embed_dim: int, vision: Mapping[str, Any], text: Mapping[str, Any],
+                 quick_gelu: bool = False, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
+                 init_logit_bias: float | None = None, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs) -> None:
+        common = dict(output_dim=embed_dim, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+        self.embed_dim = embed_dim
+        self.visual = VisionTransformer(**dict(vision), **common)
+        self.text = TextTransformer(**dict(text), **common)
+        self.logit_scale = logical_param(rngs, nnx.initializers.constant(init_logit_scale), (), (), param_dtype)
+        self.logit_bias = (
+            None if init_logit_bias is None
+            else logical_param(rngs, nnx.initializers.constant(init_logit_bias), (), (), param_dtype)
+        )
+
+    def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
+        """Images [batch, H, W, 3] (NHWC, normalised) -> image features [batch, embed_dim], float32."""
+        features = self.visual(images)
+        return l2_normalize(features) if normalize else features
+
+    def encode_text(self, token_ids: jax.Array, normalize: bool = False) -> jax.Array:
+        """Token ids [batch, length] -> text features [batch, embed_dim], float32."""
+        features = self.text(token_ids)
+        return l2_normalize(features) if normalize else features
+
+    def __call__(self, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
+        """Both towers. Returns `image_features`/`text_features` (projected), `image_embeddings`/
+        `text_embeddings` (L2-normalised), `logit_scale` (the raw log value) and `logit_bias` if present."""
+        image_features = self.encode_image(images)
+        text_features = self.encode_text(token_ids)
+        outputs = {
+            "image_features": image_features,
+            "text_features": text_features,
+            "image_embeddings": l2_normalize(image_features),
+            "text_embeddings": l2_normalize(text_features),
+            "logit_scale": self.logit_scale[...].astype(jnp.float32),
+        }
+        if self.logit_bias is not None:
+            outputs["logit_bias"] = self.logit_bias[...].astype(jnp.float32)
+        return outputs
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    """A plain dict from a dict or an ml_collections ConfigDict."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dict(config)
+
+
+def _check_keys(config: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(config) - allowed
+    if unknown:
+        raise ValueError(f"unknown {where} config keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _dtype(value: Any) -> Any:
+    return jnp.dtype(value) if value is not None else jnp.float32
+
+
+def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
+    """Builds a `CLIPModel` from a model config (a preset from `jclip.models.presets`, possibly edited).
+
+    Keys: `embed_dim`, `vision`, `text` (required); `quick_gelu` (False), `init_logit_scale` (ln(1/0.07)),
+    `init_logit_bias` (None: no bias), `dtype` (compute dtype, "float32"), `param_dtype` ("float32"),
+    `remat` (False), `name` (ignored).
+    """
+    config = _as_dict(model_config)
+    _check_keys(config, MODEL_KEYS, "model")
+    vision, text = _as_dict(config["vision"]), _as_dict(config["text"])
+    _check_keys(vision, VISION_KEYS, "vision")
+    _check_keys(text, TEXT_KEYS, "text")
+    init_logit_bias = config.get("init_logit_bias")
+    return CLIPModel(
+        embed_dim=int(config["embed_dim"]),
+        vision=vision,
+        text=text,
+        quick_gelu=bool(config.get("quick_gelu", False)),
+        init_logit_scale=float(config.get("init_logit_scale", CLIP_INIT_LOGIT_SCALE)),
+        init_logit_bias=None if init_logit_bias is None else float(init_logit_bias),
+        dtype=_dtype(config.get("dtype")),
+        param_dtype=_dtype(config.get("param_dtype")),
+        remat=bool(config.get("remat", False)),
+        rngs=rngs,
+    )
+
+
+def abstract_model(model_config: Mapping[str, Any]) -> CLIPModel:
+    """The model with `jax.ShapeDtypeStruct`s instead of weights (nothing allocated)."""
+    return nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+
+
+def count_params(model_config: Mapping[str, Any]) -> int:
+    """Number of trainable parameters (including `logit_scale`/`logit_bias`), counted without allocating."""
+    params = nnx.state(abstract_model(model_config), nnx.Param)
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(params)))

@@ -1,0 +1,370 @@
+"""The training loop: one jitted, sharded, donated train step over a Grain stream, with evals and checkpoints.
+
+One small function per phase: set-up (mesh, model functions, optimizer, shardings), init or restore, the
+step, evaluation, saving, logging. Data flows one way (shared/ARCHITECTURE.md): config -> mesh, model,
+optimizer, input pipeline -> step -> metrics, evaluators, checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jclip import checkpoint, evals, losses, models, optim, parallel
+from jclip.config_validation import validate_config
+from jclip.data import pipeline
+from jclip.data.sources import ConfiguredData
+from jclip.evals.common import Encoders
+from jclip.metrics import MetricsWriter, Progress
+
+Params = dict[str, Any]
+TrainState = dict[str, Any]  # {"step": int32 [], "params": Params, "opt_state": optax state}
+
+log = logging.getLogger("jclip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFunctions:
+    """Pure functions of the NNX model over a params pure-dict (the model's graph is static)."""
+
+    graphdef: Any
+    abstract_state: Any  # nnx.State of ShapeDtypeStructs, carrying the logical partition metadata
+    model_config: ml_collections.ConfigDict
+    seed: int
+
+    @classmethod
+    def create(cls, model_config: ml_collections.ConfigDict, seed: int) -> "ModelFunctions":
+        with nnx.use_eager_sharding(False):
+            abstract_model = nnx.eval_shape(lambda: models.build_model(model_config, nnx.Rngs(seed)))
+        graphdef, abstract_state = nnx.split(abstract_model)
+        return cls(graphdef, abstract_state, model_config, seed)
+
+    def model(self, params: Params) -> nnx.Module:
+        state = jax.tree.map(lambda leaf: leaf, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def init_params(self) -> Params:
+        with nnx.use_eager_sharding(False):
+            model = models.build_model(self.model_config, nnx.Rngs(self.seed))
+        return nnx.to_pure_dict(nnx.state(model))
+
+    def apply(self, params: Params, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
+        return self.model(params)(images, token_ids)
+
+    def encode_images(self, params: Params, images: jax.Array) -> jax.Array:
+        return _l2_normalise(self.model(params).encode_image(images))
+
+    def encode_texts(self, params: Params, token_ids: jax.Array) -> jax.Array:
+        return _l2_normalise(self.model(params).encode_text(token_ids))
+
+    def param_shardings(self, mesh: Mesh, rules) -> Params:
+        with nnx.logical_axis_rules(rules):
+            specs = nnx.get_partition_spec(self.abstract_state)
+        return jax.tree.map(lambda spec: NamedSharding(mesh, spec), nnx.to_pure_dict(specs))
+
+
+def _l2_normalise(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything the step and the loop need, derived once from the config."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    rules: tuple
+    functions: ModelFunctions
+    optimizer: optax.GradientTransformation
+    state_shardings: TrainState
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "TrainSetup":
+        rules = parallel.rules_from_config(config.sharding_rules)
+        functions = ModelFunctions.create(config.model, config.seed)
+        optimizer = optim.make_optimizer(config)
+        params_sharding = functions.param_shardings(mesh, rules)
+        abstract_params = nnx.to_pure_dict(functions.abstract_state)
+        abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_sharding = optax.tree_map_params(
+            optimizer,
+            lambda _, sharding: sharding,
+            abstract_opt_state,
+            params_sharding,
+            transform_non_params=lambda _: replicated,
+        )
+        state_shardings = {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}
+        return cls(config, mesh, rules, functions, optimizer, state_shardings)
+
+    def abstract_state(self) -> TrainState:
+        abstract = jax.eval_shape(self._init_state)
+        return jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            abstract,
+            self.state_shardings,
+        )
+
+    def _init_state(self) -> TrainState:
+        params = self.functions.init_params()
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+
+    def init_state(self) -> TrainState:
+        with parallel.sharding_context(self.mesh, self.rules):
+            return jax.jit(self._init_state, out_shardings=self.state_shardings)()
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, parallel.batch_spec(ndim))
+
+    def encoders(self) -> Encoders:
+        def jitted(fn: Callable) -> Callable:
+            compiled = jax.jit(fn, out_shardings=self.batch_sharding(2))
+
+            def call(params, inputs):
+                with parallel.sharding_context(self.mesh, self.rules):
+                    return compiled(params, inputs)
+
+            return call
+
+        return Encoders(
+            encode_images=jitted(self.functions.encode_images),
+            encode_texts=jitted(self.functions.encode_texts),
+            mesh=self.mesh,
+            context_length=int(self.config.model.text.context_length),
+        )
+
+
+def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
+    """[B, ...] -> [accum, B/accum, ...]; micro-batch k takes rows k, k+accum, ... (keeps batch sharding)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_micro`."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _accumulated_gradients(
+    setup: TrainSetup, params: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
+) -> tuple[jax.Array, dict[str, jax.Array], Params]:
+    """Whole-batch gradients in `accum_steps` micro-batches, exact (the GradCache scheme).
+
+    Contrastive losses couple every example of the global batch, so accumulating per-micro-batch losses
+    would change the objective. Instead: (1) embed every micro-batch without gradients, (2) differentiate
+    the loss of the whole batch with respect to the embeddings, (3) re-run each micro-batch and pull those
+    embedding gradients back to the parameters. Activation memory is that of one micro-batch.
+    """
+    micro_images = _split_micro(batch["images"], accum_steps)
+    micro_tokens = _split_micro(batch["token_ids"], accum_steps)
+    micro_size = batch["images"].shape[0] // accum_steps
+
+    def forward(p, images, token_ids):
+        return setup.functions.apply(p, images, token_ids)
+
+    stacked = jax.lax.map(lambda xs: forward(params, *xs), (micro_images, micro_tokens))
+    per_example = {name: value.ndim >= 2 and value.shape[1] == micro_size for name, value in stacked.items()}
+    outputs = {name: _merge_micro(v) if per_example[name] else v[0] for name, v in stacked.items()}
+    (loss, metrics), output_grads = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
+    cotangents = {
+        name: _split_micro(g, accum_steps)
+        if per_example[name]
+        else jnp.broadcast_to(g / accum_steps, (accum_steps, *g.shape))
+        for name, g in output_grads.items()
+    }
+
+    def accumulate(grads, xs):
+        images, token_ids, cotangent = xs
+        _, pullback = jax.vjp(lambda p: forward(p, images, token_ids), params)
+        (micro_grads,) = pullback(cotangent)
+        return jax.tree.map(jnp.add, grads, micro_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (micro_images, micro_tokens, cotangents))
+    return loss, metrics, grads
+
+
+def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
+    """CLIP's clamp of the learnable log scale to [0, ln 100] after every optimizer step."""
+    if "logit_scale" not in params:
+        return params
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, max_log_scale)}
+
+
+def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
+    """The pure train step: loss of the configured terms, gradients, AdamW update, logit-scale clamp."""
+    config = setup.config
+    accum_steps = int(config.optim.accum_steps)
+    schedule = optim.learning_rate_schedule(config, int(config.total_steps))
+    base_key = jax.random.key(int(config.seed))
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        step = state["step"]
+        ctx = losses.LossContext(
+            mesh=setup.mesh,
+            step=step,
+            total_steps=int(config.total_steps),
+            rng=jax.random.fold_in(base_key, step),
+        )
+
+        def loss_from_outputs(outputs):
+            return losses.total_loss(outputs, batch, ctx, config.losses)
+
+        if accum_steps == 1:
+            def loss_from_params(params):
+                return loss_from_outputs(setup.functions.apply(params, batch["images"], batch["token_ids"]))
+
+            (loss, metrics), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
+        else:
+            loss, metrics, grads = _accumulated_gradients(setup, state["params"], batch, loss_from_outputs, accum_steps)
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = _clamp_logit_scale(params, float(config.optim.max_log_logit_scale))
+        metrics = dict(metrics)
+        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/learning_rate"] = schedule(step)
+        if "logit_scale" in params:
+            metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
+        return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array]) -> Callable:
+    """jit with declared shardings; the state is donated so its buffers are updated in place."""
+    batch_shardings = {name: setup.batch_sharding(x.ndim) for name, x in example_batch.items()}
+    jitted = jax.jit(
+        make_train_step(setup),
+        in_shardings=(setup.state_shardings, batch_shardings),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+    def step(state, batch):
+        with parallel.sharding_context(setup.mesh, setup.rules):
+            return jitted(state, batch)
+
+    return step
+
+
+def _prepare_data(data: ConfiguredData, config: ml_collections.ConfigDict) -> None:
+    """Builds (once, on process 0) every split the run reads, then lets the other processes load them."""
+    splits = {config.data.train_split} | {entry.split for entry in config.evals.values() if "split" in entry}
+    if jax.process_index() == 0:
+        for split in sorted(splits):
+            data.source(split)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jclip: data prepared")
+
+
+def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int, writer: MetricsWriter, final: bool) -> dict:
+    results = {}
+    for evaluator in evaluators:
+        due = final or (evaluator.every > 0 and step % evaluator.every == 0)
+        if not due:
+            continue
+        started = time.perf_counter()
+        values = evaluator.run(state["params"], encoders)
+        values = {f"eval/{evaluator.name}/{key}": value for key, value in values.items()}
+        values[f"eval/{evaluator.name}/seconds"] = time.perf_counter() - started
+        writer.write(step, values)
+        results.update(values)
+        if jax.process_index() == 0:
+            shown = ", ".join(f"{key.split('/')[-1]} {value:.4f}" for key, value in values.items())
+            print(f"eval {evaluator.name} @ step {step}: {shown}", flush=True)
+    return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Trains (or resumes) the configured run in `workdir`; returns the final evaluation metrics."""
+    workdir = pathlib.Path(workdir)
+    mesh = parallel.make_mesh(dict(config.mesh))
+    validate_config(config, mesh)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+
+    data = ConfiguredData(config.data, config.model)
+    _prepare_data(data, config)
+    shard = pipeline.HostShard.current()
+    train_iterator = iter(
+        pipeline.training_dataset(
+            data.source(config.data.train_split),
+            data.train_preprocess(),
+            global_batch_size=int(config.data.batch_size),
+            seed=int(config.seed),
+            shard=shard,
+            num_workers=int(config.data.num_workers),
+            num_threads=int(config.data.num_threads),
+            prefetch_buffer_size=int(config.data.prefetch),
+        )
+    )
+    setup = TrainSetup.create(config, mesh)
+    checkpointer = checkpoint.Checkpointer(
+        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
+    )
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = setup.init_state()
+    else:
+        state = checkpointer.restore(latest, setup.abstract_state(), train_iterator)
+        if is_main:
+            print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
+    start_step = int(jax.device_get(state["step"]))
+
+    evaluators = evals.build_evaluators(config.evals, data)
+    encoders = setup.encoders()
+    writer = MetricsWriter(workdir, enabled=is_main)
+    total_steps = int(config.total_steps)
+    progress = Progress(total_steps, int(config.data.batch_size), enabled=is_main)
+    if is_main:
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+        print(
+            f"jclip: {n_params:,} parameters, mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
+            f"global batch {config.data.batch_size}, steps {start_step}->{total_steps}, workdir {workdir}",
+            flush=True,
+        )
+
+    train_step = None
+    final_metrics: dict[str, float] = {}
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        host_batch = next(train_iterator)
+        batch = parallel.host_batch_to_global(host_batch, mesh)
+        if train_step is None:
+            train_step = compile_train_step(setup, batch)
+        state, metrics = train_step(state, batch)
+        if step == start_step + 1:
+            jax.block_until_ready(metrics)
+            progress.start(step)
+        if step % int(config.log_every) == 0 or step == total_steps:
+            metrics = jax.device_get(metrics)
+            loss = float(metrics["loss/total"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}; metrics: {metrics}")
+            metrics.update(progress.update(step, loss))
+            writer.write(step, metrics)
+        if step % int(config.checkpoint_every) == 0 or step == total_steps:
+            checkpointer.save(step, state, train_iterator, config)
+        final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
+    if start_step >= total_steps and is_main:
+        print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
+    checkpointer.close()
+    writer.close()
+    return final_metrics
