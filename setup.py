@@ -30,6 +30,11 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "safetensors>=0.4"],
+        "test": [
+            "pytest>=8.0",
+            "safetensors>=0.4",
+            # OpenAI's own tokenizer and vocabulary, the independent reference of the tokenizer tests.
+            "openai-clip>=1.0.1",
+        ],
     },
 )
