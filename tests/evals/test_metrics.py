@@ -1,0 +1,61 @@
+"""Evaluation maths on hand-built embeddings whose right answers are obvious."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jclip.evals import metrics
+
+
+def one_hot_rows(indices, size):
+    out = np.zeros((len(indices), size))
+    out[np.arange(len(indices)), indices] = 1.0
+    return out
+
+
+def test_perfect_and_shifted_retrieval():
+    images = np.eye(4)
+    perfect = metrics.retrieval_metrics(images, np.eye(4), np.arange(4), ks=(1, 5))
+    assert perfect == {"image_to_text_R@1": 1.0, "image_to_text_R@5": 1.0, "text_to_image_R@1": 1.0, "text_to_image_R@5": 1.0}
+    # Text t is closest to image (t+1) % 4 but belongs to image t: second place for every query.
+    texts = 0.9 * one_hot_rows([1, 2, 3, 0], 4) + 0.4 * np.eye(4)
+    shifted = metrics.retrieval_metrics(images, texts, np.arange(4), ks=(1, 2))
+    assert shifted["image_to_text_R@1"] == 0.0 and shifted["image_to_text_R@2"] == 1.0
+    assert shifted["text_to_image_R@1"] == 0.0 and shifted["text_to_image_R@2"] == 1.0
+
+
+def test_ties_count_against_the_model():
+    constant = np.ones((5, 3))
+    result = metrics.retrieval_metrics(constant, constant, np.arange(5), ks=(1, 5))
+    assert result["image_to_text_R@1"] == 0.0  # four other texts tie with the true one
+    assert result["image_to_text_R@5"] == 1.0
+
+
+def test_several_captions_per_image():
+    images = np.eye(3)
+    # Six captions, two per image; image 2's captions point at image 0's direction except one.
+    texts = one_hot_rows([0, 0, 1, 1, 0, 2], 3)
+    text_to_image = np.array([0, 0, 1, 1, 2, 2])
+    result = metrics.retrieval_metrics(images, texts, text_to_image, ks=(1,))
+    # image->text: image 2's best caption (index 5) ranks first among its own; ties with 0/1/4 broken
+    # pessimistically only against false captions: image 0's best (0 or 1) ties with caption 4 (false).
+    assert result["image_to_text_R@1"] == 2 / 3
+    # text->image: caption 4 (of image 2) points at image 0: wrong; the other five are right.
+    assert result["text_to_image_R@1"] == 5 / 6
+
+
+def test_class_embeddings_average_then_renormalise():
+    # Two classes x two templates, unnormalised inputs.
+    text = np.array([[3.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 5.0]])
+    classes = metrics.class_embeddings(text, num_classes=2, num_templates=2)
+    np.testing.assert_allclose(classes[0], [1 / np.sqrt(2), 1 / np.sqrt(2)])
+    np.testing.assert_allclose(classes[1], [0.0, 1.0])
+
+
+def test_topk_accuracy():
+    logits = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]])
+    labels = np.array([1, 2, 0])
+    accuracy = metrics.topk_accuracy(logits, labels, ks=(1, 2, 3))
+    assert accuracy[1] == 1 / 3
+    assert accuracy[2] == 2 / 3  # row 2: class 0 ties with class 1 -> pessimistic rank 2
+    assert accuracy[3] == 1.0
