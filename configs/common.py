@@ -60,6 +60,8 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_steps = args.steps
 
     config.model = model_config(args.model, args.dtype)
+    config.model.init_logit_scale = 2.659260036932778  # ln(1 / 0.07), CLIP's initial temperature.
+    config.model.init_logit_bias = config_dict.placeholder(float)  # None: no bias (SigLIP sets -10).
 
     config.data = ml_collections.ConfigDict()
     config.data.source = args.data  # `embedded`: the procedurally generated jclip_scenes dataset.

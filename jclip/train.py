@@ -236,7 +236,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Ar
         params = optax.apply_updates(state["params"], updates)
         params = _clamp_logit_scale(params, float(config.optim.max_log_logit_scale))
         metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/learning_rate"] = schedule(step)
         if "logit_scale" in params:
             metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])

@@ -1,0 +1,177 @@
+"""End-to-end training: exact resume after SIGKILL, the same losses on every mesh and process count,
+and gradient accumulation equal to the whole-batch gradient."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, micro_run_flags, read_losses
+
+
+def main_command(workdir: pathlib.Path, flags: list[str], config: str = "configs/clip.py") -> list[str]:
+    return [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
+
+
+def child_env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run_main(workdir, flags, devices=1, timeout=600):
+    result = subprocess.run(
+        main_command(workdir, flags), cwd=REPO_ROOT, env=child_env(devices), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"jclip.main failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_sigkill_then_rerun_continues_with_identical_losses(tmp_path, scenes_data_dir):
+    flags = micro_run_flags(scenes_data_dir, total_steps=80, checkpoint_every=5)
+    reference = tmp_path / "uninterrupted"
+    run_main(reference, flags)
+    expected = read_losses(reference)
+    assert sorted(expected) == list(range(1, 81))
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        main_command(interrupted, flags), cwd=REPO_ROOT, env=child_env(1),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if any(step >= 15 for step in checkpoint_steps(interrupted)):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed mid-way"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = max(read_losses(interrupted))
+    assert killed_at < 80
+
+    result = run_main(interrupted, flags)
+    assert "resumed from" in result.stdout
+    resumed_step = int(result.stdout.split("at step ")[1].split()[0])
+    assert 0 < resumed_step <= killed_at
+    got = read_losses(interrupted)
+    assert sorted(got) == list(range(1, 81))
+    np.testing.assert_array_equal([got[s] for s in range(1, 81)], [expected[s] for s in range(1, 81)])
+
+
+def test_losses_agree_on_one_device_eight_devices_and_two_processes(tmp_path, scenes_data_dir):
+    steps = 4
+    flags = micro_run_flags(scenes_data_dir, total_steps=steps, checkpoint_every=100)
+    single = tmp_path / "single"
+    run_main(single, flags + ["--config.mesh.data=1"], devices=1)
+
+    sharded = tmp_path / "sharded"
+    run_main(sharded, flags + ["--config.mesh.data=4", "--config.mesh.fsdp=2"], devices=8)
+
+    multi = tmp_path / "multi"
+    command = [
+        sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--processes=2", "--devices_per_process=4", "--",
+        *main_command(multi, flags + ["--config.mesh.data=4", "--config.mesh.fsdp=2"]),
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(4), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "2 process(es)" in result.stdout
+
+    expected = [read_losses(single)[s] for s in range(1, steps + 1)]
+    for workdir in (sharded, multi):
+        got = [read_losses(workdir)[s] for s in range(1, steps + 1)]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert expected[-1] < expected[0], "the loss should fall over the first steps"
+
+
+def micro_config(**overrides):
+    from configs import clip
+
+    config = clip.get_config()
+    config.model.embed_dim = 16
+    config.model.vision.update(image_size=16, patch_size=8, width=16, layers=1, head_width=8)
+    config.model.text.update(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    config.data.batch_size = 16
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    n = config.data.batch_size
+    size = config.model.vision.image_size
+    length = config.model.text.context_length
+    token_ids = rng.integers(1, 60, size=(n, length)).astype(np.int32)
+    token_ids[:, -1] = 63  # the end token is the largest id
+    return {"images": rng.normal(size=(n, size, size, 3)).astype(np.float32), "token_ids": token_ids}
+
+
+def one_step(config, mesh_shape):
+    from jclip import parallel, train
+
+    size = int(np.prod(list(mesh_shape.values())))
+    mesh = parallel.make_mesh(mesh_shape, devices=jax.devices()[:size])
+    setup = train.TrainSetup.create(config, mesh)
+    state = setup.init_state()
+    batch = parallel.host_batch_to_global(random_batch(config), mesh)
+    step = train.compile_train_step(setup, batch)
+    new_state, metrics = step(state, batch)
+    return jax.device_get(new_state["params"]), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_gradient_accumulation_equals_whole_batch(loss):
+    terms = {loss: {"weight": 1.0}}
+    base = micro_config(losses=terms, **({"model.init_logit_bias": -10.0} if loss == "siglip" else {}))
+    base.optim.grad_clip_norm = 0.0
+    whole_params, whole_metrics = one_step(base, {"data": 1})
+    accumulated = micro_config(losses=terms, **({"model.init_logit_bias": -10.0} if loss == "siglip" else {}))
+    accumulated.optim.grad_clip_norm = 0.0
+    accumulated.optim.accum_steps = 4
+    accum_params, accum_metrics = one_step(accumulated, {"data": 2, "fsdp": 2})
+    np.testing.assert_allclose(accum_metrics["loss/total"], whole_metrics["loss/total"], rtol=1e-5)
+    np.testing.assert_allclose(accum_metrics["train/grad_norm"], whole_metrics["train/grad_norm"], rtol=1e-4)
+    for got, want in zip(jax.tree.leaves(accum_params), jax.tree.leaves(whole_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_logit_scale_is_clamped_and_no_decay_on_norms_biases_embeddings():
+    from jclip import optim
+
+    config = micro_config()
+    config.model.init_logit_scale = 6.0  # above ln 100: the first update must clamp it
+    params, metrics = one_step(config, {"data": 1})
+    assert float(params["logit_scale"]) <= np.log(100.0) + 1e-6
+    assert metrics["train/logit_scale"] <= 100.0 + 1e-4
+
+    from jclip.train import ModelFunctions
+
+    names = {}
+    flat = jax.tree_util.tree_flatten_with_path(ModelFunctions.create(config.model, 0).init_params())[0]
+    for path, leaf in flat:
+        names[optim.path_name(path)] = optim.decays(path, leaf)
+    assert names["logit_scale"] is False
+    assert not any(decay for name, decay in names.items() if "embedding" in name or "bias" in name or "ln_" in name)
+    assert any(decay for name, decay in names.items() if "attn" in name or "mlp" in name)
