@@ -81,5 +81,16 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config errors (unknown fields, unparsable values) as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # ml_collections raises AttributeError/KeyError/ValueError/flags.Error here.
+        reason = error.args[0] if error.args else error
+        text = " ".join(str(reason).replace("\\'", "'").replace("\\n", " ").split()).strip("'\"")
+        print(f"jclip: invalid command line or config: {text}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
