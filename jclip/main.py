@@ -63,6 +63,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/clip.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines would drown the progress line.
     from jclip.config_validation import ConfigError, validate_config
 
     config = _CONFIG.value

@@ -42,7 +42,8 @@ class MetricsWriter:
         self._jsonl.flush()
         for name, value in values.items():
             if math.isfinite(value):
-                self._tensorboard.add_scalar(name, value, int(step))
+                # TensorBoard tag names may not hold '@' (R@1 -> R_at_1).
+                self._tensorboard.add_scalar(name.replace("@", "_at_"), value, int(step))
 
     def close(self) -> None:
         if self.enabled:
