@@ -175,3 +175,15 @@ def test_logit_scale_is_clamped_and_no_decay_on_norms_biases_embeddings():
     assert names["logit_scale"] is False
     assert not any(decay for name, decay in names.items() if "embedding" in name or "bias" in name or "ln_" in name)
     assert any(decay for name, decay in names.items() if "attn" in name or "mlp" in name)
+
+
+def test_remat_gives_the_same_step_and_bfloat16_stays_close():
+    reference_params, reference = one_step(micro_config(), {"data": 2})
+    remat_params, remat = one_step(micro_config(**{"model.remat": True}), {"data": 2})
+    np.testing.assert_allclose(remat["loss/total"], reference["loss/total"], rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(remat_params), jax.tree.leaves(reference_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    bf16_params, bf16 = one_step(micro_config(**{"model.dtype": "bfloat16"}), {"data": 2})
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(bf16_params)), "params stay float32"
+    np.testing.assert_allclose(bf16["loss/total"], reference["loss/total"], rtol=2e-2)
+    np.testing.assert_allclose(bf16["train/grad_norm"], reference["train/grad_norm"], rtol=0.1)
