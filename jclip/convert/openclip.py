@@ -40,7 +40,7 @@ _UNSUPPORTED_TEXT = {
 # Entries that do not change the architecture (tokenizer, training-time options).
 _IGNORED_VISION = {"patch_dropout", "image_mean", "image_std", "interpolation", "resize_mode"}
 _IGNORED_TEXT = {"pad_id", "tokenizer_kwargs", "hf_proj_type", "hf_pooler_type", "hf_model_pretrained"}
-_IGNORED_MODEL = {"custom_text", "cast_dtype"}
+_IGNORED_MODEL = {"cast_dtype"}
 
 
 def _check_supported(section: Mapping[str, Any], unsupported: Mapping[str, Any], ignored: set[str],
@@ -69,7 +69,8 @@ def model_config_from_openclip(config: Mapping[str, Any]) -> dict[str, Any]:
     _check_supported(vision, _UNSUPPORTED_VISION, _IGNORED_VISION, vision_known, "vision_cfg")
     _check_supported(text, _UNSUPPORTED_TEXT, _IGNORED_TEXT, text_known, "text_cfg")
     model_known = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale", "init_logit_bias"}
-    _check_supported(config, {}, _IGNORED_MODEL, model_known, "model")
+    # CustomTextCLIP (`custom_text`) keeps its text tower under `text.` with other layouts.
+    _check_supported(config, {"custom_text": False}, _IGNORED_MODEL, model_known, "model")
     if not isinstance(vision.get("layers", 12), int):
         raise ValueError(f"OpenCLIP ResNet image towers (layers={vision['layers']!r}) are not supported")
     if "patch_size" not in vision:
