@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from jclip import checkpoint, parallel, train
-from test_train import micro_config
+from jclip_testing import micro_config
 
 
 def test_restore_onto_a_different_mesh(tmp_path):

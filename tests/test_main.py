@@ -9,7 +9,7 @@ import time
 import pytest
 
 from configs import clip, common, siglip
-from conftest import REPO_ROOT
+from jclip_testing import REPO_ROOT
 from jclip.config_validation import ConfigError, validate_config
 
 

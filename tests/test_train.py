@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, micro_run_flags, read_losses
+from jclip_testing import REPO_ROOT, micro_config, micro_run_flags, random_batch, read_losses
 
 
 def main_command(workdir: pathlib.Path, flags: list[str], config: str = "configs/clip.py") -> list[str]:
@@ -99,33 +99,6 @@ def test_losses_agree_on_one_device_eight_devices_and_two_processes(tmp_path, sc
         got = [read_losses(workdir)[s] for s in range(1, steps + 1)]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert expected[-1] < expected[0], "the loss should fall over the first steps"
-
-
-def micro_config(**overrides):
-    from configs import clip
-
-    config = clip.get_config()
-    config.model.embed_dim = 16
-    config.model.vision.update(image_size=16, patch_size=8, width=16, layers=1, head_width=8)
-    config.model.text.update(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
-    config.data.batch_size = 16
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
-def random_batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    n = config.data.batch_size
-    size = config.model.vision.image_size
-    length = config.model.text.context_length
-    token_ids = rng.integers(1, 60, size=(n, length)).astype(np.int32)
-    token_ids[:, -1] = 63  # the end token is the largest id
-    return {"images": rng.normal(size=(n, size, size, 3)).astype(np.float32), "token_ids": token_ids}
 
 
 def one_step(config, mesh_shape):

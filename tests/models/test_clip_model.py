@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import make_small_config
+from jclip_testing import make_small_config
 from flax import nnx
 
 from jclip.models import CLIPModel, build_model

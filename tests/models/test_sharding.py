@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_small_config
+from jclip_testing import make_small_config
 from flax import nnx
 from jax.sharding import PartitionSpec
 

@@ -1,0 +1,97 @@
+"""Helpers shared by the tests (imported by name: tests/ is on sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_small_config(**overrides: Any) -> dict[str, Any]:
+    """A two-layer CLIP with 32-wide towers, 2 heads each, a 64-token vocabulary."""
+    config = {
+        "embed_dim": 16,
+        "quick_gelu": False,
+        "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16,
+                   "mlp_ratio": 4.0},
+        "text": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2},
+    }
+    config.update(overrides)
+    return config
+
+
+# A model small enough that end-to-end tests compile and step in seconds on 2 CPU cores.
+MICRO_MODEL_OVERRIDES = (
+    "--config.model.embed_dim=32",
+    "--config.model.vision.image_size=32",
+    "--config.model.vision.patch_size=8",
+    "--config.model.vision.width=32",
+    "--config.model.vision.layers=1",
+    "--config.model.vision.head_width=16",
+    "--config.model.text.context_length=16",
+    "--config.model.text.width=32",
+    "--config.model.text.heads=2",
+    "--config.model.text.layers=1",
+)
+
+
+def micro_run_flags(data_dir: pathlib.Path, **overrides) -> list[str]:
+    """`jclip.main` flags for a micro CLIP run on the small embedded dataset, plus `--config.<k>=<v>`."""
+    flags = [
+        *MICRO_MODEL_OVERRIDES,
+        "--config.data.embedded_config=small",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.batch_size=16",
+        "--config.data.num_threads=1",
+        "--config.log_every=1",
+        "--config.evals.retrieval.every=0",
+        "--config.evals.retrieval.limit=64",
+        "--config.evals.retrieval.batch_size=32",
+        "--config.evals.zeroshot.every=0",
+        "--config.evals.zeroshot.limit=64",
+        "--config.evals.zeroshot.batch_size=32",
+        "--config.optim.warmup_steps=2",
+    ]
+    flags += [f"--config.{key}={value}" for key, value in overrides.items()]
+    return flags
+
+
+def read_losses(workdir: pathlib.Path) -> dict[int, float]:
+    """step -> loss from a workdir's metrics.jsonl (the last line of a step wins, as after a resume)."""
+    losses = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss/total" in record:
+            losses[record["step"]] = record["loss/total"]
+    return losses
+
+
+def micro_config(**overrides):
+    from configs import clip
+
+    config = clip.get_config()
+    config.model.embed_dim = 16
+    config.model.vision.update(image_size=16, patch_size=8, width=16, layers=1, head_width=8)
+    config.model.text.update(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
+    config.data.batch_size = 16
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def random_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    n = config.data.batch_size
+    size = config.model.vision.image_size
+    length = config.model.text.context_length
+    token_ids = rng.integers(1, 60, size=(n, length)).astype(np.int32)
+    token_ids[:, -1] = 63  # the end token is the largest id
+    return {"images": rng.normal(size=(n, size, size, 3)).astype(np.float32), "token_ids": token_ids}
