@@ -1,8 +1,9 @@
 """`jclip_scenes`: the embedded dataset, a TFDS builder over `jclip.data.scenes`, stored as ArrayRecord.
 
-Every jclip config defaults to it: it needs no download, builds in seconds on a laptop CPU, and carries the
-annotations for zero-shot classification (`label`, `labels`), retrieval (`caption`), dense-caption methods
-(`dense_caption`) and a SugarCrepe-like compositional benchmark (`probe_caption`, `negative_captions`).
+Every jclip config defaults to it: it needs no download, the `default` config (44k images, ~290 MB) builds in
+about 30 s on 2 CPU cores (the `small` one in a few seconds), and it carries the annotations for zero-shot
+classification (`label`, `labels`), retrieval (`caption`), dense-caption methods (`dense_caption`) and a
+SugarCrepe-like compositional benchmark (`probe_caption`, `negative_captions`).
 
 Each example is a pure function of (config seed, split, index): its RNG is
 `np.random.default_rng([seed, crc32(split), index])`, so generation order and worker count never change the
@@ -20,9 +21,13 @@ values decoded without TF (see `load_source` for the exact types).
 from __future__ import annotations
 
 import dataclasses
-import io
+import fcntl
 import logging
-import multiprocessing
+import os
+import pickle
+import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -31,7 +36,6 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
 from jclip.data import scenes
 
@@ -57,33 +61,86 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8")), index])
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def encode_png(image: np.ndarray, level: int = 1) -> bytes:
+    """Encodes uint8 [H, W, 3] as PNG with the "Up" filter on every row and zlib `level`.
+
+    About 2.5x faster than PIL's encoder (which tries every filter on every row) for files ~5% larger: with
+    PIL, PNG encoding was a third of the generation time.
+    """
+    height, width, channels = image.shape
+    if image.dtype != np.uint8 or channels != 3:
+        raise ValueError(f"expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    rows = np.ascontiguousarray(image).reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type "Up": each byte minus the byte above it (mod 256)
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)) + _png_chunk(b"IEND", b""))
+
+
 def generate_record(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, Any]:
     """One example as the dict of feature values TFDS encodes (image as PNG bytes)."""
     example = scenes.make_example(example_rng(seed, split, index), image_size)
-    buffer = io.BytesIO()
-    # compress_level=1: 2x faster than the default and about as small, since the background grain dominates.
-    Image.fromarray(example.image).save(buffer, format="PNG", compress_level=1)
     scene = example.scene
     return {
         "id": index,
-        "image": buffer.getvalue(),
+        "image": encode_png(example.image),
         "caption": example.caption,
         "dense_caption": example.dense_caption,
         "labels": scene.labels,
         "label": scene.label,
         "probe_caption": example.probe.text,
         "negative_captions": np.array(example.negative_captions, dtype=object),
-        "objects": {
-            "label": scene.labels,
-            "size": [scenes.SIZES.index(o.size) for o in scene.objects],
-            "bbox": np.array([[o.y - o.half_size, o.x - o.half_size, o.y + o.half_size, o.x + o.half_size]
-                              for o in scene.objects], dtype=np.float32),
-        },
+        "object_sizes": np.array([scenes.SIZES.index(o.size) for o in scene.objects], dtype=np.int64),
+        "object_bboxes": np.array([[o.y - o.half_size, o.x - o.half_size, o.y + o.half_size, o.x + o.half_size]
+                                   for o in scene.objects], dtype=np.float32),
     }
 
 
-def _generate_record_star(args: tuple[int, str, int, int]) -> tuple[int, dict[str, Any]]:
-    return args[2], generate_record(*args)
+def _worker_main(seed: int, split: str, num_examples: int, image_size: int, worker: int, num_workers: int,
+                 block: int) -> None:
+    """Entry point of a generation subprocess: pickles blocks worker, worker + num_workers, ... to stdout."""
+    out = sys.stdout.buffer
+    for start in range(worker * block, num_examples, num_workers * block):
+        records = [generate_record(seed, split, i, image_size) for i in range(start, min(start + block, num_examples))]
+        pickle.dump(records, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+
+def _generate_in_subprocesses(seed: int, split: str, num_examples: int, image_size: int, num_workers: int,
+                              block: int = 128) -> Iterator[dict[str, Any]]:
+    """Records 0..num_examples-1 in order, made by `num_workers` fresh interpreters in round-robin blocks.
+
+    Plain subprocesses rather than a multiprocessing pool: "fork" is unsafe under JAX's threads, and "spawn"
+    re-imports the caller's `__main__`, which hangs or recurses for unguarded scripts and stdin.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    command = ("import sys; from jclip.data import embedded; "
+               "embedded._worker_main(int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:]))")
+    workers = [
+        subprocess.Popen([sys.executable, "-c", command, str(seed), split, str(num_examples), str(image_size),
+                          str(k), str(num_workers), str(block)], stdout=subprocess.PIPE, env=env)
+        for k in range(num_workers)
+    ]
+    try:
+        for b in range(-(-num_examples // block)):
+            worker = workers[b % num_workers]
+            try:
+                records = pickle.load(worker.stdout)
+            except EOFError:
+                raise RuntimeError(f"jclip_scenes generation worker exited with code {worker.wait()}") from None
+            yield from records
+    finally:
+        for worker in workers:
+            worker.stdout.close()
+            worker.kill()
+            worker.wait()
 
 
 class JclipScenes(tfds.core.GeneratorBasedBuilder):
@@ -99,10 +156,10 @@ class JclipScenes(tfds.core.GeneratorBasedBuilder):
                           num_train=128, num_validation=32, num_test=32),
     ]
     DEFAULT_CONFIG_NAME = "default"
-    # Record i is example i; shuffling belongs to the sampler.
-    disable_shuffling = True
-    #: Worker processes for generation (1: in-process). Records come back in index order either way.
-    num_workers: int = 1
+    #: Worker processes generating the splits of at least `min_examples_for_workers` examples (the main
+    #: process encodes and writes). Records come back in index order either way, so the data is the same.
+    num_workers: int = min(4, os.cpu_count() or 1)
+    min_examples_for_workers: int = 1_000
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -126,15 +183,14 @@ class JclipScenes(tfds.core.GeneratorBasedBuilder):
                 "probe_caption": tfds.features.Text(),
                 # Order: scenes.NEGATIVE_KINDS = (attribute_swap, relation_swap, object_replace).
                 "negative_captions": tfds.features.Tensor(shape=(len(scenes.NEGATIVE_KINDS),), dtype=np.str_),
-                "objects": tfds.features.Sequence({
-                    "label": class_label,
-                    "size": tfds.features.ClassLabel(names=scenes.SIZES),
-                    # (ymin, xmin, ymax, xmax) as fractions of the image side, the TFDS bbox convention.
-                    "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                }),
+                # Per object, aligned with `labels` (plain tensors: a third cheaper to serialise than a
+                # Sequence of dicts). Sizes index scenes.SIZES (0 small, 1 large); boxes are
+                # (ymin, xmin, ymax, xmax) as fractions of the image side, the TFDS bbox convention.
+                "object_sizes": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                "object_bboxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
             }),
             supervised_keys=("image", "label"),
-            homepage="https://github.com/jclip/jclip",
+            disable_shuffling=True,  # record i is example i; shuffling belongs to the sampler
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
@@ -143,13 +199,13 @@ class JclipScenes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
         config = self.builder_config
-        jobs = ((config.seed, split, i, config.image_size) for i in range(config.num_examples(split)))
-        if self.num_workers <= 1:
-            yield from map(_generate_record_star, jobs)
-            return
-        # imap keeps input order, and each record depends only on its own arguments: deterministic.
-        with multiprocessing.get_context("spawn").Pool(self.num_workers) as pool:
-            yield from pool.imap(_generate_record_star, jobs, chunksize=256)
+        num_examples = config.num_examples(split)
+        if self.num_workers <= 1 or num_examples < self.min_examples_for_workers:
+            records = (generate_record(config.seed, split, i, config.image_size) for i in range(num_examples))
+        else:  # each record depends only on (seed, split, index): the same data, whoever makes it
+            records = _generate_in_subprocesses(config.seed, split, num_examples, config.image_size, self.num_workers)
+        for record in records:
+            yield record["id"], record
 
 
 def load_source(split: str, data_dir: str | None = None, config: str = "default") -> Any:
@@ -157,22 +213,38 @@ def load_source(split: str, data_dir: str | None = None, config: str = "default"
 
     The dataset lives under `data_dir` (default: TFDS's, `~/tensorflow_datasets` or `$TFDS_DATA_DIR`). Items
     are dicts decoded without TensorFlow:
-      image: np.ndarray uint8 [64, 64, 3] (decoded from PNG, not bytes);
+      image: np.ndarray uint8 [64, 64, 3] (decoded from the stored PNG by PIL, not bytes);
       caption, dense_caption, probe_caption: bytes (UTF-8);
-      negative_captions: np.ndarray of object dtype, shape [3], holding bytes;
-      labels: list of np.int64 class ids; label: int; id: int (the index within the split);
-      objects: {"label": np.ndarray int64 [n], "size": np.ndarray int64 [n], "bbox": np.ndarray float32 [n, 4]}.
+      negative_captions: np.ndarray, object dtype, shape [3], of bytes (attribute, relation, object);
+      labels: list of np.int64 class ids (n = 2..4 objects); label: int; id: int (the index in the split);
+      object_sizes: np.ndarray int64 [n] (0 small, 1 large); object_bboxes: np.ndarray float32 [n, 4].
+    Processes that start together (a local multi-process launch) build it once: a file lock serialises them.
     """
     builder = JclipScenes(config=config, data_dir=data_dir)
     if not builder.is_prepared():
-        cfg = builder.builder_config
-        total = cfg.num_train + cfg.num_validation + cfg.num_test
-        message = f"jclip_scenes/{config}: generating {total} examples into {builder.data_dir} (first use only)..."
-        logging.info(message)
-        print(message, flush=True)
-        start = time.perf_counter()
-        builder.download_and_prepare(file_format="array_record")
-        message = f"jclip_scenes/{config}: built in {time.perf_counter() - start:.1f} s."
-        logging.info(message)
-        print(message, flush=True)
+        _build_once(builder)
+        builder = JclipScenes(config=config, data_dir=data_dir)  # reload the info the build wrote
     return builder.as_data_source(split)
+
+
+def _build_once(builder: JclipScenes) -> None:
+    """Builds under an exclusive lock next to the version folder, unless another process did it meanwhile."""
+    config_dir = epath.Path(builder.data_dir).parent
+    config_dir.mkdir(parents=True, exist_ok=True)
+    with open(config_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if builder.is_prepared():
+                return
+            cfg = builder.builder_config
+            total = cfg.num_train + cfg.num_validation + cfg.num_test
+            message = f"jclip_scenes/{cfg.name}: generating {total} examples into {builder.data_dir} (first use)..."
+            logging.info(message)
+            print(message, flush=True)
+            start = time.perf_counter()
+            builder.download_and_prepare(file_format="array_record")
+            message = f"jclip_scenes/{cfg.name}: built in {time.perf_counter() - start:.1f} s."
+            logging.info(message)
+            print(message, flush=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
