@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import io
 import logging
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import time
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image
 
 from jclip.data import scenes
 
@@ -61,27 +62,13 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8")), index])
 
 
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
 def encode_png(image: np.ndarray, level: int = 1) -> bytes:
-    """Encodes uint8 [H, W, 3] as PNG with the "Up" filter on every row and zlib `level`.
-
-    About 2.5x faster than PIL's encoder (which tries every filter on every row) for files ~5% larger: with
-    PIL, PNG encoding was a third of the generation time.
-    """
-    height, width, channels = image.shape
-    if image.dtype != np.uint8 or channels != 3:
+    """Encodes uint8 [H, W, 3] as PNG with PIL at zlib `level` (1: fast; files ~5% larger than level 6)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
-    rows = np.ascontiguousarray(image).reshape(height, width * 3)
-    filtered = np.empty((height, width * 3 + 1), np.uint8)
-    filtered[:, 0] = 2  # filter type "Up": each byte minus the byte above it (mod 256)
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)) + _png_chunk(b"IEND", b""))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=level)
+    return buffer.getvalue()
 
 
 def generate_record(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, Any]:
