@@ -64,12 +64,22 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.init_logit_bias = config_dict.placeholder(float)  # None: no bias (SigLIP sets -10).
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = args.data  # `embedded`: the procedurally generated jclip_scenes dataset.
+    # `embedded` (the generated jclip_scenes), `tfds:NAME`, `wds:SHARDS`, `arrayrecord:DIR`,
+    # `folder:CAPTIONS_FILE` or `classfolders:ROOT` (see jclip/data/sources.py and the README).
+    config.data.source = args.data
+    config.data.mixture = ml_collections.ConfigDict()  # name -> {source, weight[, fields]}; overrides `source`.
     config.data.embedded_config = "default"
     config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = ~/tensorflow_datasets.
-    config.data.train_split = "train"
-    config.data.image_key = "image"
-    config.data.text_key = "caption"
+    config.data.manual_dir = config_dict.placeholder(str)  # TFDS manual-download dir (e.g. imagenet2012).
+    config.data.train_split = "train"  # TFDS slicing works: "train[:95%]".
+    config.data.image_field = "image"
+    config.data.caption_field = "caption"  # `dense_caption` for the embedded dataset's long descriptions.
+    config.data.label_field = config_dict.placeholder(str)
+    config.data.shuffle_buffer = 10_000  # tar shards only: examples mixed across shards.
+    config.data.allow_missing_shards = False
+    config.data.max_skip_rate = 0.1  # stop when more than this fraction of examples read are bad...
+    config.data.skip_check_after = 1000  # ...once at least this many examples were read.
+    config.data.max_consecutive_bad = 10_000
     config.data.batch_size = args.batch  # global, over all processes and devices.
     config.data.random_crop_scale = config_dict.placeholder(tuple)  # e.g. (0.9, 1.0); None = centre crop.
     config.data.num_workers = 0  # Grain worker processes per host (0 = threads in the main process).
@@ -100,11 +110,12 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.evals = ml_collections.ConfigDict()
     config.evals.retrieval = ml_collections.ConfigDict(
-        {"every": 400, "split": "validation", "limit": config_dict.placeholder(int), "batch_size": 256}
+        {"every": 400, "split": "validation", "limit": config_dict.placeholder(int), "batch_size": 256,
+         "source": config_dict.placeholder(str)}  # None: data.source (which must then be random access).
     )
     config.evals.zeroshot = ml_collections.ConfigDict(
         {"every": 400, "split": "validation", "limit": config_dict.placeholder(int), "batch_size": 256,
-         "templates": "scenes"}
+         "templates": "scenes", "source": config_dict.placeholder(str)}
     )
     return config
 

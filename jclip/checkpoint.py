@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, COUNTERS, CONFIG = "state", "data", "counters", "config"
 
 
 class Checkpointer:
@@ -30,10 +30,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_names=(STATE, DATA, CONFIG),
+            item_names=(STATE, DATA, COUNTERS, CONFIG),
             item_handlers={
                 STATE: ocp.StandardCheckpointHandler(),
                 DATA: grain.checkpoint.CheckpointHandler(),
+                COUNTERS: ocp.JsonCheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler(),
             },
         )
@@ -44,10 +45,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, config: ml_collections.ConfigDict) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iterator: grain.DatasetIterator | None,
+        config: ml_collections.ConfigDict,
+        counters: dict[str, Any] | None = None,
+    ) -> None:
+        """Saves asynchronously; `counters` maps `process_<i>` to each process's data counters (JSON)."""
         items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config.to_dict())}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if counters is not None:
+            items[COUNTERS] = ocp.args.JsonSave(counters)
         self._manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
@@ -57,6 +68,13 @@ class Checkpointer:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE]
+
+    def restore_counters(self, step: int) -> dict[str, Any] | None:
+        """This process's data counters saved at `step`, or None where the checkpoint has none."""
+        if not (self.directory / str(step) / COUNTERS).exists():
+            return None
+        saved = self._manager.restore(step, args=ocp.args.Composite(**{COUNTERS: ocp.args.JsonRestore()}))[COUNTERS]
+        return saved.get(f"process_{jax.process_index()}")
 
     def restore_config(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]

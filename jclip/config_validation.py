@@ -50,7 +50,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     _require(model.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {model.dtype!r}")
 
     data = config.data
-    _require(data.source in sources.KNOWN_SOURCES, f"data.source {data.source!r} unknown; known: {list(sources.KNOWN_SOURCES)}")
+    try:
+        sources.validate_data_config(data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    _require(0 <= float(data.max_skip_rate) <= 1, f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}")
     batch = int(data.batch_size)
     _require(batch > 0, f"data.batch_size must be positive, got {batch}")
     _require(int(data.num_workers) >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")

@@ -78,11 +78,16 @@ def main(argv: list[str]) -> None:
     initialise_distributed()
     from jclip import train
 
+    from jclip.data.robust import TooManyBadExamples
+
     try:
         train.run(config, _WORKDIR.value)
     except ConfigError as error:
         print(f"jclip: invalid config: {error}", file=sys.stderr)
         sys.exit(2)
+    except TooManyBadExamples as error:
+        print(f"jclip: stopped: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

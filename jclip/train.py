@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jclip import checkpoint, evals, losses, models, optim, parallel
 from jclip.config_validation import validate_config
-from jclip.data import pipeline
+from jclip.data import pipeline, robust
 from jclip.data.sources import ConfiguredData
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
@@ -263,13 +263,41 @@ def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array]) -
 
 
 def _prepare_data(data: ConfiguredData, config: ml_collections.ConfigDict) -> None:
-    """Builds (once, on process 0) every split the run reads, then lets the other processes load them."""
-    splits = {config.data.train_split} | {entry.split for entry in config.evals.values() if "split" in entry}
+    """Opens every source the run reads (building the embedded dataset once, on process 0) so that a
+    missing dataset or path fails at start-up; then the other processes open them too."""
+    splits = {(entry.split, entry.get("source")) for entry in config.evals.values() if "split" in entry}
     if jax.process_index() == 0:
-        for split in sorted(splits):
-            data.source(split)
+        data.prepare(splits)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jclip: data prepared")
+        data.prepare(splits)
+
+
+def _gather_counters(counter: robust.SkipCounter) -> dict[str, dict]:
+    """Every process's skip counters, keyed `process_<i>` (all processes must call this together)."""
+    states = [counter.state()]
+    if jax.process_count() > 1:
+        vector = np.asarray([counter.good, counter.caption_truncated, *counter.totals().values()], np.int64)
+        gathered = np.asarray(multihost_utils.process_allgather(vector)).reshape(jax.process_count(), -1)
+        states = [
+            {"good": int(row[0]), "caption_truncated": int(row[1]),
+             "skipped": dict(zip(robust.SKIP_REASONS, (int(v) for v in row[2:])))}
+            for row in gathered
+        ]
+    return {f"process_{index}": state for index, state in enumerate(states)}
+
+
+def _global_skip_metrics(counter: robust.SkipCounter) -> robust.SkipCounter:
+    """A counter holding the totals of all processes (for the skip-rate check and the logged metrics)."""
+    if jax.process_count() == 1:
+        return counter
+    total = robust.SkipCounter(min_examples=counter.min_examples)
+    for state in _gather_counters(counter).values():
+        part = robust.SkipCounter.from_state(state)
+        total.good += part.good
+        total.caption_truncated += part.caption_truncated
+        total._skipped += part._skipped
+    return total
 
 
 def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int, writer: MetricsWriter, final: bool) -> dict:
@@ -302,19 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
 
     data = ConfiguredData(config.data, config.model)
     _prepare_data(data, config)
-    shard = pipeline.HostShard.current()
-    train_iterator = iter(
-        pipeline.training_dataset(
-            data.source(config.data.train_split),
-            data.train_preprocess(),
-            global_batch_size=int(config.data.batch_size),
-            seed=int(config.seed),
-            shard=shard,
-            num_workers=int(config.data.num_workers),
-            num_threads=int(config.data.num_threads),
-            prefetch_buffer_size=int(config.data.prefetch),
-        )
-    )
+    train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))
+    skip_counter = robust.SkipCounter(min_examples=int(config.data.skip_check_after))
     setup = TrainSetup.create(config, mesh)
     checkpointer = checkpoint.Checkpointer(
         workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
@@ -324,6 +341,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         state = setup.init_state()
     else:
         state = checkpointer.restore(latest, setup.abstract_state(), train_iterator)
+        counters = checkpointer.restore_counters(latest)
+        if counters and f"process_{jax.process_index()}" in counters:
+            skip_counter = robust.SkipCounter.from_state(
+                counters[f"process_{jax.process_index()}"], min_examples=int(config.data.skip_check_after)
+            )
         if is_main:
             print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
     start_step = int(jax.device_get(state["step"]))
@@ -345,7 +367,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     final_metrics: dict[str, float] = {}
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
-        host_batch = next(train_iterator)
+        host_batch = skip_counter.update(next(train_iterator))
         batch = parallel.host_batch_to_global(host_batch, mesh)
         if train_step is None:
             train_step = compile_train_step(setup, batch)
@@ -359,9 +381,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
             if not np.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}; metrics: {metrics}")
             metrics.update(progress.update(step, loss))
+            global_skips = _global_skip_metrics(skip_counter)
+            metrics.update(global_skips.metrics())
             writer.write(step, metrics)
+            global_skips.check(float(config.data.max_skip_rate))
         if step % int(config.checkpoint_every) == 0 or step == total_steps:
-            checkpointer.save(step, state, train_iterator, config)
+            checkpointer.save(step, state, train_iterator, config, counters=_gather_counters(skip_counter))
         final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
     if start_step >= total_steps and is_main:
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -56,32 +56,50 @@ class _RandomPreprocess(grain.transforms.RandomMap):
         return self._preprocess(element, rng)
 
 
+def _host_stream(raw: Any, seed: int, shard: HostShard) -> grain.MapDataset | grain.IterDataset:
+    """A random-access source: seeded global shuffle (new order each epoch), repeated, this host's p::P part.
+
+    A stream (a `grain.IterDataset`, e.g. tar shards) is already shuffled and split by host.
+    """
+    if isinstance(raw, grain.IterDataset):
+        return raw.seed(seed)
+    return grain.MapDataset.source(raw).seed(seed).shuffle().repeat()[shard.index :: shard.count]
+
+
 def training_dataset(
-    source: RandomAccessSource,
-    preprocess: Callable[[dict[str, Any], np.random.Generator], dict[str, np.ndarray]],
+    components: Sequence[tuple[Any, float, int]],
+    preprocess: Callable[[dict[str, Any], np.random.Generator], Any],
     *,
     global_batch_size: int,
-    seed: int,
     shard: HostShard,
     num_workers: int = 0,
     num_threads: int = 2,
     prefetch_buffer_size: int = 4,
+    max_consecutive_bad: int = 10_000,
 ) -> grain.IterDataset:
-    """The infinite, shuffled, host-sharded, batched training stream of one process."""
-    if len(source) < global_batch_size:
-        raise ValueError(f"the training split has {len(source)} examples, fewer than one global batch ({global_batch_size})")
+    """The infinite, host-sharded, batched training stream of one process.
+
+    `components` are (raw source, weight, seed): random-access sources or `grain.IterDataset` streams of raw
+    examples; several are mixed by weight. `preprocess(example, rng)` returns model inputs or a
+    `jclip.data.robust.Skipped` marker; skipped examples are dropped and counted per reason in every good
+    row's `skipped_before` (see `jclip.data.robust`).
+    """
+    from jclip.data import robust
+
     batch = local_batch_size(global_batch_size, shard)
-    dataset = (
-        grain.MapDataset.source(source)
-        .seed(seed)
-        .shuffle()
-        .repeat()[shard.index :: shard.count]
-        .random_map(_RandomPreprocess(preprocess))
-        .batch(batch, drop_remainder=True)
-    )
-    iterable = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    )
+    streams = []
+    for raw, _, seed in components:
+        if not isinstance(raw, grain.IterDataset) and len(raw) < global_batch_size:
+            raise ValueError(f"a training source has {len(raw)} examples, fewer than one global batch ({global_batch_size})")
+        stream = _host_stream(raw, seed, shard).random_map(_RandomPreprocess(preprocess))
+        if isinstance(stream, grain.MapDataset):
+            stream = stream.to_iter_dataset(
+                grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+            )
+        streams.append(stream)
+    weights = [float(weight) for _, weight, _ in components]
+    mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+    iterable = robust.SkipBadExamples(mixed, max_consecutive_bad=max_consecutive_bad).batch(batch, drop_remainder=True)
     if num_workers > 0:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iterable

@@ -347,7 +347,7 @@ class WebDatasetIterDataset(grain.IterDataset):
                 "least one shard per epoch (use fewer processes or more, smaller shards)"
             )
         self.shards = tuple(shards)
-        self.seed = int(seed)
+        self.stream_seed = int(seed)
         self.host = shard
         self.shuffle_buffer = int(shuffle_buffer)
         self.worker = (0, 1)  # (index, count) of this Grain worker within the process; see `set_slice`
@@ -365,7 +365,7 @@ class WebDatasetIterDataset(grain.IterDataset):
 
     def epoch_shards(self, epoch: int) -> list[int]:
         """Indices into `shards` that this process (and worker) reads in `epoch`, in reading order."""
-        order = shard_order(len(self.shards), self.seed, epoch)
+        order = shard_order(len(self.shards), self.stream_seed, epoch)
         mine = order[self.host.index :: self.host.count]
         return mine[self.worker[0] :: self.worker[1]]
 
@@ -444,7 +444,7 @@ class WebDatasetIterator(grain.DatasetIterator):
                 raise RuntimeError(f"epoch {self._epoch}: no sample in any of this process's shards {paths}")
             self._start_epoch(self._epoch + 1)
         worker_index = self._dataset.worker[0]
-        pick = _hash(_PICK_TAG, self._dataset.seed, self._dataset.host.index, worker_index, self._yielded)
+        pick = _hash(_PICK_TAG, self._dataset.stream_seed, self._dataset.host.index, worker_index, self._yielded)
         j = pick % len(self._buffer)
         example = self._buffer[j]
         for buffer in (self._buffer, self._buffer_shards, self._buffer_offsets):
@@ -457,7 +457,7 @@ class WebDatasetIterator(grain.DatasetIterator):
         ds = self._dataset
         return {
             "num_shards": len(ds.shards),
-            "seed": ds.seed,
+            "seed": ds.stream_seed,
             "process": [ds.host.index, ds.host.count],
             "worker": list(ds.worker),
             "shuffle_buffer": ds.shuffle_buffer,

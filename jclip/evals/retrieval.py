@@ -19,7 +19,7 @@ class RetrievalEvaluator:
         self.batch_size = int(config.batch_size)
         self.limit = config.get("limit")
         self.ks = tuple(config.get("ks", (1, 5, 10)))
-        self.source = data.source(config.split)
+        self.source = data.source(config.split, config.get("source"))
         self.preprocess = data.eval_preprocess()
 
     def run(self, params: Any, encoders: common.Encoders) -> dict[str, float]:

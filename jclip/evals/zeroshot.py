@@ -24,8 +24,8 @@ class ZeroShotEvaluator:
         self.every = int(config.every)
         self.batch_size = int(config.batch_size)
         self.limit = config.get("limit")
-        self.source = data.source(config.split)
-        self.class_names = tuple(data.class_names())
+        self.source = data.source(config.split, config.get("source"))
+        self.class_names = tuple(data.class_names(config.split, config.get("source")))
         templates = config.templates
         if isinstance(templates, str):
             if templates not in TEMPLATE_SETS:

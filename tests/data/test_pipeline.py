@@ -30,7 +30,7 @@ def take_values(preprocess_rng_used=False):
 
 def training_batches(shard, steps, n=50, batch=10, seed=3):
     dataset = pipeline.training_dataset(
-        RangeSource(n), take_values(), global_batch_size=batch, seed=seed, shard=shard, num_threads=1
+        [(RangeSource(n), 1.0, seed)], take_values(), global_batch_size=batch, shard=shard, num_threads=1
     )
     iterator = iter(dataset)
     return [next(iterator) for _ in range(steps)]
@@ -59,7 +59,7 @@ def test_seeded_and_resumable():
     assert not all(np.array_equal(x["value"], y["value"]) for x, y in zip(a, c))
 
     dataset = pipeline.training_dataset(
-        RangeSource(50), take_values(), global_batch_size=10, seed=1, shard=pipeline.HostShard(0, 1), num_threads=1
+        [(RangeSource(50), 1.0, 1)], take_values(), global_batch_size=10, shard=pipeline.HostShard(0, 1), num_threads=1
     )
     iterator = iter(dataset)
     next(iterator), next(iterator)
@@ -98,3 +98,56 @@ def test_evaluation_pads_with_masked_rows_and_counts_each_example_once(processes
             np.testing.assert_array_equal(batch["value"][batch["mask"]], batch["index"][batch["mask"]])
     assert steps_per_host == [(3, 3)] * processes
     assert sorted(seen) == list(range(23))
+
+
+def test_weighted_mixture_draws_by_weight_and_resumes():
+    class Offset(RangeSource):
+        def __init__(self, n, offset):
+            super().__init__(n)
+            self.offset = offset
+
+        def __getitem__(self, index):
+            return {"value": np.int64(self.offset + index)}
+
+    def make():
+        return pipeline.training_dataset(
+            [(Offset(40, 0), 3.0, 1), (Offset(40, 1000), 1.0, 2)], take_values(),
+            global_batch_size=8, shard=pipeline.HostShard(0, 1), num_threads=1,
+        )
+
+    iterator = iter(make())
+    values = np.concatenate([next(iterator)["value"] for _ in range(10)])
+    from_second = np.mean(values >= 1000)
+    assert 0.2 <= from_second <= 0.3, f"weight 1 of 4 should give ~25% of examples, got {from_second:.2f}"
+    state = iterator.get_state()
+    expected = [next(iterator)["value"] for _ in range(3)]
+    resumed = iter(make())
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["value"], want)
+
+
+def test_bad_examples_are_skipped_and_counted_in_batches():
+    from jclip.data import robust
+
+    def preprocess(example, rng):
+        if int(example["value"]) % 5 == 0:
+            return robust.Skipped("missing_caption", str(int(example["value"])))
+        return {"value": np.asarray(example["value"])}
+
+    dataset = pipeline.training_dataset(
+        [(RangeSource(50), 1.0, 0)], preprocess, global_batch_size=8, shard=pipeline.HostShard(0, 1), num_threads=1
+    )
+    batches = [b for b, _ in zip(iter(dataset), range(5))]
+    assert all(int(v) % 5 for b in batches for v in b["value"])
+    good = sum(len(b["value"]) for b in batches)
+    assert good == 40  # all the good examples of the first epoch of 0..49
+    # Each skip is counted on the next good row, so the 40 rows carry every multiple of 5 that comes
+    # before the epoch's last good example in the shuffled order.
+    import grain
+
+    order = [int(x["value"]) for x in grain.MapDataset.source(RangeSource(50)).seed(0).shuffle()]
+    last_good = max(i for i, v in enumerate(order) if v % 5)
+    expected = sum(1 for v in order[:last_good] if v % 5 == 0)
+    totals = robust.skip_totals(batches)
+    assert totals["missing_caption"] == expected and sum(totals.values()) == expected

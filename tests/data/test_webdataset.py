@@ -316,7 +316,7 @@ def test_converted_data_goes_through_the_random_access_pipeline(shard_dir, reada
         return {"index": np.int32(int(example["key"]))}
 
     dataset = pipeline.training_dataset(
-        source, preprocess, global_batch_size=5, seed=0, shard=HostShard(0, 1), num_threads=1
+        [(source, 1.0, 0)], preprocess, global_batch_size=5, shard=HostShard(0, 1), num_threads=1
     )
     iterator = iter(dataset)
     seen = np.concatenate([next(iterator)["index"] for _ in range(2)])
