@@ -28,10 +28,14 @@ setup(
         "ftfy>=6.1",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # Records of converted WebDataset shards.
+        "msgpack>=1.0",
     ],
     extras_require={
+        "sentencepiece": ["sentencepiece>=0.2"],
         "test": [
             "pytest>=8.0",
+            "sentencepiece>=0.2",
             "safetensors>=0.4",
             # OpenAI's own tokenizer and vocabulary, the independent reference of the tokenizer tests.
             "openai-clip>=1.0.1",

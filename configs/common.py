@@ -72,6 +72,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = ~/tensorflow_datasets.
     config.data.manual_dir = config_dict.placeholder(str)  # TFDS manual-download dir (e.g. imagenet2012).
     config.data.train_split = "train"  # TFDS slicing works: "train[:95%]".
+    config.data.tokenizer = "clip"  # OpenAI's BPE; or "sentencepiece:/path/model.model[:lower]".
     config.data.image_field = "image"
     config.data.caption_field = "caption"  # `dense_caption` for the embedded dataset's long descriptions.
     config.data.label_field = config_dict.placeholder(str)

@@ -54,6 +54,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         sources.validate_data_config(data)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    from jclip.data.tokenizer import make_tokenizer
+
+    try:
+        tokenizer = make_tokenizer(str(data.tokenizer), int(text.context_length))
+    except (ValueError, OSError, RuntimeError) as error:
+        raise ConfigError(f"data.tokenizer {data.tokenizer!r}: {error}") from error
+    _require(
+        tokenizer.vocab_size <= int(text.vocab_size),
+        f"data.tokenizer {data.tokenizer!r} has {tokenizer.vocab_size} ids but model.text.vocab_size is {text.vocab_size}",
+    )
     _require(0 <= float(data.max_skip_rate) <= 1, f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}")
     batch = int(data.batch_size)
     _require(batch > 0, f"data.batch_size must be positive, got {batch}")

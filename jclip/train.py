@@ -147,6 +147,7 @@ class TrainSetup:
             encode_texts=jitted(self.functions.encode_texts),
             mesh=self.mesh,
             context_length=int(self.config.model.text.context_length),
+            tokenizer_spec=str(self.config.data.tokenizer),
         )
 
 

@@ -173,6 +173,7 @@ class ConfiguredData:
             text_key="caption",
             random_crop_scale=None if random_crop_scale is None else tuple(random_crop_scale),
             keep=tuple(keep),
+            tokenizer_spec=str(self.config.tokenizer),
         )
 
     def train_preprocess(self) -> robust.SafePreprocessor:

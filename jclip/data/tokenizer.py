@@ -43,6 +43,7 @@ class ClipTokenizer:
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         self.context_length = context_length
         self.vocab_size = VOCAB_SIZE
+        self.end_of_text = END_OF_TEXT
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of the cleaned text, without start/end tokens."""
@@ -64,3 +65,57 @@ class ClipTokenizer:
         """Text of the ids between the start and end tokens (for logs and debugging)."""
         body = [int(i) for i in ids if int(i) not in (0, START_OF_TEXT, END_OF_TEXT)]
         return _bpe().decode(body).strip()
+
+
+class SentencePieceTokenizer:
+    """Text -> fixed-length int32 ids with a SentencePiece model, for custom vocabularies.
+
+    jclip's text tower pools at the largest id (CLIP's convention: the end token is the last id of the
+    vocabulary), so the end token here is `piece_size` (one past the SentencePiece vocabulary) and the
+    model's `text.vocab_size` must be at least `piece_size + 1`. No start token; zero padding (padding after
+    the end token never reaches the pooled position through the causal mask). Text is whitespace-cleaned,
+    and lower-cased only with `lower=True`. Truncation keeps the end token last, as for CLIP.
+    """
+
+    def __init__(self, model_path: str, context_length: int = 77, *, lower: bool = False):
+        import sentencepiece
+
+        if context_length < 1:
+            raise ValueError(f"context_length must be at least 1 (the end token), got {context_length}")
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        self.context_length = context_length
+        self.lower = lower
+        self.end_of_text = self.processor.get_piece_size()
+        self.vocab_size = self.end_of_text + 1
+
+    def encode(self, text: str) -> list[int]:
+        text = _WHITESPACE.sub(" ", html.unescape(ftfy.fix_text(text))).strip()
+        return list(self.processor.encode(text.lower() if self.lower else text))
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = [*self.encode(text), self.end_of_text][: self.context_length]
+        ids[-1] = self.end_of_text
+        out = np.zeros(self.context_length, dtype=np.int32)
+        out[: len(ids)] = ids
+        return out
+
+    def batch(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self(text) for text in texts]) if texts else np.zeros((0, self.context_length), np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.processor.decode([int(i) for i in ids if 0 < int(i) < self.end_of_text])
+
+
+Tokenizer = ClipTokenizer | SentencePieceTokenizer
+
+
+@functools.lru_cache(maxsize=16)
+def make_tokenizer(spec: str, context_length: int) -> Tokenizer:
+    """A tokenizer from a config spec: `clip` (OpenAI's BPE) or `sentencepiece:/path/to/model[:lower]`."""
+    kind, _, argument = spec.partition(":")
+    if kind == "clip" and not argument:
+        return ClipTokenizer(context_length)
+    if kind == "sentencepiece" and argument:
+        path, _, option = argument.rpartition(":") if argument.endswith(":lower") else (argument, "", "")
+        return SentencePieceTokenizer(path, context_length, lower=option == "lower")
+    raise ValueError(f"unknown tokenizer {spec!r}; use 'clip' or 'sentencepiece:/path/to/model.model[:lower]'")

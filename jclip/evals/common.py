@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jclip import parallel
 from jclip.data import pipeline
-from jclip.data.tokenizer import ClipTokenizer
+from jclip.data.tokenizer import make_tokenizer
 
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -31,6 +31,7 @@ class Encoders:
     encode_texts: EncodeFn
     mesh: Mesh
     context_length: int
+    tokenizer_spec: str = "clip"
 
 
 def gather_to_host(array: jax.Array) -> np.ndarray:
@@ -73,7 +74,7 @@ def embed_split(
 
 def embed_texts(params: Any, encoders: Encoders, texts: Sequence[str], *, batch_size: int) -> np.ndarray:
     """Embeddings of a list of texts (e.g. class prompts), computed sharded, on every host."""
-    tokenizer = ClipTokenizer(encoders.context_length)
+    tokenizer = make_tokenizer(encoders.tokenizer_spec, encoders.context_length)
     token_ids = tokenizer.batch(list(texts))
     shards = parallel.batch_shards(encoders.mesh)
     batch_size = max(shards, batch_size - batch_size % shards)

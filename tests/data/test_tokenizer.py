@@ -76,3 +76,55 @@ def test_batch_and_decode():
     assert tokenizer.decode(batch[0]) == "a red circle"
     with pytest.raises(ValueError, match="context_length"):
         ClipTokenizer(1)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    """A small SentencePiece model trained here on captions (no download)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    directory = tmp_path_factory.mktemp("spm")
+    corpus = directory / "corpus.txt"
+    words = ["red", "blue", "green", "circle", "square", "star", "left", "of", "a", "the", "above", "large", "small"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(words, size=8)) for _ in range(500)))
+    prefix = directory / "captions"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=32, model_type="unigram", minloglevel=2
+    )
+    return str(prefix) + ".model"
+
+
+def test_sentencepiece_option(sentencepiece_model):
+    import sentencepiece
+
+    from jclip.data.tokenizer import SentencePieceTokenizer, make_tokenizer
+
+    reference = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+    tokenizer = make_tokenizer(f"sentencepiece:{sentencepiece_model}", 12)
+    assert isinstance(tokenizer, SentencePieceTokenizer)
+    assert tokenizer.vocab_size == reference.get_piece_size() + 1
+    text = "a  red circle left of the large blue square"
+    ids = tokenizer(text)
+    end = reference.get_piece_size()
+    expected = (reference.encode("a red circle left of the large blue square") + [end])[:12]
+    expected[-1] = end
+    np.testing.assert_array_equal(ids, expected + [0] * (12 - len(expected)))
+    assert ids.max() == tokenizer.end_of_text, "the end token must be the largest id (EOT pooling)"
+    long_ids = tokenizer("red " * 50)
+    assert long_ids[-1] == tokenizer.end_of_text and (long_ids[:-1] != 0).all()
+    assert tokenizer.decode(tokenizer("red circle")) == "red circle"
+    assert make_tokenizer(f"sentencepiece:{sentencepiece_model}:lower", 12)("RED")[0] == reference.encode("red")[0]
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        make_tokenizer("wordpiece:x", 12)
+
+
+def test_sentencepiece_vocabulary_must_fit_the_model(sentencepiece_model):
+    from configs import clip
+    from jclip.config_validation import ConfigError, validate_config
+
+    config = clip.get_config()
+    config.data.tokenizer = f"sentencepiece:{sentencepiece_model}"
+    validate_config(config)  # 33 ids fit the default 49,408-token embedding
+    config.model.text.vocab_size = 20
+    with pytest.raises(ConfigError, match="has 33 ids"):
+        validate_config(config)
