@@ -343,10 +343,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     else:
         state = checkpointer.restore(latest, setup.abstract_state(), train_iterator)
         counters = checkpointer.restore_counters(latest)
-        if counters and f"process_{jax.process_index()}" in counters:
-            skip_counter = robust.SkipCounter.from_state(
-                counters[f"process_{jax.process_index()}"], min_examples=int(config.data.skip_check_after)
-            )
+        if counters is not None:
+            skip_counter = robust.SkipCounter.from_state(counters, min_examples=int(config.data.skip_check_after))
         if is_main:
             print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
     start_step = int(jax.device_get(state["step"]))

@@ -134,3 +134,43 @@ def test_mixture_of_embedded_and_tar_shards_yields_both(tmp_path, scenes_data_di
     from_web = np.mean(["shard" in text for text in texts])
     assert 0.3 < from_web < 0.7, from_web
     assert counter.skipped > 0 and batches[0]["images"].shape == (16, 32, 32, 3)
+
+
+def test_a_mixture_with_tar_shards_resumes_to_the_exact_batch(tmp_path, scenes_data_dir):
+    """Restart from an early checkpoint of a finished run: the later steps' losses must come out identical,
+    which needs the mixture's, the tar stream's and the skip counters' states all restored exactly."""
+    import shutil
+
+    from jclip_testing import read_losses
+
+    spec = write_shards(tmp_path)
+    flags = micro_run_flags(scenes_data_dir, total_steps=12, checkpoint_every=4, keep_checkpoints=5) + [
+        "--config.data.shuffle_buffer=16", "--config.data.max_skip_rate=0.5",
+    ]
+    # New mixture entries cannot be added by --config flags: a config file of the test's own sets them.
+    config_file = tmp_path / "mixture_config.py"
+    config_file.write_text(
+        "from configs import clip\n\n\ndef get_config(arg=None):\n    config = clip.get_config(arg)\n"
+        f"    config.data.mixture = {{'scenes': {{'source': 'embedded', 'weight': 1.0}}, 'web': {{'source': {spec!r}, 'weight': 1.0}}}}\n"
+        "    return config\n"
+    )
+
+    def run(workdir):
+        result = subprocess.run(
+            [sys.executable, "-m", "jclip.main", f"--config={config_file}", f"--workdir={workdir}", *flags],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    full = tmp_path / "full"
+    run(full)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "4", resumed / "checkpoints" / "4")
+    result = run(resumed)
+    assert "at step 4" in result.stdout
+    expected, got = read_losses(full), read_losses(resumed)
+    assert sorted(got) == list(range(5, 13))
+    np.testing.assert_array_equal([got[s] for s in range(5, 13)], [expected[s] for s in range(5, 13)])
+    assert skip_totals(resumed) == skip_totals(full), "the skip counters must resume too"
