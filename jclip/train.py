@@ -292,13 +292,7 @@ def _global_skip_metrics(counter: robust.SkipCounter) -> robust.SkipCounter:
     """A counter holding the totals of all processes (for the skip-rate check and the logged metrics)."""
     if jax.process_count() == 1:
         return counter
-    total = robust.SkipCounter(min_examples=counter.min_examples)
-    for state in _gather_counters(counter).values():
-        part = robust.SkipCounter.from_state(state)
-        total.good += part.good
-        total.caption_truncated += part.caption_truncated
-        total._skipped += part._skipped
-    return total
+    return robust.SkipCounter.merged(list(_gather_counters(counter).values()), min_examples=counter.min_examples)
 
 
 def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int, writer: MetricsWriter, final: bool) -> dict:

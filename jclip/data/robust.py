@@ -36,7 +36,6 @@ import numpy as np
 from PIL import Image
 
 from jclip.data import transforms
-from jclip.data.tokenizer import END_OF_TEXT
 
 log = logging.getLogger("jclip.data")
 
@@ -269,11 +268,13 @@ class SafePreprocessor:
         clean = {pre.image_key: image, pre.text_key: text, **{key: example[key] for key in pre.keep}}
         out = pre(clean, rng)
         token_ids = out["token_ids"]
-        if token_ids[1] == END_OF_TEXT:  # nothing between start and end once cleaned (e.g. "&nbsp;")
+        tokenizer = pre.tokenizer
+        if token_ids[tokenizer.num_start_tokens] == tokenizer.end_of_text:  # no tokens once cleaned ("&nbsp;")
             raise _Bad("empty_caption", "no tokens after cleaning")
         if self.count_truncated:
-            # A full context ends in END_OF_TEXT; only then is it worth re-counting the caption's tokens.
-            truncated = token_ids[-1] == END_OF_TEXT and len(pre.tokenizer.encode(text)) + 2 > pre.context_length
+            # A full context ends in the end token; only then is it worth re-counting the caption's tokens.
+            specials = tokenizer.num_start_tokens + 1
+            truncated = token_ids[-1] == tokenizer.end_of_text and len(tokenizer.encode(text)) + specials > pre.context_length
             out[TRUNCATED_FIELD] = np.int32(truncated)
         return out
 
@@ -437,6 +438,17 @@ class SkipCounter:
         out: dict[str, float] = {"data/skip_rate": self.skip_rate, "data/caption_truncated": self.caption_truncated}
         out.update({f"data/skipped/{reason}": count for reason, count in self.totals().items()})
         return out
+
+    @classmethod
+    def merged(cls, states: Sequence[Mapping[str, Any]], **kwargs: Any) -> SkipCounter:
+        """One counter holding the sum of several counters' `state()`s (e.g. of every process)."""
+        total = cls(**kwargs)
+        for state in states:
+            part = cls.from_state(state)
+            total.good += part.good
+            total.caption_truncated += part.caption_truncated
+            total._skipped += part._skipped
+        return total
 
     def state(self) -> dict[str, Any]:
         """JSON-friendly totals for the checkpoint."""

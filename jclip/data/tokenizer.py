@@ -44,6 +44,7 @@ class ClipTokenizer:
         self.context_length = context_length
         self.vocab_size = VOCAB_SIZE
         self.end_of_text = END_OF_TEXT
+        self.num_start_tokens = 1
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of the cleaned text, without start/end tokens."""
@@ -87,6 +88,7 @@ class SentencePieceTokenizer:
         self.lower = lower
         self.end_of_text = self.processor.get_piece_size()
         self.vocab_size = self.end_of_text + 1
+        self.num_start_tokens = 0
 
     def encode(self, text: str) -> list[int]:
         text = _WHITESPACE.sub(" ", html.unescape(ftfy.fix_text(text))).strip()

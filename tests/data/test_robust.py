@@ -261,3 +261,14 @@ def test_pending_counts_are_part_of_the_state():
     iterator.set_state(state)
     again = next(iterator)["skipped_before"]
     assert again[SKIP_REASONS.index("missing_image")] == first[SKIP_REASONS.index("missing_image")] + 2
+
+
+def test_skip_counters_merge_across_processes():
+    from jclip.data.robust import SKIP_REASONS, SkipCounter
+
+    first = {"good": 10, "caption_truncated": 1, "skipped": {SKIP_REASONS[0]: 2}}
+    second = {"good": 5, "caption_truncated": 0, "skipped": {SKIP_REASONS[0]: 1, SKIP_REASONS[1]: 4}}
+    merged = SkipCounter.merged([first, second])
+    assert merged.good == 15 and merged.caption_truncated == 1
+    assert merged.totals()[SKIP_REASONS[0]] == 3 and merged.totals()[SKIP_REASONS[1]] == 4
+    assert merged.skip_rate == 7 / 22
