@@ -35,7 +35,32 @@ def _bpe() -> instant_clip_tokenizer.Tokenizer:
     return instant_clip_tokenizer.Tokenizer()
 
 
-class ClipTokenizer:
+class _FixedLengthTokenizer:
+    """Shared framing: [start tokens] + ids + [end token], zero-padded; truncation keeps the end token last."""
+
+    context_length: int
+    end_of_text: int
+    start_tokens: tuple[int, ...] = ()
+
+    @property
+    def num_start_tokens(self) -> int:
+        return len(self.start_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = [*self.start_tokens, *self.encode(text), self.end_of_text][: self.context_length]
+        ids[-1] = self.end_of_text
+        out = np.zeros(self.context_length, dtype=np.int32)
+        out[: len(ids)] = ids
+        return out
+
+    def batch(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self(text) for text in texts]) if texts else np.zeros((0, self.context_length), np.int32)
+
+
+class ClipTokenizer(_FixedLengthTokenizer):
     """Text -> fixed-length int32 token ids, identical to OpenAI's `clip.tokenize(..., truncate=True)`."""
 
     def __init__(self, context_length: int = 77):
@@ -44,23 +69,11 @@ class ClipTokenizer:
         self.context_length = context_length
         self.vocab_size = VOCAB_SIZE
         self.end_of_text = END_OF_TEXT
-        self.num_start_tokens = 1
+        self.start_tokens = (START_OF_TEXT,)
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of the cleaned text, without start/end tokens."""
         return list(_bpe().encode(clean_text(text)))
-
-    def __call__(self, text: str) -> np.ndarray:
-        ids = [START_OF_TEXT, *self.encode(text), END_OF_TEXT]
-        if len(ids) > self.context_length:
-            ids = ids[: self.context_length]
-            ids[-1] = END_OF_TEXT
-        out = np.zeros(self.context_length, dtype=np.int32)
-        out[: len(ids)] = ids
-        return out
-
-    def batch(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self(text) for text in texts]) if texts else np.zeros((0, self.context_length), np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the ids between the start and end tokens (for logs and debugging)."""
@@ -68,7 +81,7 @@ class ClipTokenizer:
         return _bpe().decode(body).strip()
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_FixedLengthTokenizer):
     """Text -> fixed-length int32 ids with a SentencePiece model, for custom vocabularies.
 
     jclip's text tower pools at the largest id (CLIP's convention: the end token is the last id of the
@@ -88,21 +101,10 @@ class SentencePieceTokenizer:
         self.lower = lower
         self.end_of_text = self.processor.get_piece_size()
         self.vocab_size = self.end_of_text + 1
-        self.num_start_tokens = 0
 
     def encode(self, text: str) -> list[int]:
         text = _WHITESPACE.sub(" ", html.unescape(ftfy.fix_text(text))).strip()
         return list(self.processor.encode(text.lower() if self.lower else text))
-
-    def __call__(self, text: str) -> np.ndarray:
-        ids = [*self.encode(text), self.end_of_text][: self.context_length]
-        ids[-1] = self.end_of_text
-        out = np.zeros(self.context_length, dtype=np.int32)
-        out[: len(ids)] = ids
-        return out
-
-    def batch(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self(text) for text in texts]) if texts else np.zeros((0, self.context_length), np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.processor.decode([int(i) for i in ids if 0 < int(i) < self.end_of_text])
