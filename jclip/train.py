@@ -385,4 +385,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
     checkpointer.close()
     writer.close()
+    if hasattr(train_iterator, "close"):  # stops Grain worker processes and frees their shared memory
+        train_iterator.close()
     return final_metrics
