@@ -361,7 +361,7 @@ class _SkipBadExamplesIterator(grain.DatasetIterator):
             last = f"{skipped.key or '(no key)'}{', ' + skipped.detail if skipped.detail else ''}"
             raise TooManyBadExamples(
                 f"{consecutive} consecutive examples were bad ({counts}; last: {last}), more than max_consecutive_bad="
-                f"{self._max_consecutive_bad}. The source looks broken: check data.image_key / data.text_key "
+                f"{self._max_consecutive_bad}. The source looks broken: check data.image_field / data.caption_field "
                 "and the files themselves."
             )
 
