@@ -3,8 +3,8 @@
 Reproduces: OpenCLIP's `SigLipLoss` objective (shared/METHODS.md section 0): logit scale starts at ln 10
 and a learnable bias at -10.
 Command:    python -m jclip.main --config=configs/siglip.py --workdir=/tmp/siglip
-Expect:     on the embedded dataset with the defaults, validation retrieval R@1 far above chance
-            (README has the measured numbers).
+Expect:     on the embedded dataset with the defaults (tiny model, 1,200 steps at batch 128, 2 CPU cores):
+            validation image->text R@1 ~0.34, text->image ~0.30 (chance 0.0005), zero-shot top-1 ~0.23.
 """
 
 import math
