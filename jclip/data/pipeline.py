@@ -101,8 +101,9 @@ def training_dataset(
     mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
     iterable = robust.SkipBadExamples(mixed, max_consecutive_bad=max_consecutive_bad).batch(batch, drop_remainder=True)
     if num_workers > 0:
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iterable
+        return iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    # Batches are assembled in a background thread, so the next one is ready while the step runs.
+    return grain.experimental.ThreadPrefetchIterDataset(iterable, prefetch_buffer_size=2)
 
 
 class _PaddedSplit:
