@@ -360,7 +360,7 @@ class _SkipBadExamplesIterator(grain.DatasetIterator):
             counts = _counts_text(dict(zip(SKIP_REASONS, self._pending.tolist())))
             last = f"{skipped.key or '(no key)'}{', ' + skipped.detail if skipped.detail else ''}"
             raise TooManyBadExamples(
-                f"{consecutive} consecutive examples were bad ({counts}; last: {last}), more than max_consecutive_bad="
+                f"{consecutive} consecutive examples were bad ({counts}; last: {last}), more than data.max_consecutive_bad="
                 f"{self._max_consecutive_bad}. The source looks broken: check data.image_field / data.caption_field "
                 "and the files themselves."
             )

@@ -195,7 +195,7 @@ def test_skip_counter_totals_rate_threshold_and_state():
 def test_a_stream_of_only_bad_examples_raises_instead_of_looping_forever():
     bad = [{"key": f"b{i}", "image": None, "caption": "x"} for i in range(5)]
     endless = grain.MapDataset.source(bad).repeat().map(safe_preprocessor()).to_iter_dataset()
-    with pytest.raises(TooManyBadExamples, match=r"101 consecutive examples were bad \(missing_image 101.*image_key"):
+    with pytest.raises(TooManyBadExamples, match=r"101 consecutive examples were bad \(missing_image 101.*data.image_field"):
         next(iter(SkipBadExamples(endless, max_consecutive_bad=100).batch(4)))
 
 
