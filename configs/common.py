@@ -14,10 +14,6 @@ from ml_collections import config_dict
 
 from jclip.models import presets
 
-# Known keys of arg strings and what they set.
-ARG_KEYS = ("model", "steps", "batch", "data", "dtype")
-
-
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses `key=value,key2=value2` into a ConfigDict over `defaults`; unknown keys are an error."""
     parsed = ml_collections.ConfigDict(dict(defaults))

@@ -33,12 +33,12 @@ def test_ties_count_against_the_model():
 
 def test_several_captions_per_image():
     images = np.eye(3)
-    # Six captions, two per image; image 2's captions point at image 0's direction except one.
+    # Six captions, two per image; caption 4 belongs to image 2 but points at image 0.
     texts = one_hot_rows([0, 0, 1, 1, 0, 2], 3)
     text_to_image = np.array([0, 0, 1, 1, 2, 2])
     result = metrics.retrieval_metrics(images, texts, text_to_image, ks=(1,))
-    # image->text: image 2's best caption (index 5) ranks first among its own; ties with 0/1/4 broken
-    # pessimistically only against false captions: image 0's best (0 or 1) ties with caption 4 (false).
+    # image->text: image 0's true captions (0, 1) tie with the false caption 4, so pessimistically it
+    # misses R@1; images 1 and 2 each have a true caption strictly on top.
     assert result["image_to_text_R@1"] == 2 / 3
     # text->image: caption 4 (of image 2) points at image 0: wrong; the other five are right.
     assert result["text_to_image_R@1"] == 5 / 6
