@@ -9,7 +9,10 @@ example:
      "caption": str, or list of str for a Sequence / vector field (undecodable UTF-8 stays bytes so that
               preprocessing counts it), or None;
      "label": int (only when `label_field` is set);
-     "key": "name:split:index", for messages.}
+     "key": "name:split:index", for messages;
+     and one entry per `extra_fields` key (e.g. the embedded dataset's `negative_captions` for evaluators):
+       text as str (a list of str for a Sequence or string tensor), encoded images as bytes, other
+       features as numpy arrays.}
 
 The dataset is found from its files (`dataset_info.json`, `features.json`), so its builder code is not
 needed and never run, except with `download=True` for builders that make their data locally (see
@@ -25,6 +28,7 @@ import fcntl
 import importlib
 import logging
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -68,6 +72,8 @@ class TfdsSource:
       image_field, caption_field, label_field: '/'-separated paths into the features; a key that itself
         contains '/' (coco's `image/id`) is matched whole. A field inside a Sequence gives a list
         (`captions/text` of coco_captions). `caption_field=None` gives `caption=None`.
+      extra_fields: output key -> field path, for further fields an evaluator needs (resolved the same
+        way); a key may not be one of the canonical `image`, `caption`, `label`, `key`.
       manual_dir: where manually downloaded files are (datasets like imagenet2012); used in messages and
         passed to the build of a local builder.
       download: build the dataset if it is not prepared; only for builders that need no network.
@@ -84,6 +90,7 @@ class TfdsSource:
         label_field: str | None = None,
         manual_dir: str | None = None,
         download: bool = False,
+        extra_fields: Mapping[str, str] | None = None,
     ):
         self.name = name
         self.split = split
@@ -95,6 +102,7 @@ class TfdsSource:
         self._image = _image_field(features, image_field, name)
         self._caption = None if caption_field is None else _caption_field(features, caption_field, name)
         self._label = None if label_field is None else _label_field(features, label_field, name)
+        self._extras = _extra_fields(features, extra_fields or {}, name)
         self._decoders = _skip_image_decoding(features)
         self._source = self._open(builder)
         self._length = len(self._source)
@@ -126,6 +134,8 @@ class TfdsSource:
         }
         if self._label is not None:
             example["label"] = int(np.asarray(self._label.get(record)).item())
+        for key, field in self._extras.items():
+            example[key] = _extra_value(field, field.get(record))
         return example
 
     def class_names(self) -> list[str] | None:
@@ -317,6 +327,18 @@ def _label_field(features: tfds.features.FeaturesDict, path: str, dataset: str) 
     return field
 
 
+_CANONICAL_KEYS = ("image", "caption", "label", "key")
+
+
+def _extra_fields(features: tfds.features.FeaturesDict, fields: Mapping[str, str], dataset: str) -> dict[str, _Field]:
+    """Output key -> resolved field; the canonical keys are refused (they would be overwritten)."""
+    taken = sorted(set(fields) & set(_CANONICAL_KEYS))
+    if taken:
+        raise ValueError(f"extra_fields keys {taken} of TFDS dataset {dataset!r} clash with the raw example's "
+                         f"own keys {list(_CANONICAL_KEYS)}; name them otherwise")
+    return {str(key): _resolve(features, path, dataset) for key, path in fields.items()}
+
+
 def _skip_image_decoding(feature: Any) -> dict[str, Any]:
     """Decoders that keep every uint8 Image (outside Sequences) encoded: decoding is preprocessing's job."""
     decoders: dict[str, Any] = {}
@@ -350,3 +372,20 @@ def _text_value(value: Any) -> str | bytes | list[str | bytes] | None:
         except UnicodeDecodeError:
             return bytes(value)
     return None if value is None else str(value)
+
+
+def _extra_value(field: _Field, value: Any) -> Any:
+    """Text -> str (nested lists of str for sequences and string arrays); encoded images -> bytes; else arrays."""
+    if _kind(field.feature) in "OSU":
+        return _texts(value)
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value)
+    return np.asarray(value)
+
+
+def _texts(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.ndim == 0 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_texts(v) for v in value]
+    return _text_value(value)

@@ -230,3 +230,19 @@ def test_jclip_scenes_small(scenes_data_dir: pathlib.Path) -> None:
 
     negatives = TfdsSource("jclip_scenes/small", "validation[:4]", data_dir=data_dir, caption_field="negative_captions")
     assert negatives[1]["caption"] == [c.decode("utf-8") for c in reference[1]["negative_captions"]]
+
+
+def test_extra_fields(toy_dir: pathlib.Path) -> None:
+    source = _toy(toy_dir, extra_fields={"title": "meta/title", "tags": "tags", "pixels": "meta/pixels",
+                                         "ids": "captions/id", "filename": "image/filename"})
+    example = source[5]
+    assert example["title"] == "title 5" and example["filename"] == "img_005.png"
+    assert example["tags"] == [] and source[4]["tags"] == ["ok", UNDECODABLE]
+    np.testing.assert_array_equal(example["pixels"], np.full((2, 2, 3), 5, np.uint8))
+    np.testing.assert_array_equal(example["ids"], [0, 1])  # 5 % 3 = 2 captions
+    assert example["caption"] == _captions(5), "the canonical fields are unchanged"
+    assert pickle.loads(pickle.dumps(source))[5]["title"] == "title 5"
+    with pytest.raises(ValueError, match=r"keys \['caption'\] .* clash"):
+        _toy(toy_dir, extra_fields={"caption": "meta/title"})
+    with pytest.raises(ValueError, match="no field 'meta/nope'"):
+        _toy(toy_dir, extra_fields={"x": "meta/nope"})
