@@ -72,6 +72,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_field = "image"
     config.data.caption_field = "caption"  # `dense_caption` for the embedded dataset's long descriptions.
     config.data.label_field = config_dict.placeholder(str)
+    config.data.caption_templates = config_dict.placeholder(tuple)  # ("a photo of a {}.",): captions from labels.
     config.data.shuffle_buffer = 10_000  # tar shards only: examples mixed across shards.
     config.data.allow_missing_shards = False
     config.data.max_skip_rate = 0.1  # stop when more than this fraction of examples read are bad...

@@ -10,10 +10,29 @@ A source spec is a string `<kind>[:<argument>]`:
 | `arrayrecord:DIR` | tar shards converted by `python -m jclip.data.convert_webdataset` (random access, exact shuffle) |
 | `folder:CAPTIONS_FILE` | images with a JSONL or CSV captions file (paths relative to the file's folder) |
 | `classfolders:ROOT` | `ROOT/<class>/<image>` folders (labels, no captions: zero-shot evaluation) |
+| `docci:JSONLINES` | DOCCI's `docci_descriptions.jsonlines` (split by its `split` values; images in `images/` beside it) |
 
 Every source yields *raw examples* `{"image", "caption", "label"?, "key"}`; preprocessing (decode, crop,
 tokenise) comes after, in `jclip.data.robust.SafePreprocessor`, which skips and counts bad examples.
 `data.mixture` (name -> {source, weight}) trains on several sources at once, weighted.
+
+Splits. TFDS sources (`embedded`, `tfds:`) read the named split with TFDS slicing. `folder:`,
+`classfolders:` and `arrayrecord:` are one whole dataset: the split *name* selects nothing, and a slice
+(`train[:90%]`, `train[90%:]`, `train[:45000]`) is taken over a fixed seeded permutation of the examples
+(`jclip.data.splits`, seed `SPLIT_SEED`), so class-sorted folders give mixed slices and `[:k]`/`[k:]` are
+disjoint and cover everything. `docci:` selects the entries of the named split, sliced in file order.
+
+Captions from labels. With `data.caption_templates` set (e.g. `("a photo of a {}.", "a blurry photo of a
+{}.")`), every training component's examples get `caption` = the templates filled with the example's class
+name (`jclip.data.label_captions`; training samples one per visit); a caption the source already has is
+replaced. A mixture entry may set its own `caption_templates` (None: keep its captions). A training source
+without class names (no labels, or integer labels without names, or tar shards) fails at `prepare`.
+Evaluation sources are never re-captioned.
+
+Per-source fields. `ConfiguredData.source(split, spec, image_field=..., caption_field=..., label_field=...,
+extra_fields=(("negative_captions", "negative_captions"),))` overrides `data.<field>` for that source only
+(an evaluator reading the embedded dataset's `probe_caption`, say) and, for TFDS sources, adds further fields
+to each raw example.
 """
 
 from __future__ import annotations
@@ -25,10 +44,14 @@ from typing import Any
 import grain
 import ml_collections
 
-from jclip.data import pipeline, robust, transforms
+from jclip.data import label_captions, pipeline, robust, transforms
 
-SOURCE_KINDS = ("embedded", "tfds", "wds", "arrayrecord", "folder", "classfolders")
-RANDOM_ACCESS_KINDS = ("embedded", "tfds", "arrayrecord", "folder", "classfolders")
+SOURCE_KINDS = ("embedded", "tfds", "wds", "arrayrecord", "folder", "classfolders", "docci")
+RANDOM_ACCESS_KINDS = ("embedded", "tfds", "arrayrecord", "folder", "classfolders", "docci")
+#: Kinds without splits of their own: a split's slice is taken over a seeded permutation (jclip.data.splits).
+PERMUTED_SLICE_KINDS = ("arrayrecord", "folder", "classfolders")
+#: The permutation's seed: fixed, so that a held-out slice does not move with the training seed.
+SPLIT_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +72,15 @@ class SourceSpec:
 def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError for an unknown source kind or a bad mixture, before anything is read."""
     SourceSpec.parse(data_config.source)
+    if data_config.get("caption_templates") is not None:
+        label_captions.check_templates(data_config.caption_templates)
     mixture = data_config.get("mixture") or {}
     for name, entry in mixture.items():
         if "source" not in entry:
             raise ValueError(f"data.mixture.{name} needs a `source`")
         SourceSpec.parse(entry["source"])
+        if entry.get("caption_templates") is not None:
+            label_captions.check_templates(entry["caption_templates"])
         weight = float(entry.get("weight", 1.0))
         if not weight > 0:
             raise ValueError(f"data.mixture.{name}.weight must be positive, got {weight}")
@@ -74,42 +101,70 @@ class ConfiguredData:
     def _field(self, entry: Any, name: str) -> Any:
         return entry[name] if entry is not None and name in entry else self.config.get(name)
 
-    def _random_access(self, spec: SourceSpec, split: str, entry: Any = None) -> Any:
-        from jclip.data import folder, tfds_source, webdataset
+    def _random_access(self, spec: SourceSpec, split: str, entry: Any = None,
+                       extra_fields: tuple[tuple[str, str], ...] = ()) -> Any:
+        from jclip.data import docci, folder, splits, tfds_source, webdataset
 
         image_field = self._field(entry, "image_field")
         caption_field = self._field(entry, "caption_field")
         label_field = self._field(entry, "label_field")
+        extras = dict(extra_fields)
+        if extras and spec.kind not in ("embedded", "tfds"):
+            raise ValueError(f"extra_fields {extras} need a TFDS source (embedded, tfds:...); "
+                             f"{_spec_text(spec)} has only the raw example's own fields")
         if spec.kind == "embedded":
             return tfds_source.TfdsSource(
                 f"jclip_scenes/{self.config.embedded_config}", split, data_dir=self.config.data_dir,
                 image_field=image_field, caption_field=caption_field, label_field=label_field or "label", download=True,
+                extra_fields=extras,
             )
         if spec.kind == "tfds":
             return tfds_source.TfdsSource(
                 spec.argument, split, data_dir=self.config.data_dir, image_field=image_field,
                 caption_field=caption_field, label_field=label_field, manual_dir=self.config.get("manual_dir"),
+                extra_fields=extras,
             )
+        if spec.kind == "docci":
+            return docci.DocciSource(spec.argument, split)
         if spec.kind == "arrayrecord":
-            return webdataset.ArrayRecordSource(spec.argument)
-        if spec.kind == "folder":
-            return folder.FolderSource(spec.argument, caption_field=caption_field or "caption", label_field=label_field)
-        if spec.kind == "classfolders":
-            return folder.folder_from_class_dirs(spec.argument)
-        raise ValueError(
-            f"data source {spec.kind}:{spec.argument} is a stream (training only); evaluation and class names "
-            f"need a random-access source ({', '.join(RANDOM_ACCESS_KINDS)}); convert tar shards with "
-            f"`python -m jclip.data.convert_webdataset`"
-        )
+            source = webdataset.ArrayRecordSource(spec.argument)
+        elif spec.kind == "folder":
+            source = folder.FolderSource(spec.argument, caption_field=caption_field or "caption", label_field=label_field)
+        elif spec.kind == "classfolders":
+            source = folder.folder_from_class_dirs(spec.argument)
+        else:
+            raise ValueError(
+                f"data source {spec.kind}:{spec.argument} is a stream (training only); evaluation and class names "
+                f"need a random-access source ({', '.join(RANDOM_ACCESS_KINDS)}); convert tar shards with "
+                f"`python -m jclip.data.convert_webdataset`"
+            )
+        return splits.select_split(source, split, seed=SPLIT_SEED)
 
     @functools.lru_cache(maxsize=None)
-    def source(self, split: str, spec: str | None = None) -> Any:
-        """The raw, random-access source of `split` of `spec` (default `data.source`); evaluations read this."""
-        return self._random_access(SourceSpec.parse(spec or self.config.source), split)
+    def source(
+        self,
+        split: str,
+        spec: str | None = None,
+        *,
+        image_field: str | None = None,
+        caption_field: str | None = None,
+        label_field: str | None = None,
+        extra_fields: tuple[tuple[str, str], ...] = (),
+    ) -> Any:
+        """The raw, random-access source of `split` of `spec` (default `data.source`); evaluations read this.
 
-    def class_names(self, split: str, spec: str | None = None) -> list[str]:
-        """Zero-shot class names of a source: its ClassLabel names (or class folders)."""
-        source = self.source(split, spec)
+        A field given here overrides `data.<field>` for this source only; `extra_fields` ((key, feature
+        path) pairs, a tuple so that the call is cached) adds fields to a TFDS source's raw examples.
+        """
+        overrides = {name: value for name, value in (("image_field", image_field), ("caption_field", caption_field),
+                                                     ("label_field", label_field)) if value is not None}
+        return self._random_access(SourceSpec.parse(spec or self.config.source), split, overrides,
+                                   tuple(tuple(pair) for pair in extra_fields))
+
+    def class_names(self, split: str, spec: str | None = None, *, image_field: str | None = None,
+                    caption_field: str | None = None, label_field: str | None = None) -> list[str]:
+        """Zero-shot class names of a source: its ClassLabel names (or class folders); fields as in `source`."""
+        source = self.source(split, spec, image_field=image_field, caption_field=caption_field, label_field=label_field)
         names = source.class_names() if hasattr(source, "class_names") else None
         if names is None:
             raise ValueError(f"data source {spec or self.config.source!r} has no class names (no ClassLabel label field)")
@@ -124,15 +179,38 @@ class ConfiguredData:
             for name, entry in mixture.items()
         ]
 
+    def _training_source(self, name: str, spec: SourceSpec, entry: Any) -> Any:
+        """A random-access training component, re-captioned from its labels when `caption_templates` is set."""
+        raw = self._random_access(spec, self._field(entry, "train_split"), entry)
+        templates = self._field(entry, "caption_templates")
+        if templates is None:
+            return raw
+        names = raw.class_names() if hasattr(raw, "class_names") else None
+        if names is None:
+            raise ValueError(self._no_labels_message(name, spec))
+        return label_captions.CaptionsFromLabels(raw, names, templates)
+
+    def _check_stream(self, name: str, spec: SourceSpec, entry: Any) -> None:
+        if self._field(entry, "caption_templates") is not None:
+            raise ValueError(self._no_labels_message(name, spec))
+
+    def _no_labels_message(self, name: str, spec: SourceSpec) -> str:
+        where = f"data.mixture.{name}" if self.config.get("mixture") else "data.source"
+        return (f"data.caption_templates makes captions from class labels, but the training source "
+                f"{_spec_text(spec)!r} ({where}) has no class names: give it a label field with class names "
+                f"(data.label_field: a ClassLabel or string labels), use classfolders:, or leave "
+                f"caption_templates unset for it")
+
     def prepare(self, splits: set[tuple[str, str | None]]) -> None:
         """Opens (and for the embedded dataset, builds) everything the run reads, failing early and clearly."""
-        for _, spec, entry, _ in self._components():
+        for name, spec, entry, _ in self._components():
             if spec.kind == "wds":
                 from jclip.data import webdataset
 
+                self._check_stream(name, spec, entry)
                 webdataset.expand_shards(spec.argument, allow_missing=bool(self.config.allow_missing_shards))
             else:
-                self._random_access(spec, self._field(entry, "train_split"), entry)
+                self._training_source(name, spec, entry)
         for split, spec in splits:
             self.source(split, spec)
 
@@ -141,16 +219,17 @@ class ConfiguredData:
         from jclip.data import webdataset
 
         components = []
-        for index, (_, spec, entry, weight) in enumerate(self._components()):
+        for index, (name, spec, entry, weight) in enumerate(self._components()):
             component_seed = seed + 1000 * index
             if spec.kind == "wds":
+                self._check_stream(name, spec, entry)
                 raw = webdataset.webdataset_training_dataset(
                     spec.argument, seed=component_seed, shard=shard,
                     shuffle_buffer=int(self.config.shuffle_buffer),
                     allow_missing=bool(self.config.allow_missing_shards),
                 )
             else:
-                raw = self._random_access(spec, self._field(entry, "train_split"), entry)
+                raw = self._training_source(name, spec, entry)
             components.append((raw, weight, component_seed))
         return pipeline.training_dataset(
             components,
@@ -181,3 +260,8 @@ class ConfiguredData:
 
     def eval_preprocess(self, keep: tuple[str, ...] = ()) -> transforms.ImageTextPreprocessor:
         return self._preprocessor(None, keep)
+
+
+def _spec_text(spec: SourceSpec) -> str:
+    return spec.kind if spec.argument is None else f"{spec.kind}:{spec.argument}"
+

@@ -174,3 +174,119 @@ def test_a_mixture_with_tar_shards_resumes_to_the_exact_batch(tmp_path, scenes_d
     assert sorted(got) == list(range(5, 13))
     np.testing.assert_array_equal([got[s] for s in range(5, 13)], [expected[s] for s in range(5, 13)])
     assert skip_totals(resumed) == skip_totals(full), "the skip counters must resume too"
+
+
+# ----- split slicing, captions from labels, field overrides, DOCCI -------------------------------------------
+
+# Class folders whose images are solid red, green or blue, so that a batch row's class shows in its pixels.
+CLASS_COLOURS = {"ant": (255, 0, 0), "maple_tree": (0, 255, 0), "sea_lion": (0, 0, 255)}
+PER_CLASS = 4
+
+
+def write_class_folders(root) -> str:
+    for name, colour in CLASS_COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(root / name / f"{i}.png")
+    return f"classfolders:{root}"
+
+
+def data_config(source: str, **fields):
+    config = clip.get_config()
+    config.data.source = source
+    config.data.batch_size = 8
+    config.data.num_threads = 1
+    for key, value in fields.items():
+        config.data[key] = value
+    return config
+
+
+def test_class_folder_splits_are_permuted_disjoint_slices(tmp_path):
+    config = data_config(write_class_folders(tmp_path))
+    data = sources.ConfiguredData(config.data, config.model)
+    keys = lambda source: [source[i]["key"] for i in range(len(source))]  # noqa: E731
+    everything = keys(data.source("validation"))  # a split name alone selects the whole folder
+    assert sorted(everything) == sorted(f"{c}/{i}.png" for c in CLASS_COLOURS for i in range(PER_CLASS))
+    head, tail = keys(data.source("train[:75%]")), keys(data.source("train[75%:]"))
+    assert (len(head), len(tail)) == (9, 3)
+    assert set(head).isdisjoint(tail) and sorted(head + tail) == sorted(everything)
+    assert tail != everything[-3:], "the tail is drawn from a permutation, not the class-sorted order"
+    assert data.class_names("train[75%:]") == list(CLASS_COLOURS)
+    with pytest.raises(ValueError, match=r"'train\[:x\]'.*accepted forms"):
+        data.source("train[:x]")
+
+
+def test_caption_templates_caption_training_batches_from_class_names(tmp_path):
+    from jclip.data.pipeline import HostShard
+    from jclip.data.tokenizer import ClipTokenizer
+
+    templates = ("a photo of a {}.", "a blurry photo of a {}.")
+    config = data_config(write_class_folders(tmp_path), caption_templates=templates)
+    data = sources.ConfiguredData(config.data, config.model)
+    data.prepare(set())
+    tokenizer = ClipTokenizer(config.model.text.context_length)
+    expected = {  # by the colour channel that is high
+        0: ["a photo of a ant.", "a blurry photo of a ant."],
+        1: ["a photo of a maple tree.", "a blurry photo of a maple tree."],
+        2: ["a photo of a sea lion.", "a blurry photo of a sea lion."],
+    }
+    iterator = iter(data.training_dataset(seed=0, shard=HostShard(0, 1)))
+    seen = set()
+    for _ in range(3):
+        batch = next(iterator)
+        for image, tokens in zip(batch["images"], batch["token_ids"]):
+            channel = int(np.argmax(image.mean(axis=(0, 1))))
+            matches = [text for text in expected[channel] if np.array_equal(tokens, tokenizer(text))]
+            assert len(matches) == 1, (channel, tokenizer.decode(tokens))
+            seen.add(matches[0].split(" a ")[0])
+    assert seen == {"a photo of", "a blurry photo of"}, "each visit samples one of the templates"
+
+
+def test_caption_templates_need_labelled_training_sources(tmp_path):
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"path": "a.png", "caption": "x"}) + "\n")
+    config = data_config(f"folder:{tmp_path}/captions.jsonl", caption_templates=("a photo of a {}.",))
+    data = sources.ConfiguredData(config.data, config.model)
+    with pytest.raises(ValueError, match=r"training source 'folder:.*captions.jsonl' \(data.source\) has no class names"):
+        data.prepare(set())
+    config = data_config(f"wds:{tmp_path}/{{00000..00001}}.tar", caption_templates=("a photo of a {}.",))
+    with pytest.raises(ValueError, match=r"'wds:.*' \(data.source\) has no class names"):
+        sources.ConfiguredData(config.data, config.model).prepare(set())
+    config = data_config("embedded", caption_templates=("a photo of a {} {}.",))
+    with pytest.raises(ValueError, match="exactly one"):
+        sources.ConfiguredData(config.data, config.model)
+
+
+def test_field_overrides_and_extra_fields_per_source(scenes_data_dir):
+    from jclip.data import embedded
+
+    config = data_config("embedded", embedded_config="small", data_dir=str(scenes_data_dir))
+    data = sources.ConfiguredData(config.data, config.model)
+    probes = data.source("validation", caption_field="probe_caption",
+                         extra_fields=(("negative_captions", "negative_captions"),))
+    plain = data.source("validation")
+    reference = embedded.load_source("validation", data_dir=str(scenes_data_dir), config="small")
+    for i in (0, 7):
+        example = probes[i]
+        assert example["caption"] == reference[i]["probe_caption"].decode("utf-8")
+        negatives = example["negative_captions"]
+        assert isinstance(negatives, list) and len(negatives) == 3 and all(isinstance(n, str) for n in negatives)
+        assert example["caption"] not in negatives
+        assert plain[i]["caption"] == reference[i]["caption"].decode("utf-8") and "negative_captions" not in plain[i]
+    assert data.source("validation", caption_field="probe_caption",
+                       extra_fields=(("negative_captions", "negative_captions"),)) is probes, "cached"
+    with pytest.raises(ValueError, match="extra_fields .* need a TFDS source"):
+        data.source("validation", "classfolders:/nowhere", extra_fields=(("x", "y"),))
+
+
+def test_docci_through_the_config(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / "test_00002.png")
+    entries = [{"example_id": f"{split}_{i:05d}", "split": split, "image_file": f"{split}_{i:05d}.png",
+                "description": f"{split} description {i}"} for split in ("train", "test") for i in (1, 2, 3)]
+    (tmp_path / "docci_descriptions.jsonlines").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    config = data_config("embedded")
+    data = sources.ConfiguredData(config.data, config.model)
+    source = data.source("test[1:]", f"docci:{tmp_path}/docci_descriptions.jsonlines")
+    assert [source[i]["caption"] for i in range(len(source))] == ["test description 2", "test description 3"]
+    assert source[0]["image"] == (tmp_path / "images" / "test_00002.png").read_bytes() and source[1]["image"] is None
+    assert sources.SourceSpec.parse("docci:/x.jsonlines") == sources.SourceSpec("docci", "/x.jsonlines")
