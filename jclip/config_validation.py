@@ -88,10 +88,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         raise ConfigError(f"losses: {error}") from error
     for name, entry in config.evals.items():
         try:
-            evals.evaluator_type(name, entry)
+            evals.validate_evaluator_config(name, entry)
         except ValueError as error:
-            raise ConfigError(f"evals.{name}: {error}") from error
-        _require(int(entry.every) >= 0, f"evals.{name}.every must be >= 0 (0 = only at the end), got {entry.every}")
+            raise ConfigError(str(error) if str(error).startswith("evals.") else f"evals.{name}: {error}") from error
+        _require(int(entry.get("every", 0) or 0) >= 0, f"evals.{name}.every must be >= 0 (0 = only at the end), got {entry.every}")
 
     if mesh is not None:
         import jax

@@ -298,8 +298,7 @@ def _global_skip_metrics(counter: robust.SkipCounter) -> robust.SkipCounter:
 def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int, writer: MetricsWriter, final: bool) -> dict:
     results = {}
     for evaluator in evaluators:
-        due = final or (evaluator.every > 0 and step % evaluator.every == 0)
-        if not due:
+        if not evaluator.due(step, final):
             continue
         started = time.perf_counter()
         values = evaluator.run(state["params"], encoders)

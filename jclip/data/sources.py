@@ -106,7 +106,7 @@ class ConfiguredData:
         from jclip.data import docci, folder, splits, tfds_source, webdataset
 
         image_field = self._field(entry, "image_field")
-        caption_field = self._field(entry, "caption_field")
+        caption_field = self._field(entry, "caption_field") or None  # "" given explicitly: no caption
         label_field = self._field(entry, "label_field")
         extras = dict(extra_fields)
         if extras and spec.kind not in ("embedded", "tfds"):

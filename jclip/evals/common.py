@@ -2,7 +2,8 @@
 
 Evaluation batches are padded with masked examples so every process runs the same number of steps; the
 gathered rows are put back in the split's order by their `index`, and padding is dropped, so no example
-is counted twice or lost.
+is counted twice or lost. Texts (class prompts, captions) are tokenised once, padded to a whole number of
+global batches and encoded sharded across every device, the same way.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jclip import parallel
-from jclip.data import pipeline
-from jclip.data.tokenizer import make_tokenizer
+from jclip.data import pipeline, transforms
+from jclip.data.tokenizer import Tokenizer, make_tokenizer
 
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -32,6 +33,43 @@ class Encoders:
     mesh: Mesh
     context_length: int
     tokenizer_spec: str = "clip"
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return make_tokenizer(self.tokenizer_spec, self.context_length)
+
+
+class EvaluationDataError(ValueError):
+    """An evaluation example that cannot be read or preprocessed (evaluations never skip examples)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagesOnly:
+    """Evaluation preprocessing of the image alone (captions are embedded separately), plus `keep` keys."""
+
+    preprocessor: transforms.ImageTextPreprocessor
+    keep: tuple[str, ...] = ()
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+        out = {"images": self.preprocessor.image(example["image"])}
+        for key in self.keep:
+            out[key] = np.asarray(example[key])
+        return out
+
+
+def _explained(preprocess: Callable[[dict[str, Any]], dict[str, np.ndarray]], source: Any):
+    """`preprocess` whose failures name the example, so a bad file is found rather than guessed at."""
+
+    def call(example: dict[str, Any]) -> dict[str, np.ndarray]:
+        try:
+            return preprocess(example)
+        except Exception as error:  # decoding errors come from PIL, numpy, the tokenizer...
+            raise EvaluationDataError(
+                f"evaluation example {example.get('key')!r} of {source!r} cannot be preprocessed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+    return call
 
 
 def gather_to_host(array: jax.Array) -> np.ndarray:
@@ -51,19 +89,23 @@ def embed_split(
     limit: int | None = None,
     extra_keys: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Image and text embeddings (and `extra_keys`) of a split, in split order, on every host."""
+    """Image embeddings (and text embeddings when `preprocess` gives `token_ids`, and `extra_keys`) of a
+    split, in split order, on every host."""
     shard = pipeline.HostShard.current()
-    _, batches = pipeline.evaluation_batches(source, preprocess, global_batch_size=batch_size, shard=shard, limit=limit)
+    _, batches = pipeline.evaluation_batches(
+        source, _explained(preprocess, source), global_batch_size=batch_size, shard=shard, limit=limit
+    )
     collected: dict[str, list[np.ndarray]] = {}
     for host_batch in batches:
         global_batch = parallel.host_batch_to_global(host_batch, encoders.mesh)
         rows = {
             "image_embeddings": encoders.encode_images(params, global_batch["images"]),
-            "text_embeddings": encoders.encode_texts(params, global_batch["token_ids"]),
             "index": global_batch["index"],
             "mask": global_batch["mask"],
             **{key: global_batch[key] for key in extra_keys},
         }
+        if "token_ids" in global_batch:
+            rows["text_embeddings"] = encoders.encode_texts(params, global_batch["token_ids"])
         for key, value in rows.items():
             collected.setdefault(key, []).append(gather_to_host(value))
     merged = {key: np.concatenate(values) for key, values in collected.items()}
@@ -72,14 +114,13 @@ def embed_split(
     return {key: value[keep][order] for key, value in merged.items()}
 
 
-def embed_texts(params: Any, encoders: Encoders, texts: Sequence[str], *, batch_size: int) -> np.ndarray:
-    """Embeddings of a list of texts (e.g. class prompts), computed sharded, on every host."""
-    tokenizer = make_tokenizer(encoders.tokenizer_spec, encoders.context_length)
-    token_ids = tokenizer.batch(list(texts))
+def embed_token_ids(params: Any, encoders: Encoders, token_ids: np.ndarray, *, batch_size: int) -> np.ndarray:
+    """Embeddings of tokenised texts [n, context], computed sharded over every device, on every host."""
+    count = len(token_ids)
     shards = parallel.batch_shards(encoders.mesh)
     batch_size = max(shards, batch_size - batch_size % shards)
-    padded = -(-len(texts) // batch_size) * batch_size
-    token_ids = np.concatenate([token_ids, np.zeros((padded - len(texts), token_ids.shape[1]), np.int32)])
+    padded = max(1, -(-count // batch_size)) * batch_size
+    token_ids = np.concatenate([token_ids, np.zeros((padded - count, token_ids.shape[1]), np.int32)])
     shard = pipeline.HostShard.current()
     local = batch_size // shard.count
     outputs = []
@@ -87,4 +128,15 @@ def embed_texts(params: Any, encoders: Encoders, texts: Sequence[str], *, batch_
         rows = token_ids[start + shard.index * local : start + (shard.index + 1) * local]
         global_ids = parallel.host_batch_to_global({"token_ids": rows}, encoders.mesh)["token_ids"]
         outputs.append(gather_to_host(encoders.encode_texts(params, global_ids)))
-    return np.concatenate(outputs)[: len(texts)]
+    return np.concatenate(outputs)[:count]
+
+
+def embed_texts(params: Any, encoders: Encoders, texts: Sequence[str], *, batch_size: int) -> np.ndarray:
+    """Embeddings of a list of texts (class prompts, captions), computed sharded, on every host."""
+    return embed_token_ids(params, encoders, encoders.tokenizer.batch(list(texts)), batch_size=batch_size)
+
+
+def truncated_count(tokenizer: Tokenizer, texts: Sequence[str]) -> int:
+    """How many texts do not fit the context (the tokenizer cuts them)."""
+    specials = tokenizer.num_start_tokens + 1
+    return sum(len(tokenizer.encode(text)) + specials > tokenizer.context_length for text in texts)

@@ -54,10 +54,8 @@ def class_embeddings(text_embeddings: np.ndarray, num_classes: int, num_template
 
     `text_embeddings` [num_classes * num_templates, d], class-major.
     """
-    per_template = np.asarray(text_embeddings, np.float64).reshape(num_classes, num_templates, -1)
-    per_template /= np.linalg.norm(per_template, axis=-1, keepdims=True)
-    mean = per_template.mean(axis=1)
-    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+    segment = np.repeat(np.arange(num_classes), num_templates)
+    return segment_mean_normalised(text_embeddings, segment, num_classes)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -65,3 +63,19 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1
     labels = np.asarray(labels)
     true_mask = np.arange(logits.shape[1])[None, :] == labels[:, None]
     return recall_at_k(logits, true_mask, ks)
+
+
+def segment_mean_normalised(embeddings: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
+    """Per segment, the mean of L2-normalised rows, re-normalised (one embedding per multi-part text).
+
+    `segment[i]` is the segment of row i; every segment needs at least one row.
+    """
+    rows = np.asarray(embeddings, np.float64)
+    rows = rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+    segment = np.asarray(segment)
+    counts = np.bincount(segment, minlength=num_segments)
+    if (counts == 0).any():
+        raise ValueError(f"segments {np.flatnonzero(counts == 0)[:5].tolist()}... have no rows")
+    sums = np.zeros((num_segments, rows.shape[1]))
+    np.add.at(sums, segment, rows)
+    return sums / np.linalg.norm(sums, axis=-1, keepdims=True)

@@ -59,3 +59,18 @@ def test_topk_accuracy():
     assert accuracy[1] == 1 / 3
     assert accuracy[2] == 2 / 3  # row 2: class 0 ties with class 1 -> pessimistic rank 2
     assert accuracy[3] == 1.0
+
+
+def test_segment_mean_normalised_averages_unit_rows():
+    rows = np.array([[2.0, 0.0], [0.0, 3.0], [0.0, -1.0], [5.0, 5.0]])
+    out = metrics.segment_mean_normalised(rows, np.array([0, 0, 1, 2]), 3)
+    np.testing.assert_allclose(out[0], [1 / np.sqrt(2), 1 / np.sqrt(2)])  # mean of (1,0) and (0,1)
+    np.testing.assert_allclose(out[1], [0.0, -1.0])
+    np.testing.assert_allclose(out[2], [1 / np.sqrt(2), 1 / np.sqrt(2)])
+
+
+def test_segment_without_rows_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="no rows"):
+        metrics.segment_mean_normalised(np.ones((2, 2)), np.array([0, 0]), 2)
