@@ -48,9 +48,12 @@ def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict
     return model
 
 
-def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Defaults that run anywhere: the tiny model on the embedded dataset, one CPU, a few minutes."""
-    args = parse_arg(arg, model="tiny", steps=1200, batch=128, data="embedded", dtype="float32")
+def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collections.ConfigDict:
+    """Defaults that run anywhere: the tiny model on the embedded dataset, one CPU, a few minutes.
+
+    `data` is the default of the `data=` arg (a config for another dataset passes its own).
+    """
+    args = parse_arg(arg, model="tiny", steps=1200, batch=128, data=data, dtype="float32")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = args.steps
@@ -114,6 +117,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evals.zeroshot = ml_collections.ConfigDict(
         {"every": 400, "split": "validation", "limit": config_dict.placeholder(int), "batch_size": 256,
          "templates": "scenes", "source": config_dict.placeholder(str)}
+    )
+    config.evals.compositional = ml_collections.ConfigDict(
+        {"every": 400, "format": "embedded", "split": "validation", "limit": config_dict.placeholder(int),
+         "batch_size": 256, "source": config_dict.placeholder(str)}  # the embedded probes' hard negatives
     )
     return config
 

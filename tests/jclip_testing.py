@@ -54,6 +54,9 @@ def micro_run_flags(data_dir: pathlib.Path, **overrides) -> list[str]:
         "--config.evals.zeroshot.every=0",
         "--config.evals.zeroshot.limit=64",
         "--config.evals.zeroshot.batch_size=32",
+        "--config.evals.compositional.every=0",
+        "--config.evals.compositional.limit=32",
+        "--config.evals.compositional.batch_size=32",
         "--config.optim.warmup_steps=2",
     ]
     flags += [f"--config.{key}={value}" for key, value in overrides.items()]
