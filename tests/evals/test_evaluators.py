@@ -198,3 +198,85 @@ def test_unknown_evaluator_option_is_refused(model):
     config, *_ = model
     with pytest.raises(ValueError, match="unknown option"):
         evaluator(config, "retrieval", split="validation", templtes="single")
+
+
+def test_an_unreadable_evaluation_image_stops_with_its_key(model, tmp_path):
+    config, params, sharded, _ = model
+    write_png(tmp_path / "0.png", seed=0)
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    lines = [json.dumps({"path": f"{i}.png", "caption": "a thing"}) for i in range(2)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines))
+    config.data.source = f"folder:{tmp_path / 'captions.jsonl'}"
+    with pytest.raises(common.EvaluationDataError, match="'1.png'"):
+        evaluator(config, "retrieval", split="test", batch_size=8).run(params, sharded.encoders())
+
+
+def test_docci_long_descriptions_truncated_or_by_sentences(model, tmp_path):
+    config, params, sharded, _ = model
+    descriptions = [
+        "A red kite flies high. It has a long tail. The sky is clear and blue.",
+        "Two boats rest on a lake! Their sails are white.",
+        "An old brick house. Ivy covers the wall. A cat sleeps on the step. The door is green.",
+    ]
+    lines = []
+    for i, text in enumerate(descriptions):
+        write_png(tmp_path / "images" / f"test_{i}.png", seed=200 + i)
+        lines.append(json.dumps({"example_id": f"t{i}", "split": "test", "image_file": f"test_{i}.png", "description": text}))
+    lines.append(json.dumps({"example_id": "q0", "split": "qual_dev", "image_file": "test_0.png", "description": "other"}))
+    (tmp_path / "docci_descriptions.jsonlines").write_text("\n".join(lines))
+    spec = f"docci:{tmp_path / 'docci_descriptions.jsonlines'}"
+
+    # The micro model's context is 8 tokens: every description is cut.
+    truncated = evaluator(config, "retrieval", source=spec, split="test", batch_size=8).run(params, sharded.encoders())
+    assert truncated["captions_truncated"] == 1.0 and truncated["num_images"] == 3
+
+    by_sentence = evaluator(config, "retrieval", source=spec, split="test", batch_size=8, long_captions="sentences", ks=(1,))
+    result = by_sentence.run(params, sharded.encoders())
+    images = reference_image_embeddings(config, sharded, params, [(tmp_path / "images" / f"test_{i}.png").read_bytes() for i in range(3)])
+    captions = []
+    for text in descriptions:
+        sentences = [s.strip() for s in text.replace("!", "!|").replace(".", ".|").split("|") if s.strip()]
+        rows = reference_text_embeddings(config, sharded, params, sentences)
+        mean = sum(r / np.linalg.norm(r) for r in rows)
+        captions.append(mean / np.linalg.norm(mean))
+    similarity = images @ np.array(captions).T
+    i2t = np.mean([pessimistic_rank(similarity[i], [j == i for j in range(3)]) == 0 for i in range(3)])
+    t2i = np.mean([pessimistic_rank(similarity[:, j], [i == j for i in range(3)]) == 0 for j in range(3)])
+    assert result["image_to_text_R@1"] == pytest.approx(i2t)
+    assert result["text_to_image_R@1"] == pytest.approx(t2i)
+    assert result["captions_truncated"] < 1.0  # sentences are shorter than paragraphs
+
+
+def test_aro_relation_crops_and_per_relation_accuracy_match_reference(model, tmp_path):
+    config, params, sharded, _ = model
+    rng = np.random.default_rng(7)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(rng.integers(0, 255, size=(30, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / "1.png")
+    Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / "2.png")
+    entries = [
+        ("1.png", (0, 0, 20, 15), "the horse is on the grass", "the grass is on the horse", "on"),
+        ("1.png", (20, 15, 20, 15), "the man is holding the cup", "the cup is holding the man", "holding"),
+        ("2.png", (2, 4, 18, 16), "the cat is on the mat", "the mat is on the cat", "on"),
+        ("2.png", (0, 0, 24, 24), "the dog is holding the ball", "the ball is holding the dog", "holding"),
+        ("1.png", (0, 0, 20, 15), "the bird is on the roof", "the roof is on the bird", "on"),
+    ]
+    annotations = [
+        {"image_path": image, "bbox_x": x, "bbox_y": y, "bbox_w": w, "bbox_h": h, "true_caption": pos,
+         "false_caption": neg, "relation_name": relation}
+        for image, (x, y, w, h), pos, neg, relation in entries
+    ]
+    path = tmp_path / "visual_genome_relation.json"
+    path.write_text(json.dumps(annotations))
+    result = evaluator(config, "compositional", format="aro_relation", path=str(path),
+                       image_root=str(tmp_path / "images"), batch_size=8).run(params, sharded.encoders())
+
+    correct = {"on": [], "holding": []}
+    for image, (x, y, w, h), pos, neg, relation in entries:
+        crop = Image.open(tmp_path / "images" / image).convert("RGB").crop((x, y, x + w, y + h))
+        embedding = reference_image_embeddings(config, sharded, params, [crop])[0]
+        pos_score, neg_score = reference_text_embeddings(config, sharded, params, [pos, neg]) @ embedding
+        correct[relation].append(pos_score > neg_score)
+    for relation, values in correct.items():
+        assert result[f"accuracy/{relation}"] == pytest.approx(np.mean(values)), relation
+    assert result["accuracy"] == pytest.approx(np.mean(correct["on"] + correct["holding"]))
+    assert result["num_items"] == 5
