@@ -13,13 +13,12 @@ descriptions suit long-caption retrieval evaluation.
 
 from __future__ import annotations
 
-import json
 import operator
 from typing import Any
 
 from etils import epath
 
-from jclip.data import splits
+from jclip.data import folder, splits
 
 _KEYS = ("example_id", "split", "image_file", "description")
 
@@ -83,17 +82,10 @@ class DocciSource:
 def _read_entries(path: epath.Path) -> list[dict[str, str]]:
     """Every line's object, checked to hold the string keys DOCCI entries have; errors name the line."""
     entries = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_number}: not a JSON object ({error})") from None
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(entry).__name__}")
+    for line_number, entry in folder.jsonl_objects(path):
+        where = f"{path}:{line_number}"
         missing = [key for key in _KEYS if not isinstance(entry.get(key), str)]
         if missing:
-            raise ValueError(f"{path}:{line_number}: no string {missing} (a DOCCI entry has {list(_KEYS)})")
+            raise ValueError(f"{where}: no string {missing} (a DOCCI entry has {list(_KEYS)})")
         entries.append({key: entry[key] for key in _KEYS})
     return entries

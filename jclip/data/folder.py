@@ -32,7 +32,7 @@ import io
 import json
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,18 +172,27 @@ def _image_files(folder: epath.Path, suffixes: tuple[str, ...]) -> list[str]:
 Row = tuple[str, Caption, Any, int]
 
 
-def _read_jsonl(path: epath.Path, path_field: str, caption_field: str | None, label_field: str | None) -> list[Row]:
-    rows: list[Row] = []
+def jsonl_objects(path: epath.Path | str, object_pairs_hook: Any = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object is
+    an error naming the file and line."""
+    path = epath.Path(path)
     for line_number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
+            entry = json.loads(line, object_pairs_hook=object_pairs_hook)
+        except ValueError as error:
             raise ValueError(f"{where}: not a JSON object ({error})") from None
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+        yield line_number, entry
+
+
+def _read_jsonl(path: epath.Path, path_field: str, caption_field: str | None, label_field: str | None) -> list[Row]:
+    rows: list[Row] = []
+    for line_number, entry in jsonl_objects(path):
+        where = f"{path}:{line_number}"
         image_path = entry.get(path_field)
         if not isinstance(image_path, str) or not image_path:
             raise ValueError(f"{where}: no {path_field!r} string (keys: {sorted(entry)})")

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from jclip.data import folder
+
 PathLike = str | os.PathLike
 
 SUGARCREPE_CATEGORIES = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
@@ -189,19 +191,8 @@ def read_pairs_jsonl(path: PathLike) -> list[CompositionalItem]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: pairs file not found")
     items: list[CompositionalItem] = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text: {error}") from error
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            entry = json.loads(line, object_pairs_hook=_reject_duplicate_keys)
-        except ValueError as error:
-            raise ValueError(f"{where}: not valid JSON: {error}") from error
+    for line_number, entry in folder.jsonl_objects(path, object_pairs_hook=_reject_duplicate_keys):
+        where = f"{path}:{line_number}"
         _require(entry, ("image", "positive"), where)
         if ("negatives" in entry) == ("negative" in entry):
             raise ValueError(f"{where}: needs exactly one of 'negatives' (a list) or 'negative' (a string)")

@@ -181,7 +181,7 @@ def test_pairs_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"image": "a.png", "positive": "p"', "not valid JSON"),
+    ('{"image": "a.png", "positive": "p"', "not a JSON object"),
     ('{"image": "a.png", "negative": "n"}', "positive"),
     ('{"image": "a.png", "positive": "p"}', "exactly one of"),
     ('{"image": "a.png", "positive": "p", "negative": "n", "negatives": ["m"]}', "exactly one of"),
@@ -196,7 +196,7 @@ def test_pairs_malformed_line_names_file_and_line(tmp_path, line, message):
     path.write_text('{"image": "a.png", "positive": "p", "negative": "n"}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=message) as error:
         cd.read_pairs_jsonl(path)
-    assert f"{path}: line 3" in str(error.value)
+    assert f"{path}:3" in str(error.value)
 
 
 def test_unknown_format_lists_known_ones(tmp_path):
