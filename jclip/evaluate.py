@@ -58,10 +58,9 @@ def merged_config(saved: dict[str, Any], given: Any | None) -> Any:
 
     config = ml_collections.ConfigDict(saved)
     if given is not None:
-        with given.unlocked():
-            for key in ("evals", "data", "mesh", "sharding_rules"):
-                if key in given:
-                    config[key] = given[key]
+        for key in ("evals", "data", "mesh", "sharding_rules"):
+            if key in given:
+                config[key] = given[key]
     return config
 
 
@@ -96,7 +95,7 @@ def evaluate(checkpoint: str | pathlib.Path, config: Any | None = None, step: in
         results["seconds"] = time.perf_counter() - started
         report["evaluators"][evaluator.name] = results
         if jax.process_index() == 0:
-            shown = ", ".join(f"{key} {value:.4f}" for key, value in results.items() if "/" not in key or key.startswith("accuracy/"))
+            shown = ", ".join(f"{key} {value:.4f}" for key, value in results.items() if not key.startswith("count/"))
             print(f"eval {evaluator.name} @ step {step}: {shown}", flush=True)
     return report
 

@@ -307,7 +307,9 @@ def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int,
         writer.write(step, values)
         results.update(values)
         if jax.process_index() == 0:
-            shown = ", ".join(f"{key.split('/')[-1]} {value:.4f}" for key, value in values.items())
+            shown = ", ".join(
+                f"{key.split('/', 2)[-1]} {value:.4f}" for key, value in values.items() if "/count/" not in key
+            )
             print(f"eval {evaluator.name} @ step {step}: {shown}", flush=True)
     return results
 

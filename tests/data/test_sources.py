@@ -75,6 +75,7 @@ def test_tar_shards_with_bad_samples_train_and_count_then_stop_past_the_threshol
     ) + [
         f"--config.data.source={spec}", "--config.data.shuffle_buffer=16", "--config.data.max_skip_rate=0.5",
         "--config.evals.retrieval.source=embedded", "--config.evals.zeroshot.source=embedded",
+        "--config.evals.compositional.source=embedded",
     ]
     result = run_main(tmp_path / "run", flags)
     assert result.returncode == 0, result.stderr[-4000:]
