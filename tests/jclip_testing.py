@@ -73,6 +73,15 @@ def read_losses(workdir: pathlib.Path) -> dict[int, float]:
     return losses
 
 
+def read_final_evaluation(workdir: pathlib.Path) -> dict[str, float]:
+    """Every `eval/<name>/<metric>` of a workdir's metrics.jsonl, the last value of each (timings left out)."""
+    values = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        values.update({k: v for k, v in record.items() if k.startswith("eval/") and not k.endswith("/seconds")})
+    return values
+
+
 def micro_config(**overrides):
     from configs import clip
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jclip import evaluate
-from jclip_testing import REPO_ROOT, micro_run_flags
+from jclip_testing import REPO_ROOT, micro_run_flags, read_final_evaluation
 
 
 def run_module(module, *flags, timeout=600):
@@ -26,14 +26,6 @@ def trained_workdir(scenes_data_dir, tmp_path_factory):
     return workdir
 
 
-def final_evaluation(workdir):
-    values = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        values.update({k: v for k, v in record.items() if k.startswith("eval/") and not k.endswith("/seconds")})
-    return values
-
-
 def test_report_equals_the_runs_final_evaluation(trained_workdir, tmp_path):
     output = tmp_path / "report.json"
     result = run_module("jclip.evaluate", f"--checkpoint={trained_workdir}", f"--output={output}")
@@ -41,7 +33,7 @@ def test_report_equals_the_runs_final_evaluation(trained_workdir, tmp_path):
     report = json.loads(output.read_text())
     assert report["step"] == 3
     assert set(report["evaluators"]) == {"retrieval", "zeroshot", "compositional"}
-    expected = final_evaluation(trained_workdir)
+    expected = read_final_evaluation(trained_workdir)
     assert expected, "the training run logged no evaluation"
     for key, value in expected.items():
         _, name, metric = key.split("/", 2)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jclip_testing import REPO_ROOT, micro_config, micro_run_flags, random_batch, read_losses
+from jclip_testing import REPO_ROOT, micro_config, micro_run_flags, random_batch, read_final_evaluation, read_losses
 
 
 def main_command(workdir: pathlib.Path, flags: list[str], config: str = "configs/clip.py") -> list[str]:
@@ -99,6 +99,15 @@ def test_losses_agree_on_one_device_eight_devices_and_two_processes(tmp_path, sc
         got = [read_losses(workdir)[s] for s in range(1, steps + 1)]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert expected[-1] < expected[0], "the loss should fall over the first steps"
+
+    # The final evaluations, gathered across devices and processes, read every example exactly once.
+    reference = read_final_evaluation(single)
+    for workdir in (sharded, multi):
+        got = read_final_evaluation(workdir)
+        assert got["eval/retrieval/num_images"] == got["eval/zeroshot/num_images"] == 64
+        assert got["eval/compositional/num_items"] == 32 * 3
+        for key, value in reference.items():  # parameters agree to ~1e-5: allow a near-tie to flip
+            assert got[key] == pytest.approx(value, abs=2 / 64), key
 
 
 def one_step(config, mesh_shape):
