@@ -32,20 +32,32 @@ def recall_at_k(scores: np.ndarray, true_mask: np.ndarray, ks: Sequence[int]) ->
 
 
 def retrieval_metrics(
-    image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    text_to_image: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
 ) -> dict[str, float]:
     """Image->text and text->image R@k; texts may be several per image (`text_to_image[t]` = its image).
 
-    An image->text hit is any of the image's captions within the top k.
+    An image->text hit is any of the image's captions within the top k. Queries are ranked `chunk` at a
+    time, so memory stays O(chunk x candidates) (COCO's 5k x 25k similarities would be 1 GB at once).
     """
+    images = np.asarray(image_embeddings, np.float64)
+    texts = np.asarray(text_embeddings, np.float64)
     text_to_image = np.asarray(text_to_image)
-    similarity = np.asarray(image_embeddings, np.float64) @ np.asarray(text_embeddings, np.float64).T
-    pairs = np.arange(len(image_embeddings))[:, None] == text_to_image[None, :]
-    out = {}
-    for k, value in recall_at_k(similarity, pairs, ks).items():
-        out[f"image_to_text_R@{k}"] = value
-    for k, value in recall_at_k(similarity.T, pairs.T, ks).items():
-        out[f"text_to_image_R@{k}"] = value
+    image_ids = np.arange(len(images))
+
+    def ranks(queries: np.ndarray, candidates: np.ndarray, true_mask_of) -> np.ndarray:
+        return np.concatenate([
+            ranks_of_true(queries[start : start + chunk] @ candidates.T, true_mask_of(slice(start, start + chunk)))
+            for start in range(0, len(queries), chunk)
+        ])
+
+    image_ranks = ranks(images, texts, lambda rows: image_ids[rows, None] == text_to_image[None, :])
+    text_ranks = ranks(texts, images, lambda rows: text_to_image[rows, None] == image_ids[None, :])
+    out = {f"image_to_text_R@{k}": float(np.mean(image_ranks < k)) for k in ks}
+    out.update({f"text_to_image_R@{k}": float(np.mean(text_ranks < k)) for k in ks})
     return out
 
 
@@ -56,13 +68,6 @@ def class_embeddings(text_embeddings: np.ndarray, num_classes: int, num_template
     """
     segment = np.repeat(np.arange(num_classes), num_templates)
     return segment_mean_normalised(text_embeddings, segment, num_classes)
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Top-k accuracy, pessimistic on ties (see `ranks_of_true`)."""
-    labels = np.asarray(labels)
-    true_mask = np.arange(logits.shape[1])[None, :] == labels[:, None]
-    return recall_at_k(logits, true_mask, ks)
 
 
 def segment_mean_normalised(embeddings: np.ndarray, segment: np.ndarray, num_segments: int) -> np.ndarray:
@@ -79,3 +84,19 @@ def segment_mean_normalised(embeddings: np.ndarray, segment: np.ndarray, num_seg
     sums = np.zeros((num_segments, rows.shape[1]))
     np.add.at(sums, segment, rows)
     return sums / np.linalg.norm(sums, axis=-1, keepdims=True)
+
+
+def zero_shot_accuracy(
+    image_embeddings: np.ndarray, classifier: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5), chunk: int = 4096
+) -> dict[int, float]:
+    """Top-k accuracy of classifying each image by its most similar class embedding, `chunk` images at a
+    time (ImageNet's 50k x 1k logits would otherwise be materialised several times over)."""
+    images = np.asarray(image_embeddings, np.float64)
+    classifier = np.asarray(classifier, np.float64)
+    labels = np.asarray(labels)
+    classes = np.arange(len(classifier))
+    ranks = np.concatenate([
+        ranks_of_true(images[start : start + chunk] @ classifier.T, classes[None, :] == labels[start : start + chunk, None])
+        for start in range(0, len(images), chunk)
+    ]) if len(images) else np.zeros(0, np.int64)
+    return {k: float(np.mean(ranks < k)) for k in ks}

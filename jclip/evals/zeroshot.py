@@ -74,9 +74,8 @@ class ZeroShotEvaluator(base.Evaluator):
                 f"evals.{self.name}: labels range over [{labels.min()}, {labels.max()}] but there are "
                 f"{len(self.class_names)} class names"
             )
-        logits = embedded["image_embeddings"].astype(np.float64) @ classifier.T
         ks = (1, 5) if len(self.class_names) > 5 else (1,)
-        accuracy = metrics.topk_accuracy(logits, labels, ks)
+        accuracy = metrics.zero_shot_accuracy(embedded["image_embeddings"], classifier, labels, ks)
         results = {f"top{k}": value for k, value in accuracy.items()}
         results["num_classes"] = float(len(self.class_names))
         results["num_images"] = float(len(labels))

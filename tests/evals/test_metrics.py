@@ -52,10 +52,11 @@ def test_class_embeddings_average_then_renormalise():
     np.testing.assert_allclose(classes[1], [0.0, 1.0])
 
 
-def test_topk_accuracy():
+def test_zero_shot_accuracy_in_chunks():
     logits = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]])
     labels = np.array([1, 2, 0])
-    accuracy = metrics.topk_accuracy(logits, labels, ks=(1, 2, 3))
+    # Identity class embeddings make the image rows the logits; chunks of 2 split the three images.
+    accuracy = metrics.zero_shot_accuracy(logits, np.eye(3), labels, ks=(1, 2, 3), chunk=2)
     assert accuracy[1] == 1 / 3
     assert accuracy[2] == 2 / 3  # row 2: class 0 ties with class 1 -> pessimistic rank 2
     assert accuracy[3] == 1.0
@@ -74,3 +75,12 @@ def test_segment_without_rows_is_an_error():
 
     with pytest.raises(ValueError, match="no rows"):
         metrics.segment_mean_normalised(np.ones((2, 2)), np.array([0, 0]), 2)
+
+
+def test_chunked_ranking_equals_whole_matrix():
+    rng = np.random.default_rng(0)
+    images, texts = rng.normal(size=(23, 4)), rng.normal(size=(50, 4))
+    owners = rng.integers(0, 23, size=50)
+    owners[:23] = np.arange(23)  # every image has at least one caption
+    whole = metrics.retrieval_metrics(images, texts, owners, ks=(1, 3, 10), chunk=10_000)
+    assert metrics.retrieval_metrics(images, texts, owners, ks=(1, 3, 10), chunk=7) == whole
