@@ -25,14 +25,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jclip import checkpoint, evals, losses, models, optim, parallel
-from jclip.config_validation import validate_config
+from jclip.config_validation import ConfigError, validate_config
 from jclip.data import pipeline, robust
 from jclip.data.sources import ConfiguredData
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
 
 Params = dict[str, Any]
-TrainState = dict[str, Any]  # {"step": int32 [], "params": Params, "opt_state": optax state}
+# {"step": int32 [], "params": Params, "opt_state": optax state, "loss_state": stateful terms' states (if any)}
+TrainState = dict[str, Any]
 
 log = logging.getLogger("jclip")
 
@@ -111,6 +112,12 @@ class TrainSetup:
             transform_non_params=lambda _: replicated,
         )
         state_shardings = {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}
+        try:
+            loss_state = jax.eval_shape(lambda: initial_loss_state(config, functions, abstract_params))
+        except ValueError as error:  # e.g. the nclip term without prototype heads in the model
+            raise ConfigError(f"losses: {error}") from error
+        if loss_state:
+            state_shardings["loss_state"] = jax.tree.map(lambda _: replicated, loss_state)
         return cls(config, mesh, rules, functions, optimizer, state_shardings)
 
     def abstract_state(self) -> TrainState:
@@ -123,7 +130,11 @@ class TrainSetup:
 
     def _init_state(self) -> TrainState:
         params = self.functions.init_params()
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        loss_state = initial_loss_state(self.config, self.functions, params)
+        if loss_state:
+            state["loss_state"] = loss_state
+        return state
 
     def init_state(self) -> TrainState:
         with parallel.sharding_context(self.mesh, self.rules):
@@ -151,6 +162,15 @@ class TrainSetup:
         )
 
 
+def initial_loss_state(config: ml_collections.ConfigDict, functions: ModelFunctions, params: Params) -> dict[str, Any]:
+    """The states of the config's stateful loss terms (e.g. nCLIP's EMA centres), from the output shapes."""
+    size = int(config.model.vision.image_size)
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    token_ids = jax.ShapeDtypeStruct((2, int(config.model.text.context_length)), jnp.int32)
+    abstract_outputs = jax.eval_shape(functions.apply, params, images, token_ids)
+    return losses.init_loss_state(config.losses, abstract_outputs)
+
+
 def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
     """[B, ...] -> [accum, B/accum, ...]; micro-batch k takes rows k, k+accum, ... (keeps batch sharding)."""
     return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
@@ -163,7 +183,7 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 def _accumulated_gradients(
     setup: TrainSetup, params: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
-) -> tuple[jax.Array, dict[str, jax.Array], Params]:
+) -> tuple[jax.Array, Any, Params]:
     """Whole-batch gradients in `accum_steps` micro-batches, exact (the GradCache scheme).
 
     Contrastive losses couple every example of the global batch, so accumulating per-micro-batch losses
@@ -181,7 +201,7 @@ def _accumulated_gradients(
     stacked = jax.lax.map(lambda xs: forward(params, *xs), (micro_images, micro_tokens))
     per_example = {name: value.ndim >= 2 and value.shape[1] == micro_size for name, value in stacked.items()}
     outputs = {name: _merge_micro(v) if per_example[name] else v[0] for name, v in stacked.items()}
-    (loss, metrics), output_grads = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
+    (loss, aux), output_grads = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
     cotangents = {
         name: _split_micro(g, accum_steps)
         if per_example[name]
@@ -197,7 +217,7 @@ def _accumulated_gradients(
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, _ = jax.lax.scan(accumulate, zeros, (micro_images, micro_tokens, cotangents))
-    return loss, metrics, grads
+    return loss, aux, grads
 
 
 def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
@@ -221,18 +241,21 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Ar
             step=step,
             total_steps=int(config.total_steps),
             rng=jax.random.fold_in(base_key, step),
+            state=state.get("loss_state", {}),
         )
 
         def loss_from_outputs(outputs):
-            return losses.total_loss(outputs, batch, ctx, config.losses)
+            return losses.total_loss_with_state(outputs, batch, ctx, config.losses)
 
         if accum_steps == 1:
             def loss_from_params(params):
                 return loss_from_outputs(setup.functions.apply(params, batch["images"], batch["token_ids"]))
 
-            (loss, metrics), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
+            (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
         else:
-            loss, metrics, grads = _accumulated_gradients(setup, state["params"], batch, loss_from_outputs, accum_steps)
+            loss, (metrics, loss_state), grads = _accumulated_gradients(
+                setup, state["params"], batch, loss_from_outputs, accum_steps
+            )
         updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = _clamp_logit_scale(params, float(config.optim.max_log_logit_scale))
@@ -241,7 +264,10 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Ar
         metrics["train/learning_rate"] = schedule(step)
         if "logit_scale" in params:
             metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
-        return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+        new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+        if loss_state:
+            new_state["loss_state"] = loss_state
+        return new_state, metrics
 
     return train_step
 

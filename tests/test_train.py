@@ -3,6 +3,7 @@ and gradient accumulation equal to the whole-batch gradient."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -169,3 +170,42 @@ def test_remat_gives_the_same_step_and_bfloat16_stays_close():
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(bf16_params)), "params stay float32"
     np.testing.assert_allclose(bf16["loss/total"], reference["loss/total"], rtol=2e-2)
     np.testing.assert_allclose(bf16["train/grad_norm"], reference["train/grad_norm"], rtol=0.1)
+
+
+NCLIP_HEAD_FLAGS = [
+    "--config.model.prototype_heads.num_prototypes=64",
+    "--config.model.prototype_heads.hidden_dim=32",
+    "--config.model.prototype_heads.bottleneck_dim=16",
+]
+
+
+def test_nclip_centres_are_checkpointed_and_resume_exactly(tmp_path, scenes_data_dir):
+    """xCLIP's EMA centres live in the train state: a resumed run continues with them, not from zero."""
+    flags = micro_run_flags(scenes_data_dir, total_steps=4, checkpoint_every=2) + NCLIP_HEAD_FLAGS
+    workdir = tmp_path / "run"
+    command = main_command(workdir, flags, config="configs/xclip.py")
+    subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600, check=True)
+    first = read_losses(workdir)
+    import shutil
+
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600, check=True)
+    second = read_losses(workdir)  # steps 3 and 4 were recomputed after restoring step 2
+    np.testing.assert_allclose([second[3], second[4]], [first[3], first[4]], rtol=1e-6)
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert any("nclip/image_prototypes_used" in m for m in metrics)
+    assert (workdir / "checkpoints" / "4" / "state").is_dir()
+
+
+def test_nclip_without_prototype_heads_is_a_config_error(tmp_path, scenes_data_dir):
+    config_file = tmp_path / "nclip_no_heads.py"
+    config_file.write_text(
+        "from configs import clip\n\n\ndef get_config(arg=None):\n"
+        "    config = clip.get_config(arg)\n"
+        "    config.losses = {'clip': {'weight': 1.0}, 'nclip': {'weight': 1.0}}\n"
+        "    return config\n"
+    )
+    command = main_command(tmp_path / "run", micro_run_flags(scenes_data_dir, total_steps=2), config=str(config_file))
+    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "jclip: invalid config: losses:" in result.stderr and "prototype_heads" in result.stderr

@@ -10,7 +10,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from jclip.losses.terms import TERMS, LossContext, LossTerm, register_term, total_loss, validate_terms_config
+from jclip.losses.terms import (
+    TERMS,
+    LossContext,
+    LossTerm,
+    init_loss_state,
+    register_term,
+    total_loss,
+    total_loss_with_state,
+    validate_terms_config,
+)
 
 
 def _import_families() -> None:
@@ -29,8 +38,10 @@ __all__ = [
     "LossContext",
     "LossTerm",
     "clip_loss",
+    "init_loss_state",
     "register_term",
     "siglip_loss",
     "total_loss",
+    "total_loss_with_state",
     "validate_terms_config",
 ]

@@ -12,6 +12,11 @@ where `outputs` is the model's output dict (`image_embeddings`, `text_embeddings
     terms_config = {'clip': {'weight': 1.0}, 'siglip': {'weight': 0.5, 'ring': True}}
 
 `total_loss` returns Σ weight·term and the metrics `loss/<name>` (unweighted) and `loss/total`.
+
+A term may carry state across steps (nCLIP's EMA centre): it registers `init_state(abstract_outputs,
+**kwargs) -> pytree`, reads its state as `ctx.state[name]`, and returns `(value, metrics, new_state)`.
+The train step keeps these states in the train state (so they are checkpointed and resume exactly) and
+calls `total_loss_with_state`. New states must be computed from stop-gradient quantities.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ class LossContext:
     step: the current optimizer step (traced array inside jit, or a Python int).
     total_steps: the planned number of steps (static), for ramps and schedules.
     rng: an explicit PRNG key for stochastic terms (e.g. random tie-breaking), or None.
+    state: the states of stateful terms by term name (see `init_loss_state`); {} when there are none.
     """
 
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
     step: jax.Array | int = 0
     total_steps: int = struct.field(pytree_node=False, default=1)
     rng: jax.Array | None = None
+    state: Mapping[str, Any] = struct.field(default_factory=dict)
 
     @property
     def progress(self) -> jax.Array:
@@ -62,19 +69,27 @@ class LossTerm(Protocol):
 
 # name -> term function. Filled at import time by the family modules (jclip.losses imports them all).
 TERMS: dict[str, LossTerm] = {}
+# name -> init_state(abstract_outputs, **kwargs) of the terms that carry state across steps.
+STATE_INITS: dict[str, Callable[..., Any]] = {}
 
 # Keys of a term's config entry that total_loss consumes itself; the rest are the term's kwargs.
 _RESERVED_KEYS = ("weight",)
 
 
-def register_term(name: str) -> Callable[[LossTerm], LossTerm]:
-    """Decorator: registers a loss term under `name` (a name may be registered only once)."""
+def register_term(name: str, *, init_state: Callable[..., Any] | None = None) -> Callable[[LossTerm], LossTerm]:
+    """Decorator: registers a loss term under `name` (a name may be registered only once).
+
+    `init_state(abstract_outputs, **kwargs)`: for a term that carries state across steps, its initial
+    state from the shapes of the model outputs and the term's config kwargs.
+    """
 
     def decorator(fn: LossTerm) -> LossTerm:
         existing = TERMS.get(name)
         if existing is not None and _qualname(existing) != _qualname(fn):
             raise ValueError(f"loss term {name!r} is already registered by {_qualname(existing)}")
         TERMS[name] = fn
+        if init_state is not None:
+            STATE_INITS[name] = init_state
         return fn
 
     return decorator
@@ -128,18 +143,34 @@ def validate_terms_config(terms_config: Any) -> list[tuple[str, float, dict[str,
     return parsed
 
 
-def total_loss(
+def init_loss_state(terms_config: Any, abstract_outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The initial state of every stateful term of the config, by name ({} when none has state)."""
+    return {
+        name: STATE_INITS[name](abstract_outputs, **kwargs)
+        for name, _, kwargs in validate_terms_config(terms_config)
+        if name in STATE_INITS
+    }
+
+
+def total_loss_with_state(
     outputs: Mapping[str, Any], batch: Mapping[str, Any], ctx: LossContext, terms_config: Any
-) -> tuple[jax.Array, Metrics]:
-    """Σ_terms weight·term(outputs, batch, ctx, **kwargs), with per-term metrics.
+) -> tuple[jax.Array, tuple[Metrics, dict[str, Any]]]:
+    """Σ_terms weight·term(outputs, batch, ctx, **kwargs), with per-term metrics and the new term states.
 
     Metrics: `loss/<name>` (each term's unweighted value), `loss/total`, and whatever the terms report
     (by convention prefixed `<name>/`). A term with weight 0 is still computed, for monitoring.
     """
     total = jnp.zeros((), jnp.float32)
     metrics: Metrics = {}
+    new_state: dict[str, Any] = {}
     for name, weight, kwargs in validate_terms_config(terms_config):
-        value, term_metrics = TERMS[name](outputs, batch, ctx, **kwargs)
+        if name in STATE_INITS and name not in ctx.state:
+            raise ValueError(f"loss term {name!r} carries state: pass LossContext(state=init_loss_state(...))")
+        result = TERMS[name](outputs, batch, ctx, **kwargs)
+        if name in STATE_INITS:
+            value, term_metrics, new_state[name] = result
+        else:
+            value, term_metrics = result
         value = jnp.asarray(value)
         if value.shape != ():
             raise ValueError(f"loss term {name!r} returned shape {value.shape}, expected a scalar")
@@ -150,4 +181,12 @@ def total_loss(
         metrics[f"loss/{name}"] = value
         total = total + weight * value
     metrics["loss/total"] = total
+    return total, (metrics, new_state)
+
+
+def total_loss(
+    outputs: Mapping[str, Any], batch: Mapping[str, Any], ctx: LossContext, terms_config: Any
+) -> tuple[jax.Array, Metrics]:
+    """`total_loss_with_state` without the new states: (Σ weight·term, metrics)."""
+    total, (metrics, _) = total_loss_with_state(outputs, batch, ctx, terms_config)
     return total, metrics

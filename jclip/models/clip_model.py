@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jclip.models.heads import PrototypeHead, head_config
 from jclip.models.layers import l2_normalize, logical_param
 from jclip.models.text import TextTransformer
 from jclip.models.vision import VisionTransformer
@@ -29,7 +30,7 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "in_channels"}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
-              "dtype", "param_dtype", "remat"}
+              "dtype", "param_dtype", "remat", "prototype_heads"}
 
 
 class CLIPModel(nnx.Module):
@@ -38,7 +39,8 @@ class CLIPModel(nnx.Module):
     def __init__(self, *, embed_dim: int, vision: Mapping[str, Any], text: Mapping[str, Any],
                  quick_gelu: bool = False, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
                  init_logit_bias: float | None = None, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs) -> None:
+                 param_dtype: Any = jnp.float32, remat: bool = False,
+                 prototype_heads: Mapping[str, int] | None = None, rngs: nnx.Rngs) -> None:
         common = dict(output_dim=embed_dim, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
         self.embed_dim = embed_dim
@@ -49,6 +51,10 @@ class CLIPModel(nnx.Module):
             None if init_logit_bias is None
             else logical_param(rngs, nnx.initializers.constant(init_logit_bias), (), (), param_dtype)
         )
+        # nCLIP/xCLIP prototype heads on the projected features (None: a plain CLIP model).
+        heads = dict(prototype_heads or {})
+        self.image_head = None if not heads else PrototypeHead(embed_dim, **heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.text_head = None if not heads else PrototypeHead(embed_dim, **heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
         """Images [batch, H, W, 3] (NHWC, normalised) -> image features [batch, embed_dim], float32."""
@@ -62,7 +68,8 @@ class CLIPModel(nnx.Module):
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
         """Both towers. Returns `image_features`/`text_features` (projected), `image_embeddings`/
-        `text_embeddings` (L2-normalised), `logit_scale` (the raw log value) and `logit_bias` if present."""
+        `text_embeddings` (L2-normalised), `logit_scale` (the raw log value), `logit_bias` if present, and
+        `image_prototype_logits`/`text_prototype_logits` [batch, K] when the model has prototype heads."""
         image_features = self.encode_image(images)
         text_features = self.encode_text(token_ids)
         outputs = {
@@ -74,6 +81,9 @@ class CLIPModel(nnx.Module):
         }
         if self.logit_bias is not None:
             outputs["logit_bias"] = self.logit_bias[...].astype(jnp.float32)
+        if self.image_head is not None:
+            outputs["image_prototype_logits"] = self.image_head(image_features)
+            outputs["text_prototype_logits"] = self.text_head(text_features)
         return outputs
 
 
@@ -99,7 +109,8 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
 
     Keys: `embed_dim`, `vision`, `text` (required); `quick_gelu` (False), `init_logit_scale` (ln(1/0.07)),
     `init_logit_bias` (None: no bias), `dtype` (compute dtype, "float32"), `param_dtype` ("float32"),
-    `remat` (False), `name` (ignored).
+    `remat` (False), `prototype_heads` (None, or {num_prototypes, hidden_dim, bottleneck_dim, layers}
+    for nCLIP/xCLIP: see `jclip.models.heads`), `name` (ignored).
     """
     config = _as_dict(model_config)
     _check_keys(config, MODEL_KEYS, "model")
@@ -117,6 +128,7 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
         dtype=_dtype(config.get("dtype")),
         param_dtype=_dtype(config.get("param_dtype")),
         remat=bool(config.get("remat", False)),
+        prototype_heads=head_config(config.get("prototype_heads")),
         rngs=rngs,
     )
 

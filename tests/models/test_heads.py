@@ -1,0 +1,52 @@
+"""The nCLIP prototype head: shapes, weight normalisation, cosine logits, and wiring into the model."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jclip.models import build_model, count_params, presets
+from jclip.models.heads import PrototypeHead, head_config
+
+
+def test_logits_are_cosines_to_unit_prototypes():
+    head = PrototypeHead(8, num_prototypes=10, hidden_dim=16, bottleneck_dim=4, layers=3, rngs=nnx.Rngs(0))
+    features = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8)), jnp.float32)
+    logits = np.asarray(head(features))
+    assert logits.shape == (5, 10) and np.all(np.abs(logits) <= 1 + 1e-6)
+    # Weight normalisation: rescaling a prototype's raw weights changes nothing.
+    head.prototypes[...] = head.prototypes[...] * jnp.arange(1, 11, dtype=jnp.float32)[None, :]
+    np.testing.assert_allclose(np.asarray(head(features)), logits, atol=1e-6)
+    # The reference computation: the bottleneck normalised, dotted with each normalised prototype.
+    x = features
+    for index, layer in enumerate(head.mlp):
+        x = np.asarray(x) @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
+        if index < len(head.mlp) - 1:
+            x = x * 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))  # exact GELU
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    w = np.asarray(head.prototypes[...])
+    np.testing.assert_allclose(np.asarray(head(features)), x @ (w / np.linalg.norm(w, axis=0)), atol=1e-5)
+
+
+def test_model_outputs_prototype_logits_only_when_configured():
+    config = presets.get_preset("tiny")
+    plain = build_model(config, nnx.Rngs(0))
+    images, tokens = jnp.zeros((2, 32, 32, 3)), jnp.ones((2, 32), jnp.int32)
+    assert "image_prototype_logits" not in plain(images, tokens)
+    config["prototype_heads"] = {"num_prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16, "layers": 2}
+    outputs = build_model(config, nnx.Rngs(0))(images, tokens)
+    assert outputs["image_prototype_logits"].shape == outputs["text_prototype_logits"].shape == (2, 64)
+    # Two heads: (128*32 + 32) + (32*16 + 16) + 16*64 parameters each.
+    per_head = 128 * 32 + 32 + 32 * 16 + 16 + 16 * 64
+    assert count_params(config) - count_params(presets.get_preset("tiny")) == 2 * per_head
+
+
+def test_head_config_defaults_and_errors():
+    assert head_config(None) is None
+    assert head_config({"num_prototypes": 1024})["bottleneck_dim"] == 256
+    with pytest.raises(ValueError, match="unknown model.prototype_heads"):
+        head_config({"prototypes": 3})
