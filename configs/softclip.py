@@ -10,8 +10,10 @@ Reproduces: the SoftCLIP objective as reconstructed in shared/METHODS.md section
             text->image; "swapped", "image", "text" are the alternatives).
 Command:    python -m jclip.main --config=configs/softclip.py --workdir=/tmp/soft
             python -m jclip.main --config=configs/softclip.py --workdir=/tmp/soft --config.losses.softclip.alpha=0.5
-Expect:     on the embedded dataset with the defaults (tiny model, 1,200 steps at batch 128; 2 CPU cores):
-            see the measured numbers below; alpha = 0 is exactly configs/clip.py.
+Expect:     on the embedded dataset with the defaults (tiny model, 1,200 steps at batch 128; 2 shared CPU
+            cores, 11m44s wall on a loaded machine, one seed): validation image->text R@1 ~0.32, text->image
+            ~0.27 (chance 0.0005), zero-shot top-1 ~0.22 over 48 classes, hard-negative accuracy ~0.61
+            (chance 0.5); final softclip/soft ~0.65, softclip/neg ~0.52. alpha = 0 is exactly configs/clip.py.
 """
 
 from ml_collections import config_dict

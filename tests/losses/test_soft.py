@@ -480,3 +480,30 @@ def test_softclip_parts_wrapper_matches_term():
     soft, neg = softclip_parts(xs, ys, 2.1, alpha=0.35)
     assert _rel_err(softclip_loss(xs, ys, 2.1, alpha=0.35, neg_weight=2.0), soft + 2.0 * neg) < 1e-7
     assert _rel_err((soft, neg), numpy_softclip(x, y, 2.1, alpha=0.35)) < 1e-5
+
+
+# --- (g) per-device memory ----------------------------------------------------------------------------
+
+
+def _temp_bytes(n_rows: int, d: int, mesh) -> int:
+    """XLA's temp allocation per device for the jitted fwd+bwd of the loss on [n_rows, d] inputs."""
+    sharding = None if mesh is None else NamedSharding(mesh, batch_spec(2))
+    spec = jax.ShapeDtypeStruct((n_rows, d), jnp.float32, sharding=sharding)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    loss = jax.value_and_grad(lambda x, y, t: softclip_loss(x, y, t, mesh=mesh), argnums=(0, 1, 2))
+    return int(jax.jit(loss).lower(spec, spec, scalar).compile().memory_analysis().temp_size_in_bytes)
+
+
+def test_sharded_memory_grows_like_n_times_N():
+    """At fixed local n, per-device temp memory of fwd+bwd grows linearly in the global N, not N²."""
+    n, d = 64, 16
+    temps = {}
+    for devices in (2, 8):
+        mesh = make_mesh({"data": devices}, devices=jax.devices()[:devices])
+        temps[devices] = _temp_bytes(n * devices, d, mesh)
+    one_device = _temp_bytes(8 * n, d, None)
+    big_n = 8 * n
+    print(f"\nsoftclip per-device temp bytes, n={n}: 2 devices {temps[2]}, 8 devices {temps[8]} "
+          f"({temps[8] / (n * big_n * 4):.1f} n·N floats), one device at N={big_n}: {one_device}")
+    assert temps[8] <= 1.25 * 4 * temps[2]
+    assert temps[8] < 0.25 * one_device
