@@ -115,7 +115,7 @@ def main() -> None:
             ratio_ms = f"{millis / base_ms:.2f}" if millis and base_ms else "-"
             ratio_mem = f"{temp / base_temp:.2f}" if base_temp else "-"
             shown_ms = f"{millis:.1f}" if millis is not None else "-"
-            print(f"{name:<12} {batch:>6} {batch // shards:>6} {shown_ms:>9} {temp / 2**20:>9.1f} {ratio_ms:>9} {ratio_mem:>10}", flush=True)
+            print(f"{name:<12} {batch:>6} {batch // shards:>6} {shown_ms:>9} {temp / 2**20:>9.3f} {ratio_ms:>9} {ratio_mem:>10}", flush=True)
 
 
 if __name__ == "__main__":
