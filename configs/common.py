@@ -101,6 +101,11 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.optim.accum_steps = 1  # micro-batches per step; the loss still sees the whole global batch.
     config.optim.max_log_logit_scale = 4.605170185988092  # ln 100: CLIP's clamp of the logit scale.
 
+    # A frozen teacher (a finished jclip run) whose embeddings join the loss inputs (SoftCLIP guidance="outputs").
+    config.teacher = ml_collections.ConfigDict(
+        {"checkpoint": config_dict.placeholder(str), "step": config_dict.placeholder(int)}
+    )
+
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding_rules = [list(rule) for rule in _default_rules()]
 

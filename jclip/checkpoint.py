@@ -87,6 +87,22 @@ class Checkpointer:
         self._manager.close()
 
 
+def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints folder, step or None for the latest) from a workdir, checkpoints folder or step folder."""
+    path = pathlib.Path(path).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a workdir or a checkpoints folder)")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", step
+    if path.name.isdigit() and (path / "state").is_dir():
+        if step is not None and step != int(path.name):
+            raise ValueError(f"--step={step} disagrees with the step folder {path}")
+        return path.parent, int(path.name)
+    if any(child.name.isdigit() for child in path.iterdir()):
+        return path, step
+    raise FileNotFoundError(f"{path} holds no checkpoints (no checkpoints/ folder, no step folders)")
+
+
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs carrying each leaf's sharding: the restore target for the current mesh."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

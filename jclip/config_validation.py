@@ -86,6 +86,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         losses.validate_terms_config(config.losses)
     except ValueError as error:
         raise ConfigError(f"losses: {error}") from error
+    wants_teacher = [name for name, entry in config.losses.items() if dict(entry).get("guidance") == "outputs"]
+    has_teacher = bool((config.get("teacher") or {}).get("checkpoint"))
+    _require(
+        not wants_teacher or has_teacher,
+        f"losses.{', '.join(wants_teacher)}: guidance='outputs' reads a teacher's embeddings; set teacher.checkpoint",
+    )
     for name, entry in config.evals.items():
         try:
             evals.validate_evaluator_config(name, entry)

@@ -36,22 +36,6 @@ _STEP = flags.DEFINE_integer("step", None, "The step to evaluate (default: the l
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON report (default: <workdir>/eval_<step>.json).")
 
 
-def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> tuple[pathlib.Path, int | None]:
-    """(checkpoints folder, step or None for the latest) from a workdir, checkpoints folder or step folder."""
-    path = pathlib.Path(path).absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a workdir or a checkpoints folder)")
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints", step
-    if path.name.isdigit() and (path / "state").is_dir():
-        if step is not None and step != int(path.name):
-            raise ValueError(f"--step={step} disagrees with the step folder {path}")
-        return path.parent, int(path.name)
-    if any(child.name.isdigit() for child in path.iterdir()):
-        return path, step
-    raise FileNotFoundError(f"{path} holds no checkpoints (no checkpoints/ folder, no step folders)")
-
-
 def merged_config(saved: dict[str, Any], given: Any | None) -> Any:
     """The saved config, with `evals`, `data`, `mesh` and `sharding_rules` taken from `given` if any."""
     import ml_collections
@@ -74,7 +58,7 @@ def evaluate(checkpoint: str | pathlib.Path, config: Any | None = None, step: in
     from jclip.data.sources import ConfiguredData
     from jclip.train import TrainSetup, _prepare_data
 
-    directory, step = resolve_checkpoint(checkpoint, step)
+    directory, step = ckpt.resolve_checkpoint(checkpoint, step)
     checkpointer = ckpt.Checkpointer(directory, keep=1_000_000, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None or step not in checkpointer.all_steps():
@@ -119,6 +103,8 @@ def main(argv: list[str]) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"jclip.evaluate: {error}", file=sys.stderr)
         sys.exit(2)
+    from jclip.checkpoint import resolve_checkpoint
+
     directory, _ = resolve_checkpoint(_CHECKPOINT.value, _STEP.value)
     output = pathlib.Path(_OUTPUT.value) if _OUTPUT.value else directory.parent / f"eval_{report['step']}.json"
     if jax.process_index() == 0:

@@ -30,6 +30,7 @@ from jclip.data import pipeline, robust
 from jclip.data.sources import ConfiguredData
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
+from jclip.teacher import Teacher, load_teacher
 
 Params = dict[str, Any]
 # {"step": int32 [], "params": Params, "opt_state": optax state, "loss_state": stateful terms' states (if any)}
@@ -227,15 +228,18 @@ def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, max_log_scale)}
 
 
-def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict]]:
-    """The pure train step: loss of the configured terms, gradients, AdamW update, logit-scale clamp."""
+def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, dict]]:
+    """The pure train step `(state, batch, teacher_params) -> (state, metrics)`: loss of the configured
+    terms (with a frozen teacher's embeddings among the outputs when there is one), gradients, AdamW
+    update, logit-scale clamp."""
     config = setup.config
     accum_steps = int(config.optim.accum_steps)
     schedule = optim.learning_rate_schedule(config, int(config.total_steps))
     base_key = jax.random.key(int(config.seed))
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
         step = state["step"]
+        teacher_outputs = {} if teacher is None else teacher.outputs(teacher_params, batch)
         ctx = losses.LossContext(
             mesh=setup.mesh,
             step=step,
@@ -245,7 +249,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Ar
         )
 
         def loss_from_outputs(outputs):
-            return losses.total_loss_with_state(outputs, batch, ctx, config.losses)
+            return losses.total_loss_with_state({**outputs, **teacher_outputs}, batch, ctx, config.losses)
 
         if accum_steps == 1:
             def loss_from_params(params):
@@ -272,19 +276,21 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict[str, jax.Ar
     return train_step
 
 
-def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array]) -> Callable:
-    """jit with declared shardings; the state is donated so its buffers are updated in place."""
+def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array], teacher: Teacher | None = None) -> Callable:
+    """`step(state, batch)` jitted with declared shardings; the state is donated so its buffers are updated
+    in place. A teacher's parameters are an argument (not constants baked into the program)."""
     batch_shardings = {name: setup.batch_sharding(x.ndim) for name, x in example_batch.items()}
     jitted = jax.jit(
-        make_train_step(setup),
-        in_shardings=(setup.state_shardings, batch_shardings),
+        make_train_step(setup, teacher),
+        in_shardings=(setup.state_shardings, batch_shardings, None if teacher is None else teacher.shardings),
         out_shardings=(setup.state_shardings, None),
         donate_argnums=(0,),
     )
+    teacher_params = None if teacher is None else teacher.params
 
     def step(state, batch):
         with parallel.sharding_context(setup.mesh, setup.rules):
-            return jitted(state, batch)
+            return jitted(state, batch, teacher_params)
 
     return step
 
@@ -355,6 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))
     skip_counter = robust.SkipCounter(min_examples=int(config.data.skip_check_after))
     setup = TrainSetup.create(config, mesh)
+    teacher = load_teacher(config, mesh)
     checkpointer = checkpoint.Checkpointer(
         workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
     )
@@ -390,7 +397,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         host_batch = skip_counter.update(next(train_iterator))
         batch = parallel.host_batch_to_global(host_batch, mesh)
         if train_step is None:
-            train_step = compile_train_step(setup, batch)
+            train_step = compile_train_step(setup, batch, teacher)
         state, metrics = train_step(state, batch)
         if step == start_step + 1:
             jax.block_until_ready(metrics)

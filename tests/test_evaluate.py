@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jclip import evaluate
+from jclip import checkpoint
 from jclip_testing import REPO_ROOT, micro_run_flags, read_final_evaluation
 
 
@@ -67,8 +67,8 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_resolve_checkpoint_accepts_workdir_checkpoints_and_step_folders(trained_workdir):
     checkpoints = trained_workdir / "checkpoints"
-    assert evaluate.resolve_checkpoint(trained_workdir) == (checkpoints, None)
-    assert evaluate.resolve_checkpoint(checkpoints, 3) == (checkpoints, 3)
-    assert evaluate.resolve_checkpoint(checkpoints / "3") == (checkpoints, 3)
+    assert checkpoint.resolve_checkpoint(trained_workdir) == (checkpoints, None)
+    assert checkpoint.resolve_checkpoint(checkpoints, 3) == (checkpoints, 3)
+    assert checkpoint.resolve_checkpoint(checkpoints / "3") == (checkpoints, 3)
     with pytest.raises(ValueError, match="disagrees"):
-        evaluate.resolve_checkpoint(checkpoints / "3", 2)
+        checkpoint.resolve_checkpoint(checkpoints / "3", 2)

@@ -1,0 +1,65 @@
+"""A frozen teacher from a jclip checkpoint, whose embeddings join the model outputs of every train step.
+
+`config.teacher.checkpoint` (a workdir, its checkpoints/ folder or a step folder; `config.teacher.step`
+optional) names a finished jclip run. Its model is rebuilt from the config saved with it, its parameters are
+restored onto the current mesh and never updated, and each step adds `teacher_image_embeddings` and
+`teacher_text_embeddings` (L2-normalised, stop-gradient) to the outputs the loss terms see. SoftCLIP's
+`guidance="outputs"` uses them (shared/METHODS.md section 2, guidance source (c)). The teacher reads the
+same batch, so its image size and context length must equal the student's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from jclip import checkpoint
+from jclip.config_validation import ConfigError
+
+TEACHER_KEYS = ("teacher_image_embeddings", "teacher_text_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The teacher's pure functions, its restored parameters and their shardings."""
+
+    functions: Any
+    params: Any
+    shardings: Any
+
+    def outputs(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The teacher's stop-gradient embeddings of the batch."""
+        images = self.functions.encode_images(params, batch["images"])
+        texts = self.functions.encode_texts(params, batch["token_ids"])
+        return {TEACHER_KEYS[0]: jax.lax.stop_gradient(images), TEACHER_KEYS[1]: jax.lax.stop_gradient(texts)}
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> Teacher | None:
+    """The configured teacher restored onto `mesh`, or None when `config.teacher.checkpoint` is unset."""
+    from jclip.train import TrainSetup
+
+    spec = config.get("teacher") or {}
+    if not spec.get("checkpoint"):
+        return None
+    try:
+        directory, step = checkpoint.resolve_checkpoint(spec["checkpoint"], spec.get("step"))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"teacher.checkpoint: {error}") from error
+    checkpointer = checkpoint.Checkpointer(directory, keep=1_000_000, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    saved = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    for key in ("image_size",):
+        if int(saved.model.vision[key]) != int(config.model.vision[key]):
+            raise ConfigError(f"teacher.checkpoint: the teacher's vision.{key} {saved.model.vision[key]} differs from the model's {config.model.vision[key]}")
+    if int(saved.model.text.context_length) != int(config.model.text.context_length):
+        raise ConfigError("teacher.checkpoint: the teacher's text.context_length differs from the model's")
+    saved.mesh = config.mesh
+    saved.sharding_rules = config.sharding_rules
+    setup = TrainSetup.create(saved, mesh)
+    state = checkpointer.restore(step, setup.abstract_state(), None)
+    checkpointer.close()
+    return Teacher(setup.functions, state["params"], setup.state_shardings["params"])
