@@ -74,8 +74,8 @@ def _list_mle_rows(
 
     Rows must hold all columns (the whole list). Masked columns are ranked last and contribute nothing,
     neither as summands nor inside the tail sums. With ε > 0 the tail sums are the official
-    log(ε + Σ_{m≥k} exp(s_m − max)) by a reverse cumulative sum (a tail that underflows is below ε, so
-    nothing is lost); ε = 0 takes a reverse cumulative logsumexp instead, exact at any scale (but slower
+    log(ε + Σ_{m≥k} exp(s_m − max)) by a reverse cumulative sum (a tail that underflows, < 1e-38 in
+    float32, is far below any practical ε, so nothing is lost); ε = 0 takes a reverse cumulative logsumexp instead, exact at any scale (but slower
     to compile and run on CPU).
     """
     order = _descending_order(jax.lax.stop_gradient(targets), col_mask, tie_permutation)
