@@ -29,6 +29,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--prototypes", type=int, default=4096, help="K of the nclip heads' logits")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median)")
     parser.add_argument("--memory_fraction", type=float, default=0.5, help="run only sizes whose buffers fit this fraction of RAM")
+    parser.add_argument("--max_run_batch", type=int, default=None, help="larger batches are compiled (memory) but not timed")
     return parser.parse_args()
 
 
@@ -101,7 +102,7 @@ def main() -> None:
             temp = float(memory.temp_size_in_bytes)
             live = (temp + memory.argument_size_in_bytes + memory.output_size_in_bytes) * jax.device_count()
             millis = None
-            if live < budget:
+            if live < budget and (args.max_run_batch is None or batch <= args.max_run_batch):
                 jax.block_until_ready(compiled(outputs))
                 times = []
                 for _ in range(args.repeats):
