@@ -107,3 +107,15 @@ def random_batch(config, seed=0):
     token_ids = rng.integers(1, 60, size=(n, length)).astype(np.int32)
     token_ids[:, -1] = 63  # the end token is the largest id
     return {"images": rng.normal(size=(n, size, size, 3)).astype(np.float32), "token_ids": token_ids}
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual − expected| / max |expected| (float64)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def random_features(seed: int, n: int, d: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded unnormalised image and text features [n, d]."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(n, d)).astype(dtype)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 
 from jclip.losses.contrastive import clip_loss, siglip_loss
 from jclip.parallel import batch_spec, make_mesh
+from jclip_testing import random_features, rel_err
 
 MESHES = {
     "data8": {"data": 8},
@@ -46,14 +47,6 @@ def _loss_and_grads(kind: str, raw_images, raw_texts, log_scale, bias, *, mask=N
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(raw_images, raw_texts, log_scale, bias)
 
 
-def _rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-def _random_features(seed: int, n: int, d: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(n, d)).astype(dtype)
 
 
 # --- independent float64 NumPy references: explicit loops over i, j --------------------------------
@@ -116,11 +109,11 @@ def test_matches_openclip_float64(reference_dir, case, kind, mesh_name):
                 for k in ("image_features", "text_features", "log_scale", "bias")]
         value, grads = _loss_and_grads(kind, *args, mesh=mesh)
         assert value.dtype == jnp.float64
-    assert _rel_err(value, ref[f"case{case}_{name}_loss"]) < 1e-12
+    assert rel_err(value, ref[f"case{case}_{name}_loss"]) < 1e-12
     for grad, key in zip(grads, ("image", "text", "log_scale", "bias")):
         ref_key = f"case{case}_{name}_grad_{key}"
         if ref_key in ref:
-            assert _rel_err(grad, ref[ref_key]) < 1e-10, ref_key
+            assert rel_err(grad, ref[ref_key]) < 1e-10, ref_key
         else:  # CLIP has no bias
             assert float(jnp.abs(grad)) == 0.0
 
@@ -133,9 +126,9 @@ def test_matches_openclip_float32(reference_dir, kind):
             for k in ("image_features", "text_features", "log_scale", "bias")]
     value, grads = _loss_and_grads(kind, *args)
     assert value.dtype == jnp.float32
-    assert _rel_err(value, ref[f"case1_{kind}_loss"]) < 1e-6
-    assert _rel_err(grads[0], ref[f"case1_{kind}_grad_image"]) < 1e-5
-    assert _rel_err(grads[2], ref[f"case1_{kind}_grad_log_scale"]) < 1e-5
+    assert rel_err(value, ref[f"case1_{kind}_loss"]) < 1e-6
+    assert rel_err(grads[0], ref[f"case1_{kind}_grad_image"]) < 1e-5
+    assert rel_err(grads[2], ref[f"case1_{kind}_grad_log_scale"]) < 1e-5
 
 
 # --- (b) independent float64 NumPy loops ------------------------------------------------------------
@@ -144,21 +137,21 @@ def test_matches_openclip_float32(reference_dir, kind):
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_numpy_loops(kind, masked):
-    x, y = _random_features(0, 9, 5, np.float64)
+    x, y = random_features(0, 9, 5, np.float64)
     t, b = 2.3, -4.0
     mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1], bool) if masked else None
     expected = _numpy_loss(kind, x, y, t, b, mask)
     loss = jax.jit(lambda x, y, m: LOSSES[kind](_normalise(x), _normalise(y), t, b, mask=m))
     with jax.enable_x64(True):
         value64 = loss(jnp.asarray(x), jnp.asarray(y), mask)
-    assert _rel_err(value64, expected) < 1e-13
+    assert rel_err(value64, expected) < 1e-13
     value32 = loss(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), mask)
     assert value32.dtype == jnp.float32
-    assert _rel_err(value32, expected) < 2e-6
+    assert rel_err(value32, expected) < 2e-6
 
 
 def test_low_precision_inputs_computed_in_float32():
-    x, y = _random_features(1, 8, 4)
+    x, y = random_features(1, 8, 4)
     x16, y16 = _normalise(jnp.asarray(x)).astype(jnp.bfloat16), _normalise(jnp.asarray(y)).astype(jnp.bfloat16)
     for kind in ("clip", "siglip"):
         loss = jax.jit(LOSSES[kind])
@@ -176,17 +169,17 @@ def test_low_precision_inputs_computed_in_float32():
 def test_sharded_equals_unsharded(kind, mesh_name):
     """Values and all gradients of the sharded form (inputs sharded over the batch axes) equal one device."""
     mesh = make_mesh(MESHES[mesh_name])
-    x, y = _random_features(2, 24, 8)
+    x, y = random_features(2, 24, 8)
     t, b = jnp.float32(2.6), jnp.float32(-6.0)
     expected_value, expected_grads = _loss_and_grads(kind, x, y, t, b)
     sharding = NamedSharding(mesh, batch_spec(2))
     value, grads = _loss_and_grads(kind, jax.device_put(x, sharding), jax.device_put(y, sharding), t, b, mesh=mesh)
-    assert _rel_err(value, expected_value) < 1e-6
+    assert rel_err(value, expected_value) < 1e-6
     for grad, expected in zip(grads, expected_grads):
         if kind == "clip" and float(jnp.abs(expected).max()) == 0.0:
             assert float(jnp.abs(grad).max()) == 0.0  # d/d bias of CLIP
         else:
-            assert _rel_err(grad, expected) < 1e-5
+            assert rel_err(grad, expected) < 1e-5
 
 
 # --- (d) masking ------------------------------------------------------------------------------------
@@ -200,15 +193,15 @@ def test_padding_rows_have_no_effect(kind, mesh_name):
     N = 13 is not a multiple of the 8 shards, so the sharded forms also pad internally.
     """
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _random_features(4, 13, 8)
+    x, y = random_features(4, 13, 8)
     mask = np.ones(13, bool)
     mask[[0, 5, 6, 11, 12]] = False
     x[~mask] *= 50.0  # garbage in the padding rows
     valid_value, valid_grads = _loss_and_grads(kind, x[mask], y[mask], 2.5, -7.0)
     value, grads = _loss_and_grads(kind, x, y, 2.5, -7.0, mask=jnp.asarray(mask), mesh=mesh)
-    assert _rel_err(value, valid_value) < 1e-6
+    assert rel_err(value, valid_value) < 1e-6
     for grad, valid_grad in zip(grads[:2], valid_grads[:2]):
-        assert _rel_err(np.asarray(grad)[mask], valid_grad) < 1e-5
+        assert rel_err(np.asarray(grad)[mask], valid_grad) < 1e-5
         assert np.all(np.asarray(grad)[~mask] == 0.0)
     for grad, valid_grad in zip(grads[2:], valid_grads[2:]):
         assert abs(float(grad) - float(valid_grad)) <= 1e-5 * max(abs(float(valid_grad)), 1.0)
@@ -216,7 +209,7 @@ def test_padding_rows_have_no_effect(kind, mesh_name):
 
 def test_all_rows_masked_is_zero_and_finite():
     mesh = make_mesh(MESHES["data8"])
-    x, y = _random_features(5, 8, 4)
+    x, y = random_features(5, 8, 4)
     for kind, m in (("clip", None), ("siglip", None), ("clip", mesh), ("siglip_ring", mesh)):
         value, grads = _loss_and_grads(kind, x, y, 2.0, -1.0, mask=jnp.zeros(8, bool), mesh=m)
         assert float(value) == 0.0
@@ -230,12 +223,12 @@ def test_all_rows_masked_is_zero_and_finite():
                                             ("siglip_ring", "data8")])
 def test_large_logit_scale_is_finite(kind, mesh_name):
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _random_features(6, 16, 8)
+    x, y = random_features(6, 16, 8)
     t = math.log(1e4)
     value, grads = _loss_and_grads(kind, x, y, t, -10.0, mesh=mesh)
     assert np.isfinite(float(value))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-    assert _rel_err(value, _numpy_loss(kind, x, y, t, -10.0)) < 1e-5
+    assert rel_err(value, _numpy_loss(kind, x, y, t, -10.0)) < 1e-5
 
 
 # --- (f) per-device memory --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jclip.losses import LossContext, total_loss, validate_terms_config
 from jclip.losses.rank import list_mle, ramp_weight, rankclip_losses
 from jclip.parallel import batch_spec, make_mesh
+from jclip_testing import random_features, rel_err
 
 MESHES = {"data8": {"data": 8}, "data4_fsdp2": {"data": 4, "fsdp": 2}}
 OFFICIAL_EPOCHS = (1, 10, 40, 64)
@@ -29,14 +30,6 @@ def _normalise(v: jax.Array) -> jax.Array:
     return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-def _random_features(seed: int, n: int, d: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(n, d)).astype(dtype)
 
 
 def _objective(x, y, t, *, step=1, total_steps=3, mesh=None, mask=None, rng=None, clip=True, **rank_kwargs):
@@ -102,13 +95,13 @@ def test_list_mle_matches_official(reference_dir, case):
         targets = jnp.asarray(ref[f"listmle{case}_targets"], jnp.float64)
         value, grad = jax.jit(jax.value_and_grad(lambda s: list_mle(s, targets)))(scores)
         assert value.dtype == jnp.float64
-    assert _rel_err(value, ref[f"listmle{case}_loss"]) < 1e-12
-    assert _rel_err(grad, ref[f"listmle{case}_grad_scores"]) < 1e-10
+    assert rel_err(value, ref[f"listmle{case}_loss"]) < 1e-12
+    assert rel_err(grad, ref[f"listmle{case}_grad_scores"]) < 1e-10
     value32, grad32 = jax.jit(jax.value_and_grad(lambda s: list_mle(s, jnp.asarray(targets, jnp.float32))))(
         jnp.asarray(scores, jnp.float32)
     )
-    assert _rel_err(value32, ref[f"listmle{case}_loss"]) < 1e-5
-    assert _rel_err(grad32, ref[f"listmle{case}_grad_scores"]) < 1e-4
+    assert rel_err(value32, ref[f"listmle{case}_loss"]) < 1e-5
+    assert rel_err(grad32, ref[f"listmle{case}_grad_scores"]) < 1e-4
 
 
 @pytest.mark.parametrize("epoch", OFFICIAL_EPOCHS)
@@ -129,15 +122,15 @@ def test_clip_plus_rankclip_matches_official(reference_dir, epoch, mesh_name):
         )
         assert value.dtype == jnp.float64
     prefix = f"full_e{epoch}"
-    assert _rel_err(value, ref[f"{prefix}_loss"]) < 1e-12
-    assert _rel_err(metrics["loss/clip"], ref[f"{prefix}_contrastive"]) < 1e-12
+    assert rel_err(value, ref[f"{prefix}_loss"]) < 1e-12
+    assert rel_err(metrics["loss/clip"], ref[f"{prefix}_contrastive"]) < 1e-12
     if epoch == 1:
         assert float(metrics["loss/rankclip"]) == 0.0 == float(ref[f"{prefix}_rank"])
     else:
-        assert _rel_err(metrics["loss/rankclip"], ref[f"{prefix}_rank"]) < 1e-12
-    assert _rel_err(metrics["rankclip/weight"], min(2.0, 3.0 * (epoch - 1) / (epochs - 1))) < 1e-6
+        assert rel_err(metrics["loss/rankclip"], ref[f"{prefix}_rank"]) < 1e-12
+    assert rel_err(metrics["rankclip/weight"], min(2.0, 3.0 * (epoch - 1) / (epochs - 1))) < 1e-6
     for grad, key in zip(grads, ("image", "text", "log_scale")):
-        assert _rel_err(grad, ref[f"{prefix}_grad_{key}"]) < 1e-10, key
+        assert rel_err(grad, ref[f"{prefix}_grad_{key}"]) < 1e-10, key
 
 
 def test_official_objective_needs_the_in_modal_term(reference_dir):
@@ -146,7 +139,7 @@ def test_official_objective_needs_the_in_modal_term(reference_dir):
     with jax.enable_x64(True):
         args = [jnp.asarray(ref[f"full_{k}"], jnp.float64) for k in ("image_features", "text_features", "log_scale")]
         _, metrics, _ = _objective(*args, step=63, total_steps=63, random_ties=False, in_modal=False)
-    assert _rel_err(metrics["loss/rankclip"], ref["full_e64_rank"]) > 0.1
+    assert rel_err(metrics["loss/rankclip"], ref["full_e64_rank"]) > 0.1
 
 
 # --- (b) float64 NumPy loops ------------------------------------------------------------------------
@@ -164,23 +157,23 @@ def test_list_mle_matches_numpy_loop(eps, position_weight, masked):
     fn = jax.jit(lambda s, t: list_mle(s, t, eps=eps, position_weight=position_weight, row_mask=row_mask, col_mask=col_mask))
     with jax.enable_x64(True):
         value64 = fn(jnp.asarray(scores), jnp.asarray(targets))
-    assert _rel_err(value64, expected) < 1e-12
+    assert rel_err(value64, expected) < 1e-12
     value32 = fn(jnp.asarray(scores, jnp.float32), jnp.asarray(targets, jnp.float32))
     assert value32.dtype == jnp.float32
-    assert _rel_err(value32, expected) < 1e-5
+    assert rel_err(value32, expected) < 1e-5
 
 
 @pytest.mark.parametrize("eps,position_weight,in_modal", [(0.0, False, True), (1e-10, True, True), (0.0, True, False)])
 def test_rank_terms_match_numpy_loop(eps, position_weight, in_modal):
-    x, y = _random_features(3, 10, 6, np.float64)
+    x, y = random_features(3, 10, 6, np.float64)
     expected_cross, expected_in = numpy_rank_terms(x, y, 2.9, eps, position_weight)
     with jax.enable_x64(True):
         cross, inmodal = jax.jit(
             lambda x, y: rankclip_losses(_normalise(x), _normalise(y), 2.9, eps=eps, position_weight=position_weight, in_modal=in_modal)
         )(jnp.asarray(x), jnp.asarray(y))
-    assert _rel_err(cross, expected_cross) < 1e-12
+    assert rel_err(cross, expected_cross) < 1e-12
     if in_modal:
-        assert _rel_err(inmodal, expected_in) < 1e-12
+        assert rel_err(inmodal, expected_in) < 1e-12
     else:
         assert float(inmodal) == 0.0
 
@@ -207,13 +200,13 @@ def test_list_mle_gradient_matches_finite_differences(eps, position_weight):
         fn = jax.jit(lambda s: list_mle(s, jnp.asarray(targets), eps=eps, position_weight=position_weight, col_mask=col_mask))
         grad = np.asarray(jax.grad(fn)(jnp.asarray(scores)))
         numeric = _central_differences(lambda s: float(fn(jnp.asarray(s))), scores)
-    assert _rel_err(grad, numeric) < 1e-7
+    assert rel_err(grad, numeric) < 1e-7
     assert np.all(grad[:, 3] == 0.0)  # the masked column
 
 
 def test_rank_term_gradient_matches_finite_differences():
     """d(rank term)/d(raw features, log scale) equals central differences (the orders stay fixed)."""
-    x, y = _random_features(12, 5, 3, np.float64)
+    x, y = random_features(12, 5, 3, np.float64)
     t = np.array(2.2)
     ctx = LossContext(step=1, total_steps=3)
     config = {"rankclip": {"random_ties": False, "eps": 0.0}}
@@ -231,7 +224,7 @@ def test_rank_term_gradient_matches_finite_differences():
             _central_differences(lambda v: float(value(x, y, v)), t),
         ]
     for grad, expected in zip(grads, numeric):
-        assert _rel_err(grad, expected) < 1e-6
+        assert rel_err(grad, expected) < 1e-6
 
 
 # --- (d) sharded == unsharded -----------------------------------------------------------------------
@@ -245,7 +238,7 @@ def test_sharded_equals_unsharded(mesh_name, n, duplicates):
     same column permutation for the tie-breaking; N = 13 exercises the padding to a multiple of 8.
     """
     mesh = make_mesh(MESHES[mesh_name])
-    x, y = _random_features(2, n, 8)
+    x, y = random_features(2, n, 8)
     if duplicates:
         x[1::3], y[1::3] = x[0::3][: len(x[1::3])], y[0::3][: len(y[1::3])]
     t = jnp.float32(2.6)
@@ -255,11 +248,11 @@ def test_sharded_equals_unsharded(mesh_name, n, duplicates):
         sharding = NamedSharding(mesh, batch_spec(2))
         x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
     value, metrics, grads = _objective(x, y, t, rng=key, mesh=mesh)
-    assert _rel_err(value, expected_value) < 1e-6
+    assert rel_err(value, expected_value) < 1e-6
     for name in ("loss/rankclip", "rankclip/cross", "rankclip/in_modal"):
-        assert _rel_err(metrics[name], expected_metrics[name]) < 1e-6, name
+        assert rel_err(metrics[name], expected_metrics[name]) < 1e-6, name
     for grad, expected in zip(grads, expected_grads):
-        assert _rel_err(grad, expected) < 1e-5
+        assert rel_err(grad, expected) < 1e-5
 
 
 # --- (e) ties, degenerate batches, large scale, masking ---------------------------------------------
@@ -296,14 +289,14 @@ def test_identical_embeddings_are_finite(random_ties):
         assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
         values.append(float(value))
         per_list = sum(math.log(1e-10 + m) for m in range(1, n + 1))
-        assert _rel_err(metrics["rankclip/cross"], 2 * per_list) < 1e-5
-        assert _rel_err(metrics["rankclip/in_modal"], 2 * per_list) < 1e-5
+        assert rel_err(metrics["rankclip/cross"], 2 * per_list) < 1e-5
+        assert rel_err(metrics["rankclip/in_modal"], 2 * per_list) < 1e-5
     assert abs(values[0] - values[1]) <= 1e-6 * abs(values[0])
 
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_tiny_batches(n):
-    x, y = _random_features(8, n, 4, np.float64)
+    x, y = random_features(8, n, 4, np.float64)
     expected_cross, expected_in = numpy_rank_terms(x, y, 2.659, eps=1e-10)
     value, metrics, grads = _objective(x.astype(np.float32), y.astype(np.float32), jnp.float32(2.659), step=3, rng=jax.random.key(0))
     assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
@@ -316,36 +309,36 @@ def test_tiny_batches(n):
 def test_logit_scale_100_is_finite(eps, mesh_name):
     """At s = 100 the tail sums underflow float32; the loss stays finite and matches float64 loops."""
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _random_features(6, 16, 8)
+    x, y = random_features(6, 16, 8)
     t = math.log(100.0)
     value, metrics, grads = _objective(x, y, jnp.float32(t), step=3, mesh=mesh, rng=jax.random.key(0), eps=eps)
     assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
     expected_cross, expected_in = numpy_rank_terms(x, y, t, eps=eps)
-    assert _rel_err(metrics["rankclip/cross"], expected_cross) < 1e-5
-    assert _rel_err(metrics["rankclip/in_modal"], expected_in) < 1e-5
+    assert rel_err(metrics["rankclip/cross"], expected_cross) < 1e-5
+    assert rel_err(metrics["rankclip/in_modal"], expected_in) < 1e-5
 
 
 @pytest.mark.parametrize("mesh_name", [None, "data8"])
 def test_padding_rows_have_no_effect(mesh_name):
     """Loss and gradients with padding rows masked equal those of the valid rows alone; padding gets 0."""
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _random_features(4, 13, 8)
+    x, y = random_features(4, 13, 8)
     mask = np.ones(13, bool)
     mask[[0, 5, 6, 11, 12]] = False
     x[~mask] *= 50.0  # garbage in the padding rows
     key = jax.random.key(3)
     valid_value, valid_metrics, valid_grads = _objective(x[mask], y[mask], jnp.float32(2.5), rng=key)
     value, metrics, grads = _objective(x, y, jnp.float32(2.5), rng=key, mask=jnp.asarray(mask), mesh=mesh)
-    assert _rel_err(value, valid_value) < 1e-6
-    assert _rel_err(metrics["loss/rankclip"], valid_metrics["loss/rankclip"]) < 1e-6
+    assert rel_err(value, valid_value) < 1e-6
+    assert rel_err(metrics["loss/rankclip"], valid_metrics["loss/rankclip"]) < 1e-6
     for grad, valid_grad in zip(grads[:2], valid_grads[:2]):
-        assert _rel_err(np.asarray(grad)[mask], valid_grad) < 1e-5
+        assert rel_err(np.asarray(grad)[mask], valid_grad) < 1e-5
         assert np.all(np.asarray(grad)[~mask] == 0.0)
-    assert _rel_err(grads[2], valid_grads[2]) < 1e-5
+    assert rel_err(grads[2], valid_grads[2]) < 1e-5
 
 
 def test_all_rows_masked_is_zero_and_finite():
-    x, y = _random_features(5, 8, 4)
+    x, y = random_features(5, 8, 4)
     for mesh in (None, make_mesh(MESHES["data8"])):
         value, _, grads = _objective(x, y, jnp.float32(2.0), clip=False, mask=jnp.zeros(8, bool), mesh=mesh, rng=jax.random.key(0))
         assert float(value) == 0.0
@@ -368,7 +361,7 @@ def test_ramp_weight():
 
 
 def test_term_weight_metric_and_errors():
-    x, y = _random_features(9, 8, 4)
+    x, y = random_features(9, 8, 4)
     for step, expected in ((0, 0.0), (100, 2.0)):
         value, metrics, _ = _objective(x, y, jnp.float32(2.0), clip=False, step=step, total_steps=100, rng=jax.random.key(0))
         assert float(metrics["rankclip/weight"]) == expected

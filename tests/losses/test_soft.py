@@ -21,6 +21,7 @@ from configs import softclip as softclip_config
 from jclip.losses import LossContext, TERMS, clip_loss, total_loss, validate_terms_config
 from jclip.losses.soft import softclip_loss, softclip_parts
 from jclip.parallel import batch_spec, make_mesh
+from jclip_testing import random_features, rel_err
 
 MESHES = {"data8": {"data": 8}, "data4_fsdp2": {"data": 4, "fsdp": 2}}
 
@@ -29,14 +30,6 @@ def _normalise(v: jax.Array) -> jax.Array:
     return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _rel_err(actual, expected) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-def _features(seed: int, n: int, d: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(n, d)).astype(dtype)
 
 
 # --- independent float64 NumPy reference: explicit sums over i, j ----------------------------------
@@ -124,7 +117,7 @@ CASES = [
 @pytest.mark.parametrize("guidance,pairing,masked,tau,alpha", CASES)
 def test_matches_numpy_loops(guidance, pairing, masked, tau, alpha):
     """L_soft and L_neg (reported as metrics) and the total, float64 to 1e-10 and float32 to 1e-5."""
-    x, y = _features(0, 9, 5, np.float64)
+    x, y = random_features(0, 9, 5, np.float64)
     rng = np.random.default_rng(1)
     gx, gy = rng.normal(size=(9, 7)), rng.normal(size=(9, 7))
     mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1], bool) if masked else None
@@ -145,9 +138,9 @@ def test_matches_numpy_loops(guidance, pairing, masked, tau, alpha):
                 jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(t, dtype), batch=batch, **knobs
             )
             assert value.dtype == dtype
-            assert _rel_err(metrics["softclip/soft"], soft_ref) < tol
-            assert _rel_err(metrics["softclip/neg"], neg_ref) < tol
-            assert _rel_err(value, soft_ref + 0.7 * neg_ref) < tol
+            assert rel_err(metrics["softclip/soft"], soft_ref) < tol
+            assert rel_err(metrics["softclip/neg"], neg_ref) < tol
+            assert rel_err(value, soft_ref + 0.7 * neg_ref) < tol
             assert float(metrics["softclip/alpha"]) == pytest.approx(alpha)
 
 
@@ -175,7 +168,7 @@ def test_gradients_match_finite_differences(guidance, masked):
     Guidance carries no gradient: for "self" guidance (τ_g = the current 1/s) the differences are taken
     with the guidance frozen at the base point (its features and its scale).
     """
-    x, y = _features(3, 5, 3, np.float64)
+    x, y = random_features(3, 5, 3, np.float64)
     rng = np.random.default_rng(4)
     gx, gy = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
     t = np.array(2.0)
@@ -203,7 +196,7 @@ def test_gradients_match_finite_differences(guidance, masked):
             alpha=0.3, neg_weight=lam, guidance=guidance, guidance_temperature=tau,
         )
     for grad, exp in zip(grads, expected):
-        assert _rel_err(grad, exp) < 1e-6
+        assert rel_err(grad, exp) < 1e-6
 
 
 # --- (c) α = 0 is CLIP; uniform guidance is label smoothing ------------------------------------------
@@ -213,7 +206,7 @@ def test_gradients_match_finite_differences(guidance, masked):
 def test_alpha_zero_equals_clip(mesh_name):
     """With α = 0 the loss (at the default λ = 1) and its gradients equal jclip.losses.clip_loss."""
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _features(5, 13, 6)
+    x, y = random_features(5, 13, 6)
     mask = np.ones(13, bool)
     mask[[2, 7]] = False
     for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 1e-6)):
@@ -226,9 +219,9 @@ def test_alpha_zero_equals_clip(mesh_name):
             ))
             clip_value, clip_grads = clip(xs, ys, t)
             assert float(metrics["softclip/neg"]) == 0.0
-            assert _rel_err(value, clip_value) < tol
+            assert rel_err(value, clip_value) < tol
             for grad, clip_grad in zip(grads, clip_grads):
-                assert _rel_err(grad, clip_grad) < 10 * tol
+                assert rel_err(grad, clip_grad) < 10 * tol
 
 
 def numpy_label_smoothed_ce(images, texts, log_scale, eps) -> float:
@@ -246,7 +239,7 @@ def numpy_label_smoothed_ce(images, texts, log_scale, eps) -> float:
 def test_uniform_guidance_is_label_smoothing():
     """Identical guidance features make G uniform: L_soft = label-smoothed CE − H(Q), same gradients."""
     n, eps = 10, 0.3
-    x, y = _features(6, n, 8)
+    x, y = random_features(6, n, 8)
     same = np.ones((n, 4), np.float32)
     batch = {"guidance_image_features": jnp.asarray(same), "guidance_text_features": jnp.asarray(same)}
     (_, metrics), grads = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.4), batch=batch,
@@ -254,7 +247,7 @@ def test_uniform_guidance_is_label_smoothing():
     q = np.full(n, eps / n)
     q[0] += 1 - eps
     entropy = -float(np.sum(q * np.log(q)))  # the same for every row
-    assert _rel_err(float(metrics["softclip/soft"]) + entropy, numpy_label_smoothed_ce(x, y, 2.4, eps)) < 1e-5
+    assert rel_err(float(metrics["softclip/soft"]) + entropy, numpy_label_smoothed_ce(x, y, 2.4, eps)) < 1e-5
 
     def smoothed(a, b, t):  # optax's label smoothing, an independent implementation
         logits = jnp.exp(t) * _normalise(a) @ _normalise(b).T
@@ -264,7 +257,7 @@ def test_uniform_guidance_is_label_smoothing():
 
     expected = jax.grad(smoothed, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.4))
     for grad, exp in zip(grads, expected):
-        assert _rel_err(grad, exp) < 1e-5
+        assert rel_err(grad, exp) < 1e-5
 
 
 # --- (d) sharded == unsharded --------------------------------------------------------------------------
@@ -275,7 +268,7 @@ def test_uniform_guidance_is_label_smoothing():
 def test_sharded_equals_unsharded(mesh_name, guidance, n):
     """Values (1e-6) and gradients (1e-5) of the sharded term equal one device; N = 13 pads to 16."""
     mesh = make_mesh(MESHES[mesh_name])
-    x, y = _features(7, n, 8)
+    x, y = random_features(7, n, 8)
     rng = np.random.default_rng(8)
     gx, gy = rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 5)).astype(np.float32)
     mask = np.ones(n, bool)
@@ -292,17 +285,17 @@ def test_sharded_equals_unsharded(mesh_name, guidance, n):
         jnp.asarray(x), jnp.asarray(y), jnp.float32(2.6), batch=batch, outputs_extra=extra, **knobs)
     (value, metrics), grads = _term_value_and_grads(
         put(x), put(y), jnp.float32(2.6), batch=batch, outputs_extra=extra, mesh=mesh, **knobs)
-    assert _rel_err(value, expected) < 1e-6
+    assert rel_err(value, expected) < 1e-6
     for key in ("softclip/soft", "softclip/neg"):
-        assert _rel_err(metrics[key], expected_metrics[key]) < 1e-6
+        assert rel_err(metrics[key], expected_metrics[key]) < 1e-6
     for grad, exp in zip(grads, expected_grads):
-        assert _rel_err(grad, exp) < 1e-5
+        assert rel_err(grad, exp) < 1e-5
 
 
 def test_sharded_guidance_features_get_no_gradient():
     mesh = make_mesh(MESHES["data8"])
-    x, y = _features(9, 16, 4)
-    gx, gy = _features(10, 16, 3)
+    x, y = random_features(9, 16, 4)
+    gx, gy = random_features(10, 16, 3)
 
     def loss(gi, gt):
         return softclip_loss(_normalise(jnp.asarray(x)), _normalise(jnp.asarray(y)), 2.0,
@@ -322,7 +315,7 @@ def _assert_finite(value, grads):
 
 def test_batch_of_one():
     """N = 1: P = Q = [1] so L_soft = 0, and there are no negatives, so L_neg is defined as 0."""
-    x, y = _features(11, 1, 4)
+    x, y = random_features(11, 1, 4)
     (value, metrics), grads = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.6))
     _assert_finite(value, grads)
     assert float(value) == 0.0 and float(metrics["softclip/neg"]) == 0.0
@@ -331,12 +324,12 @@ def test_batch_of_one():
 
 def test_batch_of_two():
     """N = 2: one negative per row, so P̄ = Q̄ = [1] and L_neg = 0; L_soft as the NumPy loops."""
-    x, y = _features(12, 2, 4)
+    x, y = random_features(12, 2, 4)
     (value, metrics), grads = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.6))
     _assert_finite(value, grads)
     soft_ref, neg_ref = numpy_softclip(x, y, 2.6)
     assert neg_ref == 0.0 and abs(float(metrics["softclip/neg"])) < 1e-7
-    assert _rel_err(metrics["softclip/soft"], soft_ref) < 1e-5
+    assert rel_err(metrics["softclip/soft"], soft_ref) < 1e-5
 
 
 def test_identical_embeddings():
@@ -346,7 +339,7 @@ def test_identical_embeddings():
     (value, metrics), grads = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.6))
     _assert_finite(value, grads)
     soft_ref, neg_ref = numpy_softclip(x, y, 2.6)
-    assert _rel_err(metrics["softclip/soft"], soft_ref) < 1e-5
+    assert rel_err(metrics["softclip/soft"], soft_ref) < 1e-5
     assert abs(float(metrics["softclip/neg"]) - neg_ref) < 1e-6  # both 0: Ḡ = P̄ = uniform
 
 
@@ -355,7 +348,7 @@ def test_identical_embeddings():
 def test_large_logit_scale_is_finite(log_scale, mesh_name):
     """ln 100 (CLIP's clamp) and 1e6: no NaN/Inf in loss or gradients; float64 values match NumPy."""
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _features(13, 16, 8)
+    x, y = random_features(13, 16, 8)
     for guidance, tau in (("self", None), ("self", 0.01)):
         (value, _), grads = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(log_scale),
                                                   mesh=mesh, guidance=guidance, guidance_temperature=tau)
@@ -365,9 +358,9 @@ def test_large_logit_scale_is_finite(log_scale, mesh_name):
             (value64, _), grads64 = _term_value_and_grads(jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64),
                                                           jnp.float64(log_scale), mesh=mesh, guidance_temperature=tau)
         _assert_finite(value64, grads64)
-        assert _rel_err(value64, soft_ref + neg_ref) < 1e-9
+        assert rel_err(value64, soft_ref + neg_ref) < 1e-9
         if log_scale < 5.0:
-            assert _rel_err(value, soft_ref + neg_ref) < 1e-5
+            assert rel_err(value, soft_ref + neg_ref) < 1e-5
 
 
 @pytest.mark.parametrize("mesh_name", [None, "data8"])
@@ -375,8 +368,8 @@ def test_large_logit_scale_is_finite(log_scale, mesh_name):
 def test_padding_rows_have_no_effect(mesh_name, guidance):
     """Masked padding rows (garbage embeddings and guidance) give the loss and gradients of the valid rows."""
     mesh = make_mesh(MESHES[mesh_name]) if mesh_name else None
-    x, y = _features(14, 13, 8)
-    gx, gy = _features(15, 13, 5)
+    x, y = random_features(14, 13, 8)
+    gx, gy = random_features(15, 13, 5)
     mask = np.ones(13, bool)
     mask[[0, 5, 6, 11, 12]] = False
     x[~mask] *= 50.0
@@ -392,15 +385,15 @@ def test_padding_rows_have_no_effect(mesh_name, guidance):
     (value, _), grads = _term_value_and_grads(
         jnp.asarray(x), jnp.asarray(y), jnp.float32(2.5), batch={"mask": jnp.asarray(mask), **batch_of(slice(None))},
         mesh=mesh, **knobs)
-    assert _rel_err(value, expected) < 1e-6
+    assert rel_err(value, expected) < 1e-6
     for grad, exp in zip(grads[:2], expected_grads[:2]):
-        assert _rel_err(np.asarray(grad)[mask], exp) < 1e-5
+        assert rel_err(np.asarray(grad)[mask], exp) < 1e-5
         assert np.all(np.asarray(grad)[~mask] == 0.0)
     assert abs(float(grads[2]) - float(expected_grads[2])) <= 1e-5 * max(abs(float(expected_grads[2])), 1.0)
 
 
 def test_all_rows_masked_is_zero_and_finite():
-    x, y = _features(16, 8, 4)
+    x, y = random_features(16, 8, 4)
     for mesh in (None, make_mesh(MESHES["data8"])):
         (value, _), grads = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.0),
                                                   batch={"mask": jnp.zeros(8, bool)}, mesh=mesh)
@@ -413,18 +406,18 @@ def test_all_rows_masked_is_zero_and_finite():
 
 def test_outputs_guidance_matches_numpy_and_only_needs_its_keys():
     """guidance='outputs' reads the teacher embeddings; pairing='image' needs only the image one."""
-    x, y = _features(17, 7, 6)
-    gx, gy = _features(18, 7, 3)
+    x, y = random_features(17, 7, 6)
+    gx, gy = random_features(18, 7, 3)
     extra = {"teacher_image_embeddings": jnp.asarray(gx), "teacher_text_embeddings": jnp.asarray(gy)}
     (value, _), _ = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.0), outputs_extra=extra,
                                           guidance="outputs")
     soft_ref, neg_ref = numpy_softclip(x, y, 2.0, image_guidance=gx, text_guidance=gy)
-    assert _rel_err(value, soft_ref + neg_ref) < 1e-5
+    assert rel_err(value, soft_ref + neg_ref) < 1e-5
     only_image = {"teacher_image_embeddings": jnp.asarray(gx)}
     (value, _), _ = _term_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.float32(2.0),
                                           outputs_extra=only_image, guidance="outputs", pairing="image")
     soft_ref, neg_ref = numpy_softclip(x, y, 2.0, image_guidance=gx, pairing="image")
-    assert _rel_err(value, soft_ref + neg_ref) < 1e-5
+    assert rel_err(value, soft_ref + neg_ref) < 1e-5
 
 
 @pytest.mark.parametrize("guidance,keys", [
@@ -432,7 +425,7 @@ def test_outputs_guidance_matches_numpy_and_only_needs_its_keys():
     ("outputs", ("teacher_image_embeddings", "teacher_text_embeddings")),
 ])
 def test_missing_guidance_keys_raise(guidance, keys):
-    x, y = _features(19, 4, 3)
+    x, y = random_features(19, 4, 3)
     outputs = {"image_embeddings": _normalise(jnp.asarray(x)), "text_embeddings": _normalise(jnp.asarray(y)),
                "logit_scale": jnp.float32(2.0)}
     with pytest.raises(ValueError) as error:
@@ -452,7 +445,7 @@ def test_missing_guidance_keys_raise(guidance, keys):
     ({"guidance_temperature": 0.0}, "guidance_temperature"),
 ])
 def test_bad_knobs_raise(knobs, message):
-    x, y = _features(20, 4, 3)
+    x, y = random_features(20, 4, 3)
     outputs = {"image_embeddings": jnp.asarray(x), "text_embeddings": jnp.asarray(y), "logit_scale": jnp.float32(2.0)}
     with pytest.raises(ValueError, match=message):
         TERMS["softclip"](outputs, {}, LossContext(), **knobs)
@@ -465,21 +458,21 @@ def test_config_and_total_loss():
     assert [name for name, _, _ in parsed] == ["softclip"]
     assert parsed[0][2] == {"alpha": 0.2, "neg_weight": 1.0, "guidance_temperature": None,
                             "guidance": "self", "pairing": "same"}
-    x, y = _features(21, 6, 4)
+    x, y = random_features(21, 6, 4)
     outputs = {"image_embeddings": _normalise(jnp.asarray(x)), "text_embeddings": _normalise(jnp.asarray(y)),
                "logit_scale": jnp.float32(2.6)}
     loss, metrics = total_loss(outputs, {}, LossContext(), config.losses)
     soft_ref, neg_ref = numpy_softclip(x, y, 2.6)
-    assert _rel_err(loss, soft_ref + neg_ref) < 1e-5
+    assert rel_err(loss, soft_ref + neg_ref) < 1e-5
     assert {"softclip/soft", "softclip/neg", "softclip/alpha", "loss/softclip", "loss/total"} <= set(metrics)
 
 
 def test_softclip_parts_wrapper_matches_term():
-    x, y = _features(22, 5, 4)
+    x, y = random_features(22, 5, 4)
     xs, ys = _normalise(jnp.asarray(x)), _normalise(jnp.asarray(y))
     soft, neg = softclip_parts(xs, ys, 2.1, alpha=0.35)
-    assert _rel_err(softclip_loss(xs, ys, 2.1, alpha=0.35, neg_weight=2.0), soft + 2.0 * neg) < 1e-7
-    assert _rel_err((soft, neg), numpy_softclip(x, y, 2.1, alpha=0.35)) < 1e-5
+    assert rel_err(softclip_loss(xs, ys, 2.1, alpha=0.35, neg_weight=2.0), soft + 2.0 * neg) < 1e-7
+    assert rel_err((soft, neg), numpy_softclip(x, y, 2.1, alpha=0.35)) < 1e-5
 
 
 # --- (g) per-device memory ----------------------------------------------------------------------------
