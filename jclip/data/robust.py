@@ -273,8 +273,7 @@ class SafePreprocessor:
             raise _Bad("empty_caption", "no tokens after cleaning")
         if self.count_truncated:
             # A full context ends in the end token; only then is it worth re-counting the caption's tokens.
-            specials = tokenizer.num_start_tokens + 1
-            truncated = token_ids[-1] == tokenizer.end_of_text and len(tokenizer.encode(text)) + specials > pre.context_length
+            truncated = token_ids[-1] == tokenizer.end_of_text and tokenizer.truncates(text)
             out[TRUNCATED_FIELD] = np.int32(truncated)
         return out
 

@@ -56,6 +56,10 @@ class _FixedLengthTokenizer:
         out[: len(ids)] = ids
         return out
 
+    def truncates(self, text: str) -> bool:
+        """Whether `text` with its start and end tokens is longer than the context (and so gets cut)."""
+        return len(self.encode(text)) + self.num_start_tokens + 1 > self.context_length
+
     def batch(self, texts: Sequence[str]) -> np.ndarray:
         return np.stack([self(text) for text in texts]) if texts else np.zeros((0, self.context_length), np.int32)
 

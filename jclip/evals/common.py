@@ -135,8 +135,3 @@ def embed_texts(params: Any, encoders: Encoders, texts: Sequence[str], *, batch_
     """Embeddings of a list of texts (class prompts, captions), computed sharded, on every host."""
     return embed_token_ids(params, encoders, encoders.tokenizer.batch(list(texts)), batch_size=batch_size)
 
-
-def truncated_count(tokenizer: Tokenizer, texts: Sequence[str]) -> int:
-    """How many texts do not fit the context (the tokenizer cuts them)."""
-    specials = tokenizer.num_start_tokens + 1
-    return sum(len(tokenizer.encode(text)) + specials > tokenizer.context_length for text in texts)

@@ -79,7 +79,7 @@ class RetrievalEvaluator(base.Evaluator):
                 texts, segment = captions, np.arange(len(captions))
             stats = {
                 "num_captions": float(len(captions)),
-                "captions_truncated": common.truncated_count(tokenizer, texts) / max(1, len(texts)),
+                "captions_truncated": sum(map(tokenizer.truncates, texts)) / max(1, len(texts)),
             }
             self._texts = (tokenizer.batch(texts), segment, owners, stats)
         return self._texts

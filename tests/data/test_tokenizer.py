@@ -69,6 +69,12 @@ def test_truncation_keeps_end_token():
     assert (ids[1:-1] != 0).all()
 
 
+def test_truncates_counts_the_start_and_end_tokens():
+    # "A person riding a motorcycle" is 5 BPE tokens (ids listed above): 7 with start and end.
+    assert not ClipTokenizer(7).truncates("A person riding a motorcycle")
+    assert ClipTokenizer(6).truncates("A person riding a motorcycle")
+
+
 def test_batch_and_decode():
     tokenizer = ClipTokenizer(12)
     batch = tokenizer.batch(["a red circle", "a blue square"])
