@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jclip.data import label_captions
+
 OPENAI_IMAGENET: tuple[str, ...] = (
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
     "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
@@ -51,20 +53,9 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 
 
 def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    """A template set by name, or a list of templates, checked to hold exactly one `{}` each."""
+    """A template set by name, or a list of templates, each checked to hold exactly one `{}`."""
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {templates!r}; known: {sorted(TEMPLATE_SETS)}, or a list of strings")
         return TEMPLATE_SETS[templates]
-    resolved = tuple(str(t) for t in templates)
-    if not resolved:
-        raise ValueError("the list of prompt templates is empty")
-    for template in resolved:
-        if template.count("{}") != 1:
-            raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
-    return resolved
-
-
-def prompt_name(class_name: str) -> str:
-    """A class name as it reads in a prompt: underscores (TFDS, folder names) become spaces."""
-    return class_name.replace("_", " ").strip()
+    return label_captions.check_templates(tuple(templates))

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from jclip.data import label_captions
 from jclip.evals import base, common, metrics, templates
 
 
@@ -52,7 +53,7 @@ class ZeroShotEvaluator(base.Evaluator):
         self.templates = templates.resolve_templates(config.get("templates") or "single")
         self.label_key = data.label_key
         self.preprocess = common.ImagesOnly(data.eval_preprocess(), keep=(self.label_key,))
-        self.prompts = [t.format(templates.prompt_name(n)) for n in self.class_names for t in self.templates]
+        self.prompts = [t.format(label_captions.caption_name(n)) for n in self.class_names for t in self.templates]
         self._token_ids: np.ndarray | None = None
 
     def classifier(self, params: Any, encoders: common.Encoders) -> np.ndarray:

@@ -32,6 +32,3 @@ def test_bad_templates_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         templates.resolve_templates(bad)
 
-
-def test_prompt_names_read_naturally():
-    assert templates.prompt_name("maple_tree") == "maple tree"
