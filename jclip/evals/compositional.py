@@ -31,9 +31,13 @@ FORMATS = ("sugarcrepe", "aro_relation", "aro_attribution", "pairs", "embedded")
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
-    """Items over a random-access image source: item i pairs image `image_index[i]` with its captions."""
+    """Items over a random-access image source: item i pairs image `image_index[i]` with its captions.
+
+    Only the first `num_images` images of the source are used (and embedded).
+    """
 
     images: Any
+    num_images: int
     image_index: np.ndarray
     positives: tuple[str, ...]
     negatives: tuple[tuple[str, ...], ...]
@@ -44,6 +48,7 @@ def from_items(items: list[compositional_data.CompositionalItem], image_root: st
     images = compositional_data.CompositionalImages(items, image_root)
     return Benchmark(
         images=images,
+        num_images=len(images),
         image_index=np.asarray(images.item_image_index),
         positives=tuple(item.positive for item in items),
         negatives=tuple(tuple(item.negatives) for item in items),
@@ -62,7 +67,7 @@ def from_embedded(source: Any, limit: int | None) -> Benchmark:
             positives.append(_text(example["caption"]))
             negatives.append((_text(negative),))
             categories.append(kind)
-    return Benchmark(source, np.asarray(image_index), tuple(positives), tuple(negatives), tuple(categories))
+    return Benchmark(source, count, np.asarray(image_index), tuple(positives), tuple(negatives), tuple(categories))
 
 
 def _text(value: Any) -> str:
@@ -105,7 +110,9 @@ class CompositionalEvaluator(base.Evaluator):
     def scores(self, params: Any, encoders: common.Encoders) -> tuple[np.ndarray, np.ndarray]:
         """(positive score [items], negative scores [items, max negatives] padded with -inf)."""
         bench = self.benchmark
-        images = common.embed_split(params, encoders, bench.images, self.preprocess, batch_size=self.batch_size)
+        images = common.embed_split(
+            params, encoders, bench.images, self.preprocess, batch_size=self.batch_size, limit=bench.num_images
+        )
         if self._token_ids is None:
             self._token_ids = encoders.tokenizer.batch(self.texts)
         texts = common.embed_token_ids(params, encoders, self._token_ids, batch_size=self.batch_size)
