@@ -89,8 +89,8 @@ def embed_split(
     limit: int | None = None,
     extra_keys: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Image embeddings (and text embeddings when `preprocess` gives `token_ids`, and `extra_keys`) of a
-    split, in split order, on every host."""
+    """Image embeddings (and `extra_keys`) of a split, in split order, on every host. Captions and prompts
+    are embedded separately (`embed_token_ids`), since an image may have any number of them."""
     shard = pipeline.HostShard.current()
     _, batches = pipeline.evaluation_batches(
         source, _explained(preprocess, source), global_batch_size=batch_size, shard=shard, limit=limit
@@ -104,8 +104,6 @@ def embed_split(
             "mask": global_batch["mask"],
             **{key: global_batch[key] for key in extra_keys},
         }
-        if "token_ids" in global_batch:
-            rows["text_embeddings"] = encoders.encode_texts(params, global_batch["token_ids"])
         for key, value in rows.items():
             collected.setdefault(key, []).append(gather_to_host(value))
     merged = {key: np.concatenate(values) for key, values in collected.items()}

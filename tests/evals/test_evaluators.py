@@ -92,13 +92,14 @@ def test_sharded_embeddings_equal_single_device_in_split_order(model):
     config, params, sharded, single = model
     data = sources.ConfiguredData(config.data, config.model)
     source = data.source("validation")
-    preprocess = data.eval_preprocess()
-    on_eight = common.embed_split(params, sharded.encoders(), source, preprocess, batch_size=16, limit=37)
-    on_one = common.embed_split(params, single.encoders(), source, preprocess, batch_size=16, limit=37)
+    preprocess = common.ImagesOnly(data.eval_preprocess(), keep=("label",))
+    on_eight = common.embed_split(params, sharded.encoders(), source, preprocess, batch_size=16, limit=37, extra_keys=("label",))
+    on_one = common.embed_split(params, single.encoders(), source, preprocess, batch_size=16, limit=37, extra_keys=("label",))
     np.testing.assert_array_equal(on_eight["index"], np.arange(37))
     np.testing.assert_array_equal(on_one["index"], np.arange(37))
-    for key in ("image_embeddings", "text_embeddings"):
-        np.testing.assert_allclose(on_eight[key], on_one[key], atol=2e-6)
+    labels = [source[i]["label"] for i in range(37)]
+    np.testing.assert_array_equal(on_eight["label"], labels)  # extra keys follow their rows
+    np.testing.assert_allclose(on_eight["image_embeddings"], on_one["image_embeddings"], atol=2e-6)
     # And both equal the per-example reference (no batching at all).
     reference = reference_image_embeddings(config, sharded, params, [source[i]["image"] for i in range(37)])
     np.testing.assert_allclose(on_eight["image_embeddings"], reference, atol=2e-6)
