@@ -244,22 +244,21 @@ class ConfiguredData:
 
     # ----- preprocessing ----------------------------------------------------------------------------
 
-    def _preprocessor(self, random_crop_scale, keep=()) -> transforms.ImageTextPreprocessor:
+    def _preprocessor(self, random_crop_scale) -> transforms.ImageTextPreprocessor:
         return transforms.ImageTextPreprocessor(
             image_size=self.image_size,
             context_length=self.context_length,
             image_key="image",
             text_key="caption",
             random_crop_scale=None if random_crop_scale is None else tuple(random_crop_scale),
-            keep=tuple(keep),
             tokenizer_spec=str(self.config.tokenizer),
         )
 
     def train_preprocess(self) -> robust.SafePreprocessor:
         return robust.SafePreprocessor(self._preprocessor(self.config.random_crop_scale))
 
-    def eval_preprocess(self, keep: tuple[str, ...] = ()) -> transforms.ImageTextPreprocessor:
-        return self._preprocessor(None, keep)
+    def eval_preprocess(self) -> transforms.ImageTextPreprocessor:
+        return self._preprocessor(None)
 
 
 def _spec_text(spec: SourceSpec) -> str:
