@@ -1,4 +1,4 @@
-"""Tests of jclip.losses.prototype (nCLIP): against float64 NumPy written as explicit loops (cross-entropy
+"""Tests of jclip.losses.noncontrastive (nCLIP): against float64 NumPy written as explicit loops (cross-entropy
 sums, the EMA centre, Sinkhorn as SwAV's iterations, the entropy terms), finite differences, sharded (8 fake
 devices) against unsharded, padding masks and degenerate inputs."""
 
@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 from jclip.losses import LossContext, TERMS, init_loss_state, total_loss_with_state
-from jclip.losses.prototype import sinkhorn_targets
+from jclip.losses.noncontrastive import sinkhorn_targets
 from jclip.parallel import batch_spec, make_mesh
 
 KNOBS = dict(student_temperature=0.1, teacher_temperature=0.04, centre_momentum=0.9, sinkhorn_epsilon=0.05,
