@@ -2,7 +2,7 @@
 
 Per modality: an MLP, an L2-normalised bottleneck, and a weight-normalised linear layer onto K prototypes
 (the DINO head layout the nCLIP paper adopts). The head is separate from CLIP's projections; its outputs
-are prototype logits h [batch, K], turned into distributions by the nCLIP loss (`jclip.losses.prototype`).
+are prototype logits h [batch, K], turned into distributions by the nCLIP loss (`jclip.losses.noncontrastive`).
 The paper uses K = 32768; the layer sizes are a reconstruction (METHODS [recon]) and all configurable.
 """
 
