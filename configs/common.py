@@ -76,6 +76,9 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.data.caption_field = "caption"  # `dense_caption` for the embedded dataset's long descriptions.
     config.data.label_field = config_dict.placeholder(str)
     config.data.caption_templates = config_dict.placeholder(tuple)  # ("a photo of a {}.",): captions from labels.
+    # A folder of precomputed per-example guidance features (keys.npy, image.npy, text.npy) that SoftCLIP's
+    # guidance="batch" reads; written by `python -m jclip.write_guidance` (see jclip/data/guidance.py).
+    config.data.guidance_features = config_dict.placeholder(str)
     config.data.shuffle_buffer = 10_000  # tar shards only: examples mixed across shards.
     config.data.allow_missing_shards = False
     config.data.max_skip_rate = 0.1  # stop when more than this fraction of examples read are bad...

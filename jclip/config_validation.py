@@ -92,6 +92,18 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         not wants_teacher or has_teacher,
         f"losses.{', '.join(wants_teacher)}: guidance='outputs' reads a teacher's embeddings; set teacher.checkpoint",
     )
+    wants_batch_guidance = [name for name, entry in config.losses.items() if dict(entry).get("guidance") == "batch"]
+    has_features = bool(data.get("guidance_features"))
+    _require(
+        not wants_batch_guidance or has_features,
+        f"losses.{', '.join(wants_batch_guidance)}: guidance='batch' reads precomputed features; set "
+        "data.guidance_features (a folder written by python -m jclip.write_guidance)",
+    )
+    _require(
+        not has_features or bool(wants_batch_guidance),
+        f"data.guidance_features is set ({data.get('guidance_features')}) but no loss term reads it "
+        "(SoftCLIP's guidance='batch' does): unset it, or set the term's guidance",
+    )
     for name, entry in config.evals.items():
         try:
             evals.validate_evaluator_config(name, entry)

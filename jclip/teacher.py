@@ -38,28 +38,38 @@ class Teacher:
         return {TEACHER_KEYS[0]: jax.lax.stop_gradient(images), TEACHER_KEYS[1]: jax.lax.stop_gradient(texts)}
 
 
-def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> Teacher | None:
-    """The configured teacher restored onto `mesh`, or None when `config.teacher.checkpoint` is unset."""
+def restore_frozen(checkpoint_path: str, step: int | None, config: ml_collections.ConfigDict, mesh: Mesh):
+    """A finished run's model rebuilt from its saved config and its parameters restored onto `mesh` (laid
+    out by `config`'s mesh and sharding rules): (TrainSetup, params, the saved config)."""
     from jclip.train import TrainSetup
 
-    spec = config.get("teacher") or {}
-    if not spec.get("checkpoint"):
-        return None
     try:
-        directory, step = checkpoint.resolve_checkpoint(spec["checkpoint"], spec.get("step"))
+        directory, step = checkpoint.resolve_checkpoint(checkpoint_path, step)
     except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"teacher.checkpoint: {error}") from error
+        raise ConfigError(str(error)) from error
     checkpointer = checkpoint.Checkpointer(directory, keep=1_000_000, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     saved = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    for key in ("image_size",):
-        if int(saved.model.vision[key]) != int(config.model.vision[key]):
-            raise ConfigError(f"teacher.checkpoint: the teacher's vision.{key} {saved.model.vision[key]} differs from the model's {config.model.vision[key]}")
-    if int(saved.model.text.context_length) != int(config.model.text.context_length):
-        raise ConfigError("teacher.checkpoint: the teacher's text.context_length differs from the model's")
     saved.mesh = config.mesh
     saved.sharding_rules = config.sharding_rules
     setup = TrainSetup.create(saved, mesh)
     state = checkpointer.restore(step, setup.abstract_state(), None)
     checkpointer.close()
-    return Teacher(setup.functions, state["params"], setup.state_shardings["params"])
+    return setup, state["params"], saved
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> Teacher | None:
+    """The configured teacher restored onto `mesh`, or None when `config.teacher.checkpoint` is unset."""
+    spec = config.get("teacher") or {}
+    if not spec.get("checkpoint"):
+        return None
+    try:
+        setup, params, saved = restore_frozen(spec["checkpoint"], spec.get("step"), config, mesh)
+    except ConfigError as error:
+        raise ConfigError(f"teacher.checkpoint: {error}") from error
+    if int(saved.model.vision.image_size) != int(config.model.vision.image_size):
+        raise ConfigError(f"teacher.checkpoint: the teacher's vision.image_size {saved.model.vision.image_size} "
+                          f"differs from the model's {config.model.vision.image_size}")
+    if int(saved.model.text.context_length) != int(config.model.text.context_length):
+        raise ConfigError("teacher.checkpoint: the teacher's text.context_length differs from the model's")
+    return Teacher(setup.functions, params, setup.state_shardings["params"])

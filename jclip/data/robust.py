@@ -215,7 +215,8 @@ def caption_candidates(raw: Any) -> list[str]:
     return texts
 
 
-def _key_of(example: Mapping[str, Any], key_field: str) -> str | None:
+def example_key(example: Mapping[str, Any], key_field: str = "key") -> str | None:
+    """An example's key as text (None when it has none), for messages and look-ups."""
     key = example.get(key_field)
     if key is None:
         return None
@@ -249,7 +250,7 @@ class SafePreprocessor:
         try:
             return self._preprocess(example, rng)
         except _Bad as bad:
-            return Skipped(bad.reason, _key_of(example, self.key_field), bad.detail)
+            return Skipped(bad.reason, example_key(example, self.key_field), bad.detail)
 
     def _preprocess(self, example: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         pre = self.preprocessor

@@ -44,7 +44,7 @@ from typing import Any
 import grain
 import ml_collections
 
-from jclip.data import label_captions, pipeline, robust, transforms
+from jclip.data import guidance, label_captions, pipeline, robust, transforms
 
 SOURCE_KINDS = ("embedded", "tfds", "wds", "arrayrecord", "folder", "classfolders", "docci")
 RANDOM_ACCESS_KINDS = ("embedded", "tfds", "arrayrecord", "folder", "classfolders", "docci")
@@ -211,6 +211,8 @@ class ConfiguredData:
                 webdataset.expand_shards(spec.argument, allow_missing=bool(self.config.allow_missing_shards))
             else:
                 self._training_source(name, spec, entry)
+        if self.config.get("guidance_features"):
+            self.guidance_features()
         for split, spec in splits:
             self.source(split, spec)
 
@@ -254,8 +256,17 @@ class ConfiguredData:
             tokenizer_spec=str(self.config.tokenizer),
         )
 
-    def train_preprocess(self) -> robust.SafePreprocessor:
-        return robust.SafePreprocessor(self._preprocessor(self.config.random_crop_scale))
+    def train_preprocess(self) -> robust.SafePreprocessor | guidance.WithGuidance:
+        """Training preprocessing; with `data.guidance_features`, each example also carries its guidance rows."""
+        preprocess = robust.SafePreprocessor(self._preprocessor(self.config.random_crop_scale))
+        if self.config.get("guidance_features"):
+            return guidance.WithGuidance(preprocess, self.guidance_features())
+        return preprocess
+
+    @functools.cache
+    def guidance_features(self) -> guidance.GuidanceFeatures:
+        """`data.guidance_features` opened (once), for SoftCLIP's `guidance="batch"`."""
+        return guidance.GuidanceFeatures(self.config.guidance_features)
 
     def eval_preprocess(self) -> transforms.ImageTextPreprocessor:
         return self._preprocessor(None)

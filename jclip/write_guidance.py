@@ -1,0 +1,127 @@
+"""Precompute SoftCLIP guidance features with a finished jclip run, for `guidance="batch"`.
+
+    python -m jclip.write_guidance --checkpoint=/tmp/teacher --config=configs/softclip.py --output=/tmp/guidance
+    python -m jclip.main --config=configs/softclip.py --workdir=/tmp/softclip \\
+        --config.losses.softclip.guidance=batch --config.data.guidance_features=/tmp/guidance
+
+Embeds every training example of `--config`'s data (each mixture component's training split) with the
+checkpoint's model, once, and writes the folder `jclip.data.guidance` reads: the examples' keys, their image
+embeddings and the embeddings of their first caption (training samples among several captions; the guidance
+is of the first). Images are preprocessed at the checkpoint's own image size and captions at its context
+length, so the guiding model may differ from the model being trained. Unlike `teacher.checkpoint` (SoftCLIP
+`guidance="outputs"`), the guiding model costs nothing per step; it sees the centre crop, not the step's
+augmented view.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jclip.cli import initialise_distributed, parse_flags
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config whose data to embed.", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The guiding model: a workdir, its checkpoints/ folder or a step folder.")
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+_OUTPUT = flags.DEFINE_string("output", None, "The folder to write (keys.npy, image.npy, text.npy).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size of the embedding passes.")
+
+
+def training_components(config: Any, image_size: int, context_length: int) -> tuple[Any, list[tuple[str, Any]]]:
+    """`config.data` made concrete for a model of this image size and context length, and (component name,
+    random-access raw source) of every training component."""
+    import ml_collections
+
+    from jclip.data.sources import ConfiguredData
+
+    model = ml_collections.ConfigDict({"vision": {"image_size": image_size}, "text": {"context_length": context_length}})
+    data = ConfiguredData(config.data, model)
+    components = []
+    for name, spec, entry, _ in data._components():
+        if spec.kind == "wds":
+            raise ValueError(
+                f"guidance features need random access to the training examples, but {name!r} is the stream "
+                f"wds:{spec.argument}: convert it with python -m jclip.data.convert_webdataset"
+            )
+        components.append((name, data._training_source(name, spec, entry)))
+    return data, components
+
+
+def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, step: int | None = None,
+                   batch_size: int = 256) -> pathlib.Path:
+    """Embeds every training example with the checkpoint's model and writes the guidance folder."""
+    import jax
+    import numpy as np
+
+    from jclip import parallel
+    from jclip.data import guidance, robust
+    from jclip.evals.common import ImagesOnly, embed_split, embed_texts
+    from jclip.teacher import restore_frozen
+
+    mesh = parallel.make_mesh(dict(config.mesh))
+
+    setup, params, saved = restore_frozen(checkpoint, step, config, mesh)
+    encoders = setup.encoders()
+    data, components = training_components(
+        config, int(saved.model.vision.image_size), int(saved.model.text.context_length)
+    )
+    keys, images, texts = [], [], []
+    for name, raw in components:
+        started = time.perf_counter()
+        count = len(raw)
+        component_keys, captions = [], []
+        for index in range(count):
+            example = raw[index]
+            key = robust.example_key(example)
+            if key is None:
+                raise ValueError(f"training component {name!r}: example {index} has no key")
+            component_keys.append(key)
+            candidates = robust.caption_candidates(example.get("caption"))
+            if not candidates:
+                raise ValueError(f"training example {key!r} has no usable caption")
+            captions.append(candidates[0])
+        embedded = embed_split(params, encoders, raw, ImagesOnly(data.eval_preprocess()), batch_size=batch_size)
+        keys += component_keys
+        images.append(embedded["image_embeddings"])
+        texts.append(embed_texts(params, encoders, captions, batch_size=batch_size))
+        print(f"guidance: {name}: {count} examples in {time.perf_counter() - started:.1f} s", flush=True)
+    output = pathlib.Path(output)
+    if jax.process_index() == 0:
+        guidance.write_guidance_features(output, keys, image=np.concatenate(images).astype(np.float32),
+                                         text=np.concatenate(texts).astype(np.float32))
+    return output
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_CONFIG, _CHECKPOINT, _OUTPUT):
+        if flag.value is None:
+            raise app.UsageError(f"--{flag.name} is required")
+    from jclip.config_validation import ConfigError
+
+    initialise_distributed()
+    import jax
+
+    try:
+        directory = write_guidance(_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value, step=_STEP.value,
+                                   batch_size=_BATCH_SIZE.value)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"jclip.write_guidance: {error}", file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(f"guidance features written to {directory}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
