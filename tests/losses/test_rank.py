@@ -405,3 +405,32 @@ def test_sharded_memory_grows_like_n_times_N():
     print(f"rankclip fwd+bwd, 1 device, N={8 * n}: temp {one_device} bytes")
     assert temps[8] <= 1.25 * 4 * temps[2]
     assert temps[8] < 0.3 * one_device
+
+
+# --- (h) composition with other terms ---------------------------------------------------------------
+
+
+def test_siglip_plus_rankclip_is_the_weighted_sum_with_every_terms_metrics():
+    """Terms combine freely: SigLIP + 0.5·RankCLIP is their weighted sum (the rank part checked against the
+    NumPy loops), and the metrics carry each term's value and the ramp weight."""
+    from jclip.losses import siglip_loss
+
+    x, y = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in random_features(21, 12, 5))
+    log_scale, bias, step, total_steps = 1.7, -4.0, 30, 60
+    outputs = {"image_embeddings": jnp.asarray(x), "text_embeddings": jnp.asarray(y),
+               "logit_scale": jnp.float32(log_scale), "logit_bias": jnp.float32(bias)}
+    config = {"siglip": {"weight": 1.0, "ring": False},
+              "rankclip": {"weight": 0.5, "random_ties": False}}
+    ctx = LossContext(step=jnp.int32(step), total_steps=total_steps, rng=jax.random.key(0))
+    loss, metrics = jax.jit(lambda o: total_loss(o, {}, ctx, config))(outputs)
+
+    cross, inmodal = numpy_rank_terms(x.astype(np.float64), y.astype(np.float64), log_scale, eps=1e-10)
+    ramp = min(3.0 * step / total_steps, 2.0)
+    rank_expected = ramp * (cross + inmodal) / (32.0 * len(x))
+    siglip_expected = float(siglip_loss(outputs["image_embeddings"], outputs["text_embeddings"],
+                                        outputs["logit_scale"], outputs["logit_bias"]))
+    assert rel_err(metrics["loss/rankclip"], rank_expected) < 1e-5
+    assert rel_err(metrics["loss/siglip"], siglip_expected) < 1e-6
+    assert rel_err(loss, siglip_expected + 0.5 * rank_expected) < 1e-5
+    assert float(metrics["rankclip/weight"]) == pytest.approx(ramp)
+    assert rel_err(metrics["rankclip/cross"], cross) < 1e-5 and rel_err(metrics["rankclip/in_modal"], inmodal) < 1e-5
