@@ -7,7 +7,9 @@ Each loss term (as configured in `TERMS_UNDER_TEST`) is jitted with its gradient
 embeddings and the logit scale, on a `data`-axis mesh with the global batch sharded over it. Memory is
 XLA's compile-time analysis (temp bytes per device), so it is reported for every size; a size whose
 buffers would not fit this machine's memory is compiled but not run (its time shows as "-"). The ratio
-column compares with the plain CLIP loss at the same batch. shared/METHODS.md: every loss must keep
+column compares with the plain CLIP loss at the same batch. The `rank_sorts` row is not a loss: it times the
+four per-device argsorts of the rankclip term alone (forward), to show how much of that term they are.
+shared/METHODS.md: every loss must keep
 per-device memory O(n·N), never O(N²).
 """
 
@@ -42,6 +44,36 @@ TERMS_UNDER_TEST = {
     "softclip": ({"softclip": {}}, False, False),
     "nclip": ({"nclip": {}}, False, True),
 }
+#: Not a loss: the four per-device argsorts of the rankclip term alone (forward), to show their share of it.
+SORTS_ONLY = "rank_sorts"
+
+
+def _rank_sorts_only(mesh, outputs):
+    """Sorts each device's n×N blocks of S, Sᵀ, S_II and S_TT as the rankclip term does (random ties)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    from jclip.losses.rank import _descending_order
+    from jclip.parallel import BATCH_MESH_AXES
+
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.shape)
+
+    def per_device(image_rows, text_rows, log_scale):
+        image_all = jax.lax.all_gather(image_rows, axes, axis=0, tiled=True)
+        text_all = jax.lax.all_gather(text_rows, axes, axis=0, tiled=True)
+        columns = image_all.shape[0]
+        mask = jnp.ones((columns,), bool)
+        permutation = jax.random.permutation(jax.random.key(0), columns)
+        total = jnp.zeros((), jnp.int32)
+        for rows, others in ((image_rows, text_all), (text_rows, image_all), (image_rows, image_all), (text_rows, text_all)):
+            order = _descending_order(jnp.exp(log_scale) * rows @ others.T, mask, permutation)
+            total = total + order[:, 0].sum()
+        return jax.lax.psum(total, axes)
+
+    spec = PartitionSpec(axes, None)
+    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=PartitionSpec())
+    return jax.jit(mapped).lower(outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"]).compile()
 
 
 def _available_bytes() -> int:
@@ -65,11 +97,11 @@ def main() -> None:
     shards = parallel.batch_shards(mesh)
     batch_sharding = NamedSharding(mesh, parallel.batch_spec(2))
     replicated = NamedSharding(mesh, PartitionSpec())
-    names = args.terms.split(",") if args.terms else list(TERMS_UNDER_TEST)
-    unknown = [n for n in names if n not in TERMS_UNDER_TEST]
+    names = args.terms.split(",") if args.terms else [*TERMS_UNDER_TEST, SORTS_ONLY]
+    unknown = [n for n in names if n not in TERMS_UNDER_TEST and n != SORTS_ONLY]
     if unknown:
-        sys.exit(f"unknown terms {unknown}; known: {sorted(TERMS_UNDER_TEST)}")
-    names = [n for n in names if next(iter(TERMS_UNDER_TEST[n][0])) in losses.TERMS]
+        sys.exit(f"unknown terms {unknown}; known: {sorted(TERMS_UNDER_TEST) + [SORTS_ONLY]}")
+    names = [n for n in names if n == SORTS_ONLY or next(iter(TERMS_UNDER_TEST[n][0])) in losses.TERMS]
     budget = args.memory_fraction * _available_bytes()
     print(f"{jax.device_count()} devices ({jax.devices()[0].platform}), d = {args.dim}, budget {budget / 2**30:.1f} GiB "
           f"for running; memory = XLA temp bytes per device, fwd + bwd")
@@ -83,7 +115,7 @@ def main() -> None:
         y /= np.linalg.norm(y, axis=1, keepdims=True)
         arrays = {"image_embeddings": jax.device_put(x, batch_sharding), "text_embeddings": jax.device_put(y, batch_sharding)}
         for name in names:
-            terms, with_bias, with_prototypes = TERMS_UNDER_TEST[name]
+            terms, with_bias, with_prototypes = TERMS_UNDER_TEST.get(name, ({}, False, False))
             outputs = dict(arrays, logit_scale=jax.device_put(jnp.float32(np.log(1 / 0.07)), replicated))
             if with_bias:
                 outputs["logit_bias"] = jax.device_put(jnp.float32(-10.0), replicated)
@@ -91,23 +123,29 @@ def main() -> None:
                 h = np.tanh(rng.normal(size=(batch, args.prototypes))).astype(np.float32)
                 outputs["image_prototype_logits"] = jax.device_put(h, batch_sharding)
                 outputs["text_prototype_logits"] = jax.device_put(h[::-1].copy(), batch_sharding)
-            state = losses.init_loss_state(terms, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in outputs.items()})
-            ctx = losses.LossContext(mesh=mesh, step=1000, total_steps=2000, rng=jax.random.key(0), state=state)
+            if name == SORTS_ONLY:
+                compiled = _rank_sorts_only(mesh, outputs)
+                run = lambda compiled=compiled, outputs=outputs: compiled(  # noqa: E731
+                    outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"])
+            else:
+                state = losses.init_loss_state(terms, {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in outputs.items()})
+                ctx = losses.LossContext(mesh=mesh, step=1000, total_steps=2000, rng=jax.random.key(0), state=state)
 
-            def loss(outs, ctx=ctx, terms=terms):
-                return losses.total_loss_with_state(outs, {}, ctx, terms)[0]
+                def loss(outs, ctx=ctx, terms=terms):
+                    return losses.total_loss_with_state(outs, {}, ctx, terms)[0]
 
-            compiled = jax.jit(jax.value_and_grad(loss)).lower(outputs).compile()
+                compiled = jax.jit(jax.value_and_grad(loss)).lower(outputs).compile()
+                run = lambda compiled=compiled, outputs=outputs: compiled(outputs)  # noqa: E731
             memory = compiled.memory_analysis()
             temp = float(memory.temp_size_in_bytes)
             live = (temp + memory.argument_size_in_bytes + memory.output_size_in_bytes) * jax.device_count()
             millis = None
             if live < budget and (args.max_run_batch is None or batch <= args.max_run_batch):
-                jax.block_until_ready(compiled(outputs))
+                jax.block_until_ready(run())
                 times = []
                 for _ in range(args.repeats):
                     started = time.perf_counter()
-                    jax.block_until_ready(compiled(outputs))
+                    jax.block_until_ready(run())
                     times.append(time.perf_counter() - started)
                 millis = 1000 * statistics.median(times)
             if name == "clip":

@@ -15,8 +15,8 @@ def test_bench_prints_time_and_memory_for_every_term():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line and line.split()[0] in
-            ("clip", "siglip", "siglip_ring", "rankclip", "softclip", "nclip")]
-    assert {row[0] for row in rows} >= {"clip", "siglip", "siglip_ring", "nclip"}
+            ("clip", "siglip", "siglip_ring", "rankclip", "softclip", "nclip", "rank_sorts")]
+    assert {row[0] for row in rows} >= {"clip", "siglip", "siglip_ring", "nclip", "rank_sorts"}
     for row in rows:
         assert int(row[1]) in (64, 128) and float(row[4]) > 0  # MiB per device
         assert row[3] != "-"  # small enough to run here
