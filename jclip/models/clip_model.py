@@ -30,7 +30,9 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "in_channels"}
 TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
-              "dtype", "param_dtype", "remat", "prototype_heads"}
+              "dtype", "param_dtype", "remat", "prototype_heads", "embedding"}
+#: What `encode_image`/`encode_text` return, the space evaluations and teachers compare in.
+EMBEDDINGS = ("projection", "prototypes")
 
 
 class CLIPModel(nnx.Module):
@@ -40,7 +42,13 @@ class CLIPModel(nnx.Module):
                  quick_gelu: bool = False, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
                  init_logit_bias: float | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, remat: bool = False,
-                 prototype_heads: Mapping[str, int] | None = None, rngs: nnx.Rngs) -> None:
+                 prototype_heads: Mapping[str, int] | None = None, embedding: str = "projection",
+                 rngs: nnx.Rngs) -> None:
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        if embedding == "prototypes" and not prototype_heads:
+            raise ValueError("model.embedding='prototypes' needs model.prototype_heads")
+        self.embedding = embedding
         common = dict(output_dim=embed_dim, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
         self.embed_dim = embed_dim
@@ -57,21 +65,26 @@ class CLIPModel(nnx.Module):
         self.text_head = None if not heads else PrototypeHead(embed_dim, **heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
-        """Images [batch, H, W, 3] (NHWC, normalised) -> image features [batch, embed_dim], float32."""
+        """Images [batch, H, W, 3] (NHWC, normalised) -> image embeddings, float32: the projected features
+        [batch, embed_dim], or with `embedding="prototypes"` the prototype logits [batch, K] (nCLIP)."""
         features = self.visual(images)
+        if self.embedding == "prototypes":
+            features = self.image_head(features)
         return l2_normalize(features) if normalize else features
 
     def encode_text(self, token_ids: jax.Array, normalize: bool = False) -> jax.Array:
-        """Token ids [batch, length] -> text features [batch, embed_dim], float32."""
+        """Token ids [batch, length] -> text embeddings, float32 (the space as in `encode_image`)."""
         features = self.text(token_ids)
+        if self.embedding == "prototypes":
+            features = self.text_head(features)
         return l2_normalize(features) if normalize else features
 
     def __call__(self, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
         """Both towers. Returns `image_features`/`text_features` (projected), `image_embeddings`/
         `text_embeddings` (L2-normalised), `logit_scale` (the raw log value), `logit_bias` if present, and
         `image_prototype_logits`/`text_prototype_logits` [batch, K] when the model has prototype heads."""
-        image_features = self.encode_image(images)
-        text_features = self.encode_text(token_ids)
+        image_features = self.visual(images)
+        text_features = self.text(token_ids)
         outputs = {
             "image_features": image_features,
             "text_features": text_features,
@@ -110,7 +123,8 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
     Keys: `embed_dim`, `vision`, `text` (required); `quick_gelu` (False), `init_logit_scale` (ln(1/0.07)),
     `init_logit_bias` (None: no bias), `dtype` (compute dtype, "float32"), `param_dtype` ("float32"),
     `remat` (False), `prototype_heads` (None, or {num_prototypes, hidden_dim, bottleneck_dim, layers}
-    for nCLIP/xCLIP: see `jclip.models.heads`), `name` (ignored).
+    for nCLIP/xCLIP: see `jclip.models.heads`), `embedding` ("projection", or "prototypes": evaluations
+    and teachers compare the heads' prototype logits, for nCLIP alone), `name` (ignored).
     """
     config = _as_dict(model_config)
     _check_keys(config, MODEL_KEYS, "model")
@@ -129,6 +143,7 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
         param_dtype=_dtype(config.get("param_dtype")),
         remat=bool(config.get("remat", False)),
         prototype_heads=head_config(config.get("prototype_heads")),
+        embedding=str(config.get("embedding") or "projection"),
         rngs=rngs,
     )
 

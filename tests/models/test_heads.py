@@ -50,3 +50,41 @@ def test_head_config_defaults_and_errors():
     assert head_config({"num_prototypes": 1024})["bottleneck_dim"] == 256
     with pytest.raises(ValueError, match="unknown model.prototype_heads"):
         head_config({"prototypes": 3})
+
+
+def test_prototype_embedding_space_for_evaluations():
+    """embedding='prototypes': encode_image/encode_text return the training forward's prototype logits
+    (normalised), so evaluations compare nCLIP models where they are trained; the training outputs keep
+    the projected embeddings."""
+    config = presets.get_preset("tiny")
+    config["prototype_heads"] = {"num_prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16, "layers": 2}
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(1, 1000, size=(3, 32)), jnp.int32)
+    projection = build_model(config, nnx.Rngs(0))
+    prototypes = build_model({**config, "embedding": "prototypes"}, nnx.Rngs(0))
+    outputs = prototypes(images, tokens)
+    np.testing.assert_allclose(np.asarray(outputs["image_embeddings"]), np.asarray(projection(images, tokens)["image_embeddings"]), atol=1e-6)
+    for encode, key in ((prototypes.encode_image, "image_prototype_logits"), (prototypes.encode_text, "text_prototype_logits")):
+        expected = np.asarray(outputs[key])
+        expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+        got = np.asarray(encode(images if key.startswith("image") else tokens, normalize=True))
+        assert got.shape == (3, 64)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs model.prototype_heads"):
+        build_model({**presets.get_preset("tiny"), "embedding": "prototypes"}, nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.embedding must be one of"):
+        build_model({**config, "embedding": "bottleneck"}, nnx.Rngs(0))
+
+
+def test_prototype_embedding_without_heads_is_a_config_error():
+    from jclip.config_validation import ConfigError, validate_config
+    from jclip_testing import micro_config
+
+    config = micro_config(**{"model.text.vocab_size": 49408})
+    config.model.embedding = "prototypes"
+    with pytest.raises(ConfigError, match="set model.prototype_heads"):
+        validate_config(config)
+    config.model.embedding = "logits"
+    with pytest.raises(ConfigError, match="model.embedding must be one of"):
+        validate_config(config)
