@@ -182,6 +182,7 @@ NCLIP_HEAD_FLAGS = [
 def test_nclip_centres_are_checkpointed_and_resume_exactly(tmp_path, scenes_data_dir):
     """xCLIP's EMA centres live in the train state: a resumed run continues with them, not from zero."""
     flags = micro_run_flags(scenes_data_dir, total_steps=4, checkpoint_every=2) + NCLIP_HEAD_FLAGS
+    flags.append("--config.losses.nclip.collapse=centering")  # the variant with state, whatever the default
     workdir = tmp_path / "run"
     command = main_command(workdir, flags, config="configs/xclip.py")
     subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600, check=True)
@@ -209,3 +210,25 @@ def test_nclip_without_prototype_heads_is_a_config_error(tmp_path, scenes_data_d
     result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "jclip: invalid config: losses:" in result.stderr and "prototype_heads" in result.stderr
+
+
+def test_nclip_config_trains_and_evaluates_in_the_prototype_space(tmp_path, scenes_data_dir):
+    """configs/nclip.py end to end: its evaluations embed with the prototype heads (K-dimensional)."""
+    flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2) + NCLIP_HEAD_FLAGS
+    workdir = tmp_path / "run"
+    command = main_command(workdir, flags, config="configs/nclip.py")
+    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read_final_evaluation(workdir)
+    assert {"eval/retrieval/image_to_text_R@1", "eval/zeroshot/top1", "eval/compositional/accuracy"} <= set(final)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["embedding"] == "prototypes"
+    import ml_collections
+    from flax import nnx
+
+    from jclip.train import ModelFunctions
+
+    functions = ModelFunctions.create(ml_collections.ConfigDict(saved["model"]), 0)
+    size = saved["model"]["vision"]["image_size"]
+    shapes = jax.eval_shape(functions.encode_images, nnx.to_pure_dict(functions.abstract_state), jnp.zeros((2, size, size, 3)))
+    assert shapes.shape == (2, 64)  # K prototypes, not embed_dim
