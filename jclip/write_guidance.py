@@ -34,6 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config w
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The guiding model: a workdir, its checkpoints/ folder or a step folder.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
 _OUTPUT = flags.DEFINE_string("output", None, "The folder to write (keys.npy, image.npy, text.npy).")
+PROGRESS_EVERY = 10_000
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size of the embedding passes.")
 
 
@@ -81,6 +82,8 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
         count = len(raw)
         component_keys, captions = [], []
         for index in range(count):
+            if index and index % PROGRESS_EVERY == 0:
+                print(f"guidance: {name}: read {index}/{count} keys and captions", flush=True)
             example = raw[index]
             key = robust.example_key(example)
             if key is None:
