@@ -119,3 +119,19 @@ def random_features(seed: int, n: int, d: int, dtype=np.float32) -> tuple[np.nda
     """Seeded unnormalised image and text features [n, d]."""
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, d)).astype(dtype), rng.normal(size=(n, d)).astype(dtype)
+
+
+def fwd_bwd_temp_bytes(loss, n_rows: int, d: int, mesh, num_scalars: int = 1) -> int:
+    """XLA's per-device temp allocation for the jitted forward + backward of `loss(x, y, *scalars)` on
+    [n_rows, d] embeddings (batch-sharded over `mesh`, or on one device when it is None) and float32 scalars."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from jclip.parallel import batch_spec
+
+    sharding = None if mesh is None else NamedSharding(mesh, batch_spec(2))
+    spec = jax.ShapeDtypeStruct((n_rows, d), jnp.float32, sharding=sharding)
+    scalars = [jax.ShapeDtypeStruct((), jnp.float32)] * num_scalars
+    grad = jax.value_and_grad(loss, argnums=tuple(range(2 + num_scalars)))
+    return int(jax.jit(grad).lower(spec, spec, *scalars).compile().memory_analysis().temp_size_in_bytes)

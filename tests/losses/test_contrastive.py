@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from jclip.losses.contrastive import clip_loss, siglip_loss
 from jclip.parallel import batch_spec, make_mesh
-from jclip_testing import random_features, rel_err
+from jclip_testing import fwd_bwd_temp_bytes, random_features, rel_err
 
 MESHES = {
     "data8": {"data": 8},
@@ -235,16 +235,7 @@ def test_large_logit_scale_is_finite(kind, mesh_name):
 
 
 def _temp_bytes(kind: str, n_rows: int, d: int, mesh) -> int:
-    """XLA's temp allocation per device for the jitted fwd+bwd of the loss on [n_rows, d] inputs."""
-    sharding = None if mesh is None else NamedSharding(mesh, batch_spec(2))
-    spec = jax.ShapeDtypeStruct((n_rows, d), jnp.float32, sharding=sharding)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-
-    def loss(x, y, t, b):
-        return LOSSES[kind](x, y, t, b, mesh=mesh)
-
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(spec, spec, scalar, scalar).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return fwd_bwd_temp_bytes(lambda x, y, t, b: LOSSES[kind](x, y, t, b, mesh=mesh), n_rows, d, mesh, num_scalars=2)
 
 
 def test_sharded_memory_grows_like_n_times_N():

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jclip.losses import LossContext, total_loss, validate_terms_config
 from jclip.losses.rank import list_mle, ramp_weight, rankclip_losses
 from jclip.parallel import batch_spec, make_mesh
-from jclip_testing import random_features, rel_err
+from jclip_testing import fwd_bwd_temp_bytes, random_features, rel_err
 
 MESHES = {"data8": {"data": 8}, "data4_fsdp2": {"data": 4, "fsdp": 2}}
 OFFICIAL_EPOCHS = (1, 10, 40, 64)
@@ -380,16 +380,11 @@ def test_term_weight_metric_and_errors():
 
 
 def _temp_bytes(n_rows: int, d: int, mesh) -> int:
-    """XLA's temp allocation per device for the jitted fwd+bwd of the rank terms on [n_rows, d] inputs."""
-    sharding = None if mesh is None else NamedSharding(mesh, batch_spec(2))
-    spec = jax.ShapeDtypeStruct((n_rows, d), jnp.float32, sharding=sharding)
-
     def loss(x, y, t):
         cross, inmodal = rankclip_losses(x, y, t, tie_key=jax.random.key(0), mesh=mesh)
         return cross + inmodal
 
-    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(spec, spec, jax.ShapeDtypeStruct((), jnp.float32))
-    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+    return fwd_bwd_temp_bytes(loss, n_rows, d, mesh)
 
 
 def test_sharded_memory_grows_like_n_times_N():

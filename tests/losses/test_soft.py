@@ -21,7 +21,7 @@ from configs import softclip as softclip_config
 from jclip.losses import LossContext, TERMS, clip_loss, total_loss, validate_terms_config
 from jclip.losses.soft import softclip_loss, softclip_parts
 from jclip.parallel import batch_spec, make_mesh
-from jclip_testing import random_features, rel_err
+from jclip_testing import fwd_bwd_temp_bytes, random_features, rel_err
 
 MESHES = {"data8": {"data": 8}, "data4_fsdp2": {"data": 4, "fsdp": 2}}
 
@@ -479,12 +479,7 @@ def test_softclip_parts_wrapper_matches_term():
 
 
 def _temp_bytes(n_rows: int, d: int, mesh) -> int:
-    """XLA's temp allocation per device for the jitted fwd+bwd of the loss on [n_rows, d] inputs."""
-    sharding = None if mesh is None else NamedSharding(mesh, batch_spec(2))
-    spec = jax.ShapeDtypeStruct((n_rows, d), jnp.float32, sharding=sharding)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    loss = jax.value_and_grad(lambda x, y, t: softclip_loss(x, y, t, mesh=mesh), argnums=(0, 1, 2))
-    return int(jax.jit(loss).lower(spec, spec, scalar).compile().memory_analysis().temp_size_in_bytes)
+    return fwd_bwd_temp_bytes(lambda x, y, t: softclip_loss(x, y, t, mesh=mesh), n_rows, d, mesh)
 
 
 def test_sharded_memory_grows_like_n_times_N():
