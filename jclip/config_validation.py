@@ -47,12 +47,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         f"model.vision.image_size ({vision.image_size}) must be a multiple of patch_size ({vision.patch_size})",
     )
     _require(text.width % text.heads == 0, f"model.text.width ({text.width}) must be divisible by heads ({text.heads})")
-    from jclip.models.clip_model import EMBEDDINGS
+    from jclip.models.clip_model import check_embedding
 
-    embedding = model.get("embedding") or "projection"
-    _require(embedding in EMBEDDINGS, f"model.embedding must be one of {EMBEDDINGS}, got {embedding!r}")
-    _require(embedding != "prototypes" or bool(model.get("prototype_heads")),
-             "model.embedding='prototypes' compares the prototype heads' logits; set model.prototype_heads")
+    try:
+        check_embedding(model.get("embedding") or "projection", model.get("prototype_heads"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     _require(model.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {model.dtype!r}")
 
     data = config.data

@@ -34,28 +34,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config w
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The guiding model: a workdir, its checkpoints/ folder or a step folder.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
 _OUTPUT = flags.DEFINE_string("output", None, "The folder to write (keys.npy, image.npy, text.npy).")
-PROGRESS_EVERY = 10_000
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size of the embedding passes.")
+PROGRESS_EVERY = 10_000
 
 
-def training_components(config: Any, image_size: int, context_length: int) -> tuple[Any, list[tuple[str, Any]]]:
-    """`config.data` made concrete for a model of this image size and context length, and (component name,
-    random-access raw source) of every training component."""
+def configured_data(config: Any, image_size: int, context_length: int) -> Any:
+    """`config.data` made concrete for the guiding model's image size and context length."""
     import ml_collections
 
     from jclip.data.sources import ConfiguredData
 
     model = ml_collections.ConfigDict({"vision": {"image_size": image_size}, "text": {"context_length": context_length}})
-    data = ConfiguredData(config.data, model)
-    components = []
-    for name, spec, entry, _ in data._components():
-        if spec.kind == "wds":
-            raise ValueError(
-                f"guidance features need random access to the training examples, but {name!r} is the stream "
-                f"wds:{spec.argument}: convert it with python -m jclip.data.convert_webdataset"
-            )
-        components.append((name, data._training_source(name, spec, entry)))
-    return data, components
+    return ConfiguredData(config.data, model)
 
 
 def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, step: int | None = None,
@@ -73,11 +63,9 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
 
     setup, params, saved = restore_frozen(checkpoint, step, config, mesh)
     encoders = setup.encoders()
-    data, components = training_components(
-        config, int(saved.model.vision.image_size), int(saved.model.text.context_length)
-    )
+    data = configured_data(config, int(saved.model.vision.image_size), int(saved.model.text.context_length))
     keys, images, texts = [], [], []
-    for name, raw in components:
+    for name, raw in data.random_access_training_sources():
         started = time.perf_counter()
         count = len(raw)
         component_keys, captions = [], []

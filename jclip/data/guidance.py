@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jclip.data.robust import example_key
+
 #: modality -> the batch key the loss terms read (jclip.losses.soft.BATCH_GUIDANCE_KEYS).
 BATCH_KEYS = {"image": "guidance_image_features", "text": "guidance_text_features"}
 KEYS_FILE = "keys.npy"
@@ -121,6 +123,4 @@ class WithGuidance:
         out = self.preprocess(example, rng)
         if not isinstance(out, dict):  # a jclip.data.robust.Skipped marker: the example is dropped anyway
             return out
-        from jclip.data.robust import example_key
-
         return {**out, **self.features.lookup(example_key(example, self.key_field))}

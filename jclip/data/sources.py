@@ -190,6 +190,19 @@ class ConfiguredData:
             raise ValueError(self._no_labels_message(name, spec))
         return label_captions.CaptionsFromLabels(raw, names, templates)
 
+    def random_access_training_sources(self) -> list[tuple[str, Any]]:
+        """(component name, raw training source) of every training component, for a pass over all of them
+        (e.g. `python -m jclip.write_guidance`); a tar-shard stream is refused, since it has no random access."""
+        components = []
+        for name, spec, entry, _ in self._components():
+            if spec.kind not in RANDOM_ACCESS_KINDS:
+                raise ValueError(
+                    f"the training component {name!r} ({_spec_text(spec)}) is a stream without random access: "
+                    f"convert it with python -m jclip.data.convert_webdataset"
+                )
+            components.append((name, self._training_source(name, spec, entry)))
+        return components
+
     def _check_stream(self, name: str, spec: SourceSpec, entry: Any) -> None:
         if self._field(entry, "caption_templates") is not None:
             raise ValueError(self._no_labels_message(name, spec))

@@ -35,6 +35,14 @@ MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_s
 EMBEDDINGS = ("projection", "prototypes")
 
 
+def check_embedding(embedding: str, prototype_heads: Any) -> None:
+    """Raises ValueError unless `embedding` is known and, for "prototypes", the model has prototype heads."""
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+    if embedding == "prototypes" and not prototype_heads:
+        raise ValueError("model.embedding='prototypes' compares the prototype heads' logits; set model.prototype_heads")
+
+
 class CLIPModel(nnx.Module):
     """Image and text towers projecting into a shared embedding space, plus the logit scale (and bias)."""
 
@@ -44,10 +52,7 @@ class CLIPModel(nnx.Module):
                  param_dtype: Any = jnp.float32, remat: bool = False,
                  prototype_heads: Mapping[str, int] | None = None, embedding: str = "projection",
                  rngs: nnx.Rngs) -> None:
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {embedding!r}")
-        if embedding == "prototypes" and not prototype_heads:
-            raise ValueError("model.embedding='prototypes' needs model.prototype_heads")
+        check_embedding(embedding, prototype_heads)
         self.embedding = embedding
         common = dict(output_dim=embed_dim, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)

@@ -146,3 +146,17 @@ def test_config_pairs_batch_guidance_with_features(tmp_path):
     config.data.guidance_features = str(tmp_path)
     with pytest.raises(ConfigError, match="data.guidance_features is set .* but no loss term reads it"):
         validate_config(config)
+
+
+def test_guidance_is_written_only_for_random_access_training_data(tmp_path):
+    (tmp_path / "images").mkdir()
+    config = softclip.get_config()
+    config.data.mixture = {"folder": {"source": write_folder(tmp_path / "images")},
+                           "shards": {"source": f"wds:{tmp_path}/shard-{{0..1}}.tar"}}
+    data = sources.ConfiguredData(config.data, config.model)
+    with pytest.raises(ValueError, match=r"'shards' \(wds:.*\) is a stream without random access"):
+        data.random_access_training_sources()
+    config.data.mixture = {}
+    config.data.source = write_folder(tmp_path / "images")
+    ((name, raw),) = sources.ConfiguredData(config.data, config.model).random_access_training_sources()
+    assert name == "main" and sorted(raw[i]["key"] for i in range(len(raw))) == sorted(f"{i}.png" for i in range(COUNT))

@@ -71,7 +71,7 @@ def test_prototype_embedding_space_for_evaluations():
         got = np.asarray(encode(images if key.startswith("image") else tokens, normalize=True))
         assert got.shape == (3, 64)
         np.testing.assert_allclose(got, expected, atol=1e-5)
-    with pytest.raises(ValueError, match="needs model.prototype_heads"):
+    with pytest.raises(ValueError, match="set model.prototype_heads"):
         build_model({**presets.get_preset("tiny"), "embedding": "prototypes"}, nnx.Rngs(0))
     with pytest.raises(ValueError, match="model.embedding must be one of"):
         build_model({**config, "embedding": "bottleneck"}, nnx.Rngs(0))
