@@ -106,3 +106,58 @@ def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> tup
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs carrying each leaf's sharding: the restore target for the current mesh."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+# Params-only exports: the model's parameters (no optimizer state, no data iterator) and what is needed to
+# use them: the model config and the preprocessing (tokenizer, image size, normalisation). Written by
+# `python -m jclip.convert params` (from a training checkpoint) and `... import` (from PyTorch formats);
+# read by `config.init_from`, by the exporters to PyTorch, and by `load_params`.
+EXPORT_INFO = "jclip_export.json"
+EXPORT_PARAMS = "params"
+EXPORT_FORMAT = "jclip-params"
+
+
+def is_params_export(path: str | pathlib.Path) -> bool:
+    return (pathlib.Path(path) / EXPORT_INFO).is_file()
+
+
+def save_params(directory: str | pathlib.Path, params: Any, info: dict[str, Any]) -> pathlib.Path:
+    """Writes `params` (a model-structured pure dict) and `info` (JSON: at least `model`, the model config)
+    to a params-only export `directory`, which must not exist yet (nothing is overwritten)."""
+    import json
+
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists; choose a new folder for the export")
+    if "model" not in info:
+        raise ValueError("a params export needs its model config (info['model'])")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / EXPORT_PARAMS, params)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    (directory / EXPORT_INFO).write_text(json.dumps({"format": EXPORT_FORMAT, "version": 1, **info}, indent=2))
+    return directory
+
+
+def load_export_info(directory: str | pathlib.Path) -> dict[str, Any]:
+    """The `jclip_export.json` of a params export (model config, preprocessing, source)."""
+    import json
+
+    path = pathlib.Path(directory) / EXPORT_INFO
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a jclip params export (no {EXPORT_INFO})")
+    info = json.loads(path.read_text())
+    if info.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not a jclip params export (format {info.get('format')!r})")
+    return info
+
+
+def load_params(directory: str | pathlib.Path, target: Any) -> Any:
+    """The parameters of a params export, restored onto `target`'s structure, shapes and shardings
+    (ShapeDtypeStructs with `sharding`, as from `abstract_like`)."""
+    directory = pathlib.Path(directory).absolute()
+    load_export_info(directory)
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(directory / EXPORT_PARAMS, target)
+    checkpointer.close()
+    return params

@@ -1,0 +1,82 @@
+"""Exports loaded by the real PyTorch libraries give jclip's embeddings: randomly initialised jclip models
+(tiny and ViT-B/32 shapes, exact GELU and quick-GELU) written as transformers and OpenCLIP folders, loaded
+with `CLIPModel.from_pretrained` and `open_clip.create_model_and_transforms("local-dir:...")` in their own
+interpreters (tests/convert/pytorch_embed.py), and compared on the same inputs within 1e-5."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jclip.convert import formats, params_io
+from jclip.data.tokenizer import make_tokenizer
+from jclip.models import build_model, get_preset
+
+EMBED_SCRIPT = pathlib.Path(__file__).with_name("pytorch_embed.py")
+CAPTIONS = ["a photo of a red cube.", "two small green spheres left of a large metal cylinder", ""]
+MODELS = [("tiny", False), ("tiny", True), ("B/32", False), ("B/32", True)]
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=[f"{p}-{'quickgelu' if q else 'gelu'}" for p, q in MODELS])
+def exported(request, tmp_path_factory) -> tuple[params_io.HostModel, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A random jclip model, its inputs, and jclip's features of them."""
+    preset, quick_gelu = request.param
+    model_config = get_preset(preset, quick_gelu=quick_gelu)
+    model_config.pop("name")
+    module = build_model(model_config, nnx.Rngs(7))
+    params = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    size, context = model_config["vision"]["image_size"], model_config["text"]["context_length"]
+    tokenizer = make_tokenizer("clip", context)
+    inputs = {"images": np.random.default_rng(0).standard_normal((3, 3, size, size)).astype(np.float32),
+              "token_ids": np.stack([tokenizer(caption) for caption in CAPTIONS])}
+    outputs = jax.jit(lambda i, t: module(i, t))(jnp.asarray(inputs["images"].transpose(0, 2, 3, 1)),
+                                                 jnp.asarray(inputs["token_ids"]))
+    folder = tmp_path_factory.mktemp("parity")
+    np.savez(folder / "inputs.npz", **inputs)
+    model = params_io.HostModel(model_config, params, params_io.preprocessing_spec(model_config))
+    return model, {"folder": folder}, {k: np.asarray(outputs[k]) for k in ("image_features", "text_features")}
+
+
+def run_library(python: str, kind: str, folder: pathlib.Path, inputs: pathlib.Path) -> dict[str, np.ndarray]:
+    out = folder / "outputs.npz"
+    result = subprocess.run([python, str(EMBED_SCRIPT), kind, str(folder), str(inputs), str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = dict(np.load(out))
+    if (folder / "outputs.npz.tokens.npy").exists():
+        outputs["tokens"] = np.load(folder / "outputs.npz.tokens.npy")
+    return outputs
+
+
+def assert_same_features(library: dict[str, np.ndarray], jclip: dict[str, np.ndarray]) -> None:
+    for key in ("image_features", "text_features"):
+        error = float(np.max(np.abs(library[key] - jclip[key])))
+        print(f"{key}: max abs difference {error:.2e} (max |value| {np.max(np.abs(jclip[key])):.2f})")
+        np.testing.assert_allclose(library[key], jclip[key], atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_clipmodel_gives_jclips_features(exported, torch_python: str) -> None:
+    model, paths, jclip = exported
+    folder = paths["folder"] / "hf"
+    formats.export_hf(model, folder)
+    library = run_library(torch_python, "hf", folder, paths["folder"] / "inputs.npz")
+    assert_same_features(library, jclip)
+    assert float(library["logit_scale"]) == pytest.approx(float(model.params[("logit_scale",)]), rel=1e-7)
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "pt"])
+def test_openclip_gives_jclips_features_and_tokens(exported, openclip_python: str, weights: str) -> None:
+    model, paths, jclip = exported
+    folder = paths["folder"] / f"openclip_{weights}"
+    formats.export_openclip(model, folder, weights=weights)
+    library = run_library(openclip_python, "openclip", folder, paths["folder"] / "inputs.npz")
+    assert_same_features(library, jclip)
+    # OpenCLIP's tokenizer for the folder (from its config) gives jclip's token ids.
+    context = model.model_config["text"]["context_length"]
+    np.testing.assert_array_equal(library["tokens"][0], make_tokenizer("clip", context)("a photo of a red cube."))
