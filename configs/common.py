@@ -104,6 +104,10 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.optim.accum_steps = 1  # micro-batches per step; the loss still sees the whole global batch.
     config.optim.max_log_logit_scale = 4.605170185988092  # ln 100: CLIP's clamp of the logit scale.
 
+    # Start from earlier weights (fine-tuning): a params export (python -m jclip.convert params|import) or a
+    # jclip training checkpoint. Only the parameters are taken, and only on a fresh start (see jclip/init_from.py).
+    config.init_from = config_dict.placeholder(str)
+
     # A frozen teacher (a finished jclip run) whose embeddings join the loss inputs (SoftCLIP guidance="outputs").
     config.teacher = ml_collections.ConfigDict(
         {"checkpoint": config_dict.placeholder(str), "step": config_dict.placeholder(int)}

@@ -24,7 +24,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jclip import checkpoint, evals, losses, models, optim, parallel
+from jclip import checkpoint, evals, init_from, losses, models, optim, parallel
 from jclip.config_validation import ConfigError, validate_config
 from jclip.data import pipeline, robust
 from jclip.data.sources import ConfiguredData
@@ -368,6 +368,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     latest = checkpointer.latest_step()
     if latest is None:
         state = setup.init_state()
+        if config.get("init_from"):
+            params, kept = init_from.initial_params(config, setup, state["params"])
+            state = {**state, "params": params}
+            if is_main:
+                print(f"initialised the parameters from {config.init_from}"
+                      + (f"; kept at initialisation: {', '.join(kept)}" if kept else ""), flush=True)
     else:
         state = checkpointer.restore(latest, setup.abstract_state(), train_iterator)
         counters = checkpointer.restore_counters(latest)

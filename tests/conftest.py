@@ -45,3 +45,14 @@ def scenes_data_dir(tmp_path_factory) -> pathlib.Path:
     for split in ("train", "validation"):
         embedded.load_source(split, data_dir=str(data_dir), config="small")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def micro_clip_run(scenes_data_dir, tmp_path_factory) -> pathlib.Path:
+    """The workdir of a finished 3-step micro CLIP run (checkpoint at step 3), shared by the tests that read
+    a trained jclip checkpoint (teacher, init_from, conversion)."""
+    from jclip_testing import micro_run_flags, run_jclip_main
+
+    workdir = tmp_path_factory.mktemp("micro_clip_run")
+    run_jclip_main(workdir, "configs/clip.py", micro_run_flags(scenes_data_dir, total_steps=3, checkpoint_every=3))
+    return workdir

@@ -63,6 +63,17 @@ def micro_run_flags(data_dir: pathlib.Path, **overrides) -> list[str]:
     return flags
 
 
+def run_jclip_main(workdir: pathlib.Path, config: str, flags: list[str], timeout: int = 600) -> str:
+    """Runs `python -m jclip.main` in a subprocess; asserts success and returns its stdout."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def read_losses(workdir: pathlib.Path) -> dict[int, float]:
     """step -> loss from a workdir's metrics.jsonl (the last line of a step wins, as after a resume)."""
     losses = {}

@@ -4,8 +4,6 @@ parameters never change, and a missing or mismatched teacher is a clear config e
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -16,26 +14,18 @@ from jclip import checkpoint, parallel
 from jclip.config_validation import ConfigError, validate_config
 from jclip.teacher import load_teacher
 from jclip.train import TrainSetup
-from jclip_testing import REPO_ROOT, micro_config, micro_run_flags, read_losses
-
-
-def run_main(workdir, config, flags):
-    command = [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+from jclip_testing import micro_config, micro_run_flags, read_losses, run_jclip_main
 
 
 @pytest.fixture(scope="module")
-def teacher_run(scenes_data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("teacher")
-    run_main(workdir, "configs/clip.py", micro_run_flags(scenes_data_dir, total_steps=3, checkpoint_every=3))
-    return workdir
+def teacher_run(micro_clip_run):
+    return micro_clip_run
 
 
 def test_teacher_guidance_changes_the_soft_targets(teacher_run, scenes_data_dir, tmp_path):
     flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2)
-    run_main(tmp_path / "self", "configs/softclip.py", flags)
-    run_main(tmp_path / "teacher", "configs/softclip.py",
+    run_jclip_main(tmp_path / "self", "configs/softclip.py", flags)
+    run_jclip_main(tmp_path / "teacher", "configs/softclip.py",
              flags + ["--config.losses.softclip.guidance=outputs", f"--config.teacher.checkpoint={teacher_run}"])
     # Same initialisation and data: only the guidance differs, so the first step's loss differs.
     assert read_losses(tmp_path / "teacher")[1] != pytest.approx(read_losses(tmp_path / "self")[1], rel=1e-6)

@@ -153,6 +153,33 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
     )
 
 
+_ARCHITECTURE_DEFAULTS = {
+    "vision": {"head_width": 64, "mlp_ratio": 4.0, "in_channels": 3},
+    "text": {"mlp_ratio": 4.0},
+}
+
+
+def architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What fixes the meaning of a model's weights: the tower shapes, the activation and the embedding
+    width (not compute options, initial values, or optional parameters such as the logit bias and the
+    prototype heads, which weight loading compares by name)."""
+    config = _as_dict(model_config)
+    result: dict[str, Any] = {"embed_dim": int(config["embed_dim"]), "quick_gelu": bool(config.get("quick_gelu", False))}
+    for tower in ("vision", "text"):
+        values = {**_ARCHITECTURE_DEFAULTS[tower], **_as_dict(config[tower])}
+        result.update({f"{tower}.{key}": tuple(value) if isinstance(value, (list, tuple)) else value
+                       for key, value in sorted(values.items())})
+    size = result["vision.image_size"]
+    result["vision.image_size"] = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    return result
+
+
+def architecture_differences(given: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """`key: given vs expected` for every architecture entry where two model configs differ."""
+    a, b = architecture(given), architecture(expected)
+    return [f"{key}: {a.get(key)!r} vs {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
 def abstract_model(model_config: Mapping[str, Any]) -> CLIPModel:
     """The model with `jax.ShapeDtypeStruct`s instead of weights (nothing allocated)."""
     return nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))

@@ -1,0 +1,65 @@
+"""`config.init_from`: a new run's parameters taken from earlier weights, for fine-tuning.
+
+The source is a params export (`python -m jclip.convert params` or `... import`, e.g. OpenAI's or OpenCLIP's
+weights) or a jclip training checkpoint (a workdir, its checkpoints/ folder or a step folder). Only the
+parameters are taken: the optimizer state, step and data position start fresh. The source's architecture
+must equal `config.model`'s (shapes and activation), and every source parameter must find its place; the
+run's parameters the source lacks (a SigLIP logit bias, nCLIP prototype heads) keep their initialisation,
+and the run says which. Only on a fresh start: resuming a run always reads its own checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jclip import checkpoint
+from jclip.config_validation import ConfigError
+from jclip.convert.params_io import flatten, unflatten
+from jclip.models.clip_model import abstract_model, architecture_differences
+
+
+def _restore_export(path: str, setup: Any) -> tuple[dict[str, Any], Any]:
+    """(model config, params) of a params export, each parameter on the run's sharding where the run has it."""
+    from flax import nnx
+
+    info = checkpoint.load_export_info(path)
+    run_shardings = flatten(setup.state_shardings["params"])
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    abstract = flatten(nnx.to_pure_dict(nnx.state(abstract_model(info["model"]), nnx.Param)))
+    target = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run_shardings.get(p, replicated))
+              for p, x in abstract.items()}
+    return info["model"], checkpoint.load_params(path, unflatten(target))
+
+
+def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -> tuple[Any, list[str]]:
+    """`params` (the run's fresh initialisation) with every parameter `config.init_from` holds replaced by
+    its value; also the names of the parameters kept at initialisation."""
+    path = str(config.init_from)
+    try:
+        if checkpoint.is_params_export(path):
+            model_config, loaded = _restore_export(path, setup)
+        else:
+            from jclip.teacher import restore_frozen
+
+            _, loaded, saved = restore_frozen(path, None, config, setup.mesh)
+            model_config = saved.model
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"init_from: {error}") from error
+    differences = architecture_differences(model_config, config.model)
+    if differences:
+        raise ConfigError(f"init_from: {path} has another architecture than config.model (source vs config): "
+                          + "; ".join(differences))
+    fresh, source = flatten(params), flatten(loaded)
+    unplaced = sorted("/".join(map(str, p)) for p in set(source) - set(fresh))
+    if unplaced:
+        raise ConfigError(f"init_from: the model has no place for these parameters of {path}: {unplaced}")
+    kept = sorted("/".join(map(str, p)) for p in set(fresh) - set(source))
+    for key, value in source.items():
+        if value.shape != fresh[key].shape or value.dtype != fresh[key].dtype:
+            raise ConfigError(f"init_from: {'/'.join(map(str, key))} is {value.dtype}{list(value.shape)} in {path}, "
+                              f"{fresh[key].dtype}{list(fresh[key].shape)} in the model")
+    return unflatten({**fresh, **source}), kept
