@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from jclip.convert.openclip import StateDict, check_state_dict, openclip_state_shapes
+from jclip.models.clip_model import CLIP_INIT_LOGIT_SCALE
 
 # transformers' defaults where a config.json leaves an entry out (CLIPTextConfig, CLIPVisionConfig, CLIPConfig).
 _TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
@@ -184,7 +185,7 @@ def hf_config(model_config: Mapping[str, Any], preprocessing: Mapping[str, Any])
         "architectures": ["CLIPModel"],
         "model_type": "clip",
         "projection_dim": embed_dim,
-        "logit_scale_init_value": float(model_config.get("init_logit_scale", 2.6592)),
+        "logit_scale_init_value": float(model_config.get("init_logit_scale", CLIP_INIT_LOGIT_SCALE)),
         "dtype": "float32",
         "text_config": {
             "model_type": "clip_text_model", "vocab_size": int(text["vocab_size"]), "hidden_size": text_width,

@@ -114,3 +114,18 @@ def test_sigmoid_models_export_to_transformers_only_when_the_bias_is_dropped(tmp
     state = safetensors_numpy.load_file(str(tmp_path / "openclip" / formats.OPENCLIP_WEIGHTS["safetensors"]))
     assert float(state["logit_bias"]) == -7.5
     assert json.loads((tmp_path / "openclip" / formats.OPENCLIP_CONFIG).read_text())["model_cfg"]["init_logit_bias"] == -7.5
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_jclip_to_transformers_to_jclip_is_exact(tmp_path: pathlib.Path, quick_gelu: bool) -> None:
+    model_config = get_preset("tiny", quick_gelu=quick_gelu)
+    model_config.pop("name")
+    module = build_model(model_config, nnx.Rngs(3))
+    params = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    formats.export_hf(params_io.HostModel(model_config, params, params_io.preprocessing_spec(model_config)),
+                      tmp_path / "hf")
+    back = formats.import_model(tmp_path / "hf")
+    assert back.model_config["quick_gelu"] == quick_gelu
+    assert set(back.params) == set(params)
+    for path, value in params.items():
+        assert np.array_equal(back.params[path], value), path

@@ -80,3 +80,55 @@ def test_openclip_gives_jclips_features_and_tokens(exported, openclip_python: st
     # OpenCLIP's tokenizer for the folder (from its config) gives jclip's token ids.
     context = model.model_config["text"]["context_length"]
     np.testing.assert_array_equal(library["tokens"][0], make_tokenizer("clip", context)("a photo of a red cube."))
+
+
+PREPROCESS_SCRIPT = """
+import json, sys
+import numpy as np
+import open_clip
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+folder, images, out = sys.argv[1:]  # an OpenCLIP export with a transformers export in folder/hf
+config = json.load(open(f"{folder}/open_clip_config.json"))["preprocess_cfg"]
+transform = open_clip.image_transform(config["size"], is_train=False, mean=config["mean"], std=config["std"],
+                                      resize_mode=config["resize_mode"], interpolation=config["interpolation"])
+hf = CLIPImageProcessor.from_pretrained(f"{folder}/hf")
+pil = [Image.open(path) for path in images.split(",")]
+np.savez(out, openclip=np.stack([transform(image).numpy() for image in pil]),
+         hf=hf(images=pil, return_tensors="np")["pixel_values"])
+"""
+
+
+def test_exported_preprocessing_gives_jclips_pixels(openclip_python: str, tmp_path: pathlib.Path) -> None:
+    """OpenCLIP's transform built from the exported preprocess_cfg gives jclip's pixels exactly; transformers'
+    CLIPImageProcessor from preprocessor_config.json within one 8-bit level (its resize rounds differently)."""
+    from PIL import Image
+
+    from jclip.data.transforms import centre_crop, normalise, resize_short_side
+
+    model_config = get_preset("tiny", vision={**get_preset("tiny")["vision"], "image_size": 224, "patch_size": 32})
+    module = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))
+    params = {tuple(p): np.zeros(v.shape, np.float32) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    model = params_io.HostModel(model_config, params, params_io.preprocessing_spec(model_config))
+    formats.export_openclip(model, tmp_path / "export")
+    formats.export_hf(model, tmp_path / "export" / "hf")
+    rng = np.random.default_rng(0)
+    paths, expected = [], []
+    for index, (width, height) in enumerate([(32, 32), (48, 32), (300, 400), (224, 224)]):
+        smooth = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(smooth).resize((width, height), Image.BILINEAR)
+        paths.append(tmp_path / f"image{index}.png")
+        image.save(paths[-1])
+        expected.append(normalise(centre_crop(resize_short_side(image, 224), 224)).transpose(2, 0, 1))
+    script = tmp_path / "preprocess.py"
+    script.write_text(PREPROCESS_SCRIPT)
+    result = subprocess.run([openclip_python, str(script), str(tmp_path / "export"), ",".join(map(str, paths)),
+                             str(tmp_path / "pixels.npz")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pixels = np.load(tmp_path / "pixels.npz")
+    np.testing.assert_array_equal(pixels["openclip"], np.stack(expected))
+    one_level = 1 / 255 / min(model.preprocessing["std"])
+    difference = np.abs(pixels["hf"] - np.stack(expected))
+    print(f"CLIPImageProcessor vs jclip: max {difference.max():.4f}, mean {difference.mean():.2e}")
+    assert difference.max() <= one_level * 1.01
