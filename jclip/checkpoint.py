@@ -8,6 +8,7 @@ Unfinished saves (`*.orbax-checkpoint-tmp` folders left by a crash) are ignored 
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -124,8 +125,6 @@ def is_params_export(path: str | pathlib.Path) -> bool:
 def save_params(directory: str | pathlib.Path, params: Any, info: dict[str, Any]) -> pathlib.Path:
     """Writes `params` (a model-structured pure dict) and `info` (JSON: at least `model`, the model config)
     to a params-only export `directory`, which must not exist yet (nothing is overwritten)."""
-    import json
-
     directory = pathlib.Path(directory).absolute()
     if directory.exists():
         raise FileExistsError(f"{directory} exists; choose a new folder for the export")
@@ -141,8 +140,6 @@ def save_params(directory: str | pathlib.Path, params: Any, info: dict[str, Any]
 
 def load_export_info(directory: str | pathlib.Path) -> dict[str, Any]:
     """The `jclip_export.json` of a params export (model config, preprocessing, source)."""
-    import json
-
     path = pathlib.Path(directory) / EXPORT_INFO
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a jclip params export (no {EXPORT_INFO})")

@@ -16,6 +16,7 @@ import sys
 import time
 
 from jclip.convert.params_io import HostModel
+from jclip.data.transforms import CLIP_MEAN, CLIP_STD
 
 
 def _bool(text: str) -> bool:
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             model = formats.import_model(args.source, openclip_config=args.openclip_config, preset=args.preset,
                                          quick_gelu=args.quick_gelu, head_width=args.head_width)
             print(f"read {args.source}: {_describe(model)}", flush=True)
+            if (model.preprocessing["mean"], model.preprocessing["std"]) != (list(CLIP_MEAN), list(CLIP_STD)):
+                print(f"note: the source normalises images with mean {model.preprocessing['mean']} and std "
+                      f"{model.preprocessing['std']}; jclip's input pipeline uses CLIP's {list(CLIP_MEAN)} and "
+                      f"{list(CLIP_STD)}", file=sys.stderr)
             written = params_io.write(args.output, model, {"imported_from": str(pathlib.Path(args.source).absolute())})
         else:
             model = params_io.read(args.checkpoint, args.step)

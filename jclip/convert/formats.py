@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from jclip.convert import huggingface, openclip, torch_files
 from jclip.convert.params_io import HostModel, abstract_params, flatten, preprocessing_spec
+from jclip.data import tokenizer
 from jclip.models import presets
 
 OPENCLIP_CONFIG = "open_clip_config.json"
@@ -119,8 +120,11 @@ def _folder_weights(folder: pathlib.Path, names: tuple[str, ...]) -> pathlib.Pat
     raise FileNotFoundError(f"{folder} has none of the weights files {list(names)}")
 
 
-def _preprocessing_with(model_config: dict[str, Any], mean: Any, std: Any, tokenizer: str) -> dict[str, Any]:
-    spec = preprocessing_spec(model_config, tokenizer)
+def _preprocessing_with(model_config: dict[str, Any], mean: Any, std: Any) -> dict[str, Any]:
+    """The preprocessing of imported weights: CLIP's tokenizer where the vocabulary is CLIP's, the source's
+    mean and std where it states them."""
+    vocab_size = model_config["text"]["vocab_size"]
+    spec = preprocessing_spec(model_config, "clip" if vocab_size == tokenizer.VOCAB_SIZE else "unknown: the source's")
     if mean is not None:
         spec["mean"], spec["std"] = [float(m) for m in mean], [float(s) for s in std]
     return spec
@@ -131,7 +135,7 @@ def import_hf(folder: pathlib.Path) -> HostModel:
     config = json.loads((folder / HF_CONFIG).read_text())
     model_config = huggingface.model_config_from_hf(config)
     vocab_size = model_config["text"]["vocab_size"]
-    eos = config.get("text_config", {}).get("eos_token_id", 2)
+    eos = config.get("text_config", {}).get("eos_token_id", 49407)  # transformers' default
     if eos not in (2, vocab_size - 1):  # 2: transformers' legacy argmax pooling
         raise ValueError(f"the text tower pools at the end token {eos}, jclip's at the largest id {vocab_size - 1}")
     state_dict = huggingface.openclip_state_dict_from_hf(
@@ -139,8 +143,7 @@ def import_hf(folder: pathlib.Path) -> HostModel:
     processor = {}
     if (folder / HF_PREPROCESSOR).is_file():
         processor = json.loads((folder / HF_PREPROCESSOR).read_text())
-    tokenizer = "clip" if vocab_size == presets.PRESETS["B/32"]["text"]["vocab_size"] else "unknown: the source's"
-    spec = _preprocessing_with(model_config, processor.get("image_mean"), processor.get("image_std"), tokenizer)
+    spec = _preprocessing_with(model_config, processor.get("image_mean"), processor.get("image_std"))
     return _host_model(model_config, state_dict, spec)
 
 
@@ -183,8 +186,7 @@ def import_openclip(source: pathlib.Path, *, openclip_config: str | pathlib.Path
                              "give --openclip_config")
         model_config = openclip.model_config_from_openclip_state_dict(
             state_dict, quick_gelu=True if quick_gelu is None else quick_gelu, head_width=head_width)
-    tokenizer = "clip" if model_config["text"]["vocab_size"] == presets.PRESETS["B/32"]["text"]["vocab_size"] else "unknown: the source's"
-    spec = _preprocessing_with(model_config, preprocess.get("mean"), preprocess.get("std"), tokenizer)
+    spec = _preprocessing_with(model_config, preprocess.get("mean"), preprocess.get("std"))
     return _host_model(model_config, state_dict, spec)
 
 

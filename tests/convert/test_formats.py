@@ -76,6 +76,22 @@ def test_import_transformers_folder(reference_dir: pathlib.Path) -> None:
         formats.import_model(reference_dir / "hf_clip_tiny", preset="B/32")
 
 
+def test_transformers_folders_pooling_elsewhere_or_normalising_otherwise(reference_dir, tmp_path, capsys) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(reference_dir / "hf_clip_tiny", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 500
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pools at the end token 500, jclip's at the largest id 999"):
+        formats.import_model(folder)
+    config["text_config"]["eos_token_id"] = 2  # transformers' legacy argmax pooling: jclip's
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / formats.HF_PREPROCESSOR).write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    assert convert_main(["import", f"--source={folder}", f"--output={tmp_path / 'export'}"]) == 0
+    assert "normalises images with mean [0.5, 0.5, 0.5]" in capsys.readouterr().err
+    assert params_io.read(tmp_path / "export").preprocessing["mean"] == [0.5] * 3
+
+
 def test_command_line_round_trip_is_exact(reference_dir: pathlib.Path, tmp_path: pathlib.Path, capsys) -> None:
     """OpenCLIP folder -> `import` -> params export -> `openclip` (safetensors and .pt) == OpenCLIP's file."""
     source = openclip_folder(reference_dir, "openclip_tiny", tmp_path / "source")
