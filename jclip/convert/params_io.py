@@ -112,6 +112,16 @@ def _to_host(params: Any) -> dict[ParamPath, np.ndarray]:
     return {path: np.asarray(jax.device_get(value)) for path, value in flatten(params).items()}
 
 
+def build(model: HostModel) -> clip_model.CLIPModel:
+    """The NNX `CLIPModel` holding `model`'s parameters (on the default device), e.g. for inference:
+    `build(read(export)).encode_image(images)`."""
+    import jax.numpy as jnp
+
+    module = clip_model.build_model(model.model_config, nnx.Rngs(0))
+    nnx.update(module, unflatten({path: jnp.asarray(value) for path, value in model.params.items()}))
+    return module
+
+
 def write(directory: str | pathlib.Path, model: HostModel, source: Mapping[str, Any]) -> pathlib.Path:
     """Saves `model` as a params export (loadable by `read` and by `config.init_from`); `source` says where
     the parameters came from (JSON)."""

@@ -23,9 +23,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="reading the
 
 def features(model: params_io.HostModel, io: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """jclip's projected image and text features of the reference inputs for an imported model."""
-    module = build_model(model.model_config, nnx.Rngs(0))
-    nnx.update(module, params_io.unflatten({k: jnp.asarray(v) for k, v in model.params.items()}))
-    outputs = module(jnp.asarray(io["images"].transpose(0, 2, 3, 1)), jnp.asarray(io["token_ids"]))
+    outputs = params_io.build(model)(jnp.asarray(io["images"].transpose(0, 2, 3, 1)), jnp.asarray(io["token_ids"]))
     return np.asarray(outputs["image_features"]), np.asarray(outputs["text_features"])
 
 
