@@ -143,3 +143,19 @@ def test_jclip_to_transformers_to_jclip_is_exact(tmp_path: pathlib.Path, quick_g
     assert set(back.params) == set(params)
     for path, value in params.items():
         assert np.array_equal(back.params[path], value), path
+
+
+def test_import_a_state_dict_torch_saved(reference_dir: pathlib.Path, tmp_path: pathlib.Path, torch_python: str) -> None:
+    """OpenCLIP's reference state dict, saved by real torch as an OpenCLIP training checkpoint (.pt, with
+    DDP's `module.` prefix), imports to the same features."""
+    import subprocess
+
+    script = ("import sys, torch; from safetensors.torch import load_file; "
+              "sd = {'module.' + k: v for k, v in load_file(sys.argv[1]).items()}; "
+              "torch.save({'epoch': 1, 'name': 'run', 'state_dict': sd}, sys.argv[2])")
+    path = tmp_path / "epoch_1.pt"
+    result = subprocess.run([torch_python, "-c", script, str(reference_dir / "openclip_tiny.safetensors"), str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = formats.import_model(path, openclip_config=reference_dir / "openclip_tiny.json")
+    assert_reproduces(model, dict(np.load(reference_dir / "openclip_tiny_io.npz")))
