@@ -30,13 +30,14 @@ setup(
         "tensorboardX>=2.6",
         # Records of converted WebDataset shards.
         "msgpack>=1.0",
+        # Weights files of the PyTorch world (OpenCLIP, transformers), read and written without torch.
+        "safetensors>=0.4",
     ],
     extras_require={
         "sentencepiece": ["sentencepiece>=0.2"],
         "test": [
             "pytest>=8.0",
             "sentencepiece>=0.2",
-            "safetensors>=0.4",
             # OpenAI's own tokenizer and vocabulary, the independent reference of the tokenizer tests.
             "openai-clip>=1.0.1",
         ],

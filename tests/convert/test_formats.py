@@ -11,14 +11,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
 from flax import nnx
 
 from jclip.convert import formats, params_io
 from jclip.convert.__main__ import main as convert_main
 from jclip.convert.torch_files import load_torch_state_dict
 from jclip.models import build_model, get_preset
-
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="reading the references needs safetensors")
 
 
 def features(model: params_io.HostModel, io: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

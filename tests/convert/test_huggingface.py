@@ -9,6 +9,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
 from flax import nnx
 
 from jclip.convert.huggingface import (
@@ -21,8 +22,6 @@ from jclip.convert.huggingface import (
 from jclip.convert.openclip import load_openclip_state_dict
 from jclip.convert.params_io import preprocessing_spec
 from jclip.models import build_model, get_preset
-
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="reading the reference needs safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
 from flax import nnx
 
 from jclip.convert.openclip import (
@@ -26,9 +27,6 @@ from jclip.convert.openclip import (
 )
 from jclip.models import CLIPModel, build_model, count_params, get_preset
 from jclip.models.clip_model import architecture
-
-safetensors_numpy = pytest.importorskip(
-    "safetensors.numpy", reason="reading OpenCLIP's reference state dicts needs `pip install safetensors`")
 
 VARIANTS = ["openclip_tiny", "openclip_tiny_quickgelu"]
 
