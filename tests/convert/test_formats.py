@@ -158,3 +158,21 @@ def test_import_a_state_dict_torch_saved(reference_dir: pathlib.Path, tmp_path: 
     assert result.returncode == 0, result.stderr[-2000:]
     model = formats.import_model(path, openclip_config=reference_dir / "openclip_tiny.json")
     assert_reproduces(model, dict(np.load(reference_dir / "openclip_tiny_io.npz")))
+
+
+def test_import_a_bare_state_dict_by_preset(tmp_path: pathlib.Path) -> None:
+    model_config = get_preset("tiny", init_logit_bias=-4.0)
+    model_config.pop("name")
+    module = build_model(model_config, nnx.Rngs(5))
+    params = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    formats.export_openclip(params_io.HostModel(model_config, params, params_io.preprocessing_spec(model_config)),
+                            tmp_path / "openclip")
+    weights = tmp_path / "openclip" / formats.OPENCLIP_WEIGHTS["safetensors"]
+    with pytest.raises(ValueError, match="say --quick_gelu=true or false"):
+        formats.import_model(weights, preset="tiny")
+    with pytest.raises(ValueError, match=r"shape mismatch for 'visual.conv1.weight'"):
+        formats.import_model(weights, preset="B/32", quick_gelu=False)
+    back = formats.import_model(weights, preset="tiny", quick_gelu=False)
+    assert back.model_config["init_logit_bias"] == -4.0  # the state dict's bias makes it a sigmoid model
+    for path, value in params.items():
+        assert np.array_equal(back.params[path], value), path
