@@ -10,6 +10,8 @@ Command:    mkdir -p /tmp/cifar10 && tar xzf ../shared/data/cifar10/cifar10-trai
             python -m jclip.main --config=configs/cifar10.py:data=classfolders:/tmp/cifar10 --workdir=/tmp/cifar10_run
 """
 
+from ml_collections import config_dict
+
 from configs import common
 from jclip.evals import templates
 
@@ -22,6 +24,6 @@ def get_config(arg: str | None = None):
     config.data.random_crop_scale = (0.8, 1.0)
     config.evals = {
         "zeroshot": {"every": 400, "split": "train[90%:]", "batch_size": 512, "templates": "openai_cifar",
-                     "limit": None, "source": None},
+                     "limit": config_dict.placeholder(int), "source": config_dict.placeholder(str)},
     }
     return config

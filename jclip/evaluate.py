@@ -6,6 +6,9 @@ training workdir, its `checkpoints/` folder, or one step's folder in it; the lat
 checkpoint (so the state restores whatever `--config` says); the evaluators, data and mesh come from
 `--config` when given, else from the saved config too. Override any field with `--config.<path>=<value>`,
 e.g. `--config.evals.zeroshot.limit=1000`.
+
+`--checkpoint` may also be a params export (`python -m jclip.convert params|import`, e.g. OpenAI's weights):
+the model comes from the export, everything else from `--config`, which is then required.
 """
 
 from __future__ import annotations
@@ -50,37 +53,73 @@ def merged_config(saved: dict[str, Any], given: Any | None) -> Any:
 
 def evaluate(checkpoint: str | pathlib.Path, config: Any | None = None, step: int | None = None) -> dict[str, Any]:
     """Restores the checkpoint's params and runs every configured evaluator: the report as a dict."""
-    import jax
-
     from jclip import checkpoint as ckpt
-    from jclip import evals, parallel
-    from jclip.config_validation import validate_config
-    from jclip.data.sources import ConfiguredData
-    from jclip.train import TrainSetup, _prepare_data
 
+    if ckpt.is_params_export(checkpoint):
+        return _evaluate_export(pathlib.Path(checkpoint), config, step)
     directory, step = ckpt.resolve_checkpoint(checkpoint, step)
     checkpointer = ckpt.Checkpointer(directory, keep=1_000_000, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None or step not in checkpointer.all_steps():
         raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; steps there: {checkpointer.all_steps()}")
     config = merged_config(checkpointer.restore_config(step), config)
+    data, setup = _data_and_setup(config)
+    state = checkpointer.restore(step, setup.abstract_state(), None)
+    checkpointer.close()
+    report: dict[str, Any] = {"checkpoint": str(directory / str(step)), "step": step, "evaluators": {}}
+    return _run_evaluators(config, data, setup, state["params"], report)
+
+
+def _evaluate_export(export: pathlib.Path, config: Any | None, step: int | None) -> dict[str, Any]:
+    """A params export's model, evaluated with the given config's evaluators and data."""
+    import ml_collections
+
+    from jclip import checkpoint as ckpt
+    from jclip.init_from import restore_export
+
+    if config is None:
+        raise ValueError(f"{export} is a params export, which has no run config: pass --config (its evaluators "
+                         "and data are used; the model comes from the export)")
+    if step is not None:
+        raise ValueError(f"{export} is a params export, which has no steps; drop --step")
+    config = ml_collections.ConfigDict(config.to_dict())
+    compute = {key: config.model[key] for key in ("dtype", "param_dtype", "remat") if key in config.model}
+    config.model = ml_collections.ConfigDict({**ckpt.load_export_info(export)["model"], **compute})
+    data, setup = _data_and_setup(config)
+    _, params = restore_export(str(export), setup)
+    return _run_evaluators(config, data, setup, params, {"checkpoint": str(export), "step": None, "evaluators": {}})
+
+
+def _data_and_setup(config: Any) -> tuple[Any, Any]:
+    """The validated config's data (opened) and train set-up (mesh, model functions, shardings)."""
+    from jclip import parallel
+    from jclip.config_validation import validate_config
+    from jclip.data.sources import ConfiguredData
+    from jclip.train import TrainSetup, _prepare_data
+
     mesh = parallel.make_mesh(dict(config.mesh))
     validate_config(config, mesh)
     data = ConfiguredData(config.data, config.model)
     _prepare_data(data, config)
-    setup = TrainSetup.create(config, mesh)
-    state = checkpointer.restore(step, setup.abstract_state(), None)
-    checkpointer.close()
+    return data, TrainSetup.create(config, mesh)
+
+
+def _run_evaluators(config: Any, data: Any, setup: Any, params: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """Every configured evaluator on `params`, its results added to `report` and printed."""
+    import jax
+
+    from jclip import evals
+
     encoders = setup.encoders()
-    report: dict[str, Any] = {"checkpoint": str(directory / str(step)), "step": step, "evaluators": {}}
+    step = report["step"]
     for evaluator in evals.build_evaluators(config.evals, data):
         started = time.perf_counter()
-        results = evaluator.run(state["params"], encoders)
+        results = evaluator.run(params, encoders)
         results["seconds"] = time.perf_counter() - started
         report["evaluators"][evaluator.name] = results
         if jax.process_index() == 0:
             shown = ", ".join(f"{key} {value:.4f}" for key, value in results.items() if not key.startswith("count/"))
-            print(f"eval {evaluator.name} @ step {step}: {shown}", flush=True)
+            print(f"eval {evaluator.name}{'' if step is None else f' @ step {step}'}: {shown}", flush=True)
     return report
 
 
@@ -103,10 +142,15 @@ def main(argv: list[str]) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"jclip.evaluate: {error}", file=sys.stderr)
         sys.exit(2)
-    from jclip.checkpoint import resolve_checkpoint
+    from jclip.checkpoint import is_params_export, resolve_checkpoint
 
-    directory, _ = resolve_checkpoint(_CHECKPOINT.value, _STEP.value)
-    output = pathlib.Path(_OUTPUT.value) if _OUTPUT.value else directory.parent / f"eval_{report['step']}.json"
+    if _OUTPUT.value:
+        output = pathlib.Path(_OUTPUT.value)
+    elif is_params_export(_CHECKPOINT.value):
+        output = pathlib.Path(_CHECKPOINT.value) / "eval.json"
+    else:
+        directory, _ = resolve_checkpoint(_CHECKPOINT.value, _STEP.value)
+        output = directory.parent / f"eval_{report['step']}.json"
     if jax.process_index() == 0:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2))

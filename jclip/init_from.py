@@ -22,7 +22,7 @@ from jclip.convert.params_io import flatten, unflatten
 from jclip.models.clip_model import abstract_model, architecture_differences
 
 
-def _restore_export(path: str, setup: Any) -> tuple[dict[str, Any], Any]:
+def restore_export(path: str, setup: Any) -> tuple[dict[str, Any], Any]:
     """(model config, params) of a params export, each parameter on the run's sharding where the run has it."""
     from flax import nnx
 
@@ -41,7 +41,7 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
     path = str(config.init_from)
     try:
         if checkpoint.is_params_export(path):
-            model_config, loaded = _restore_export(path, setup)
+            model_config, loaded = restore_export(path, setup)
         else:
             from jclip.teacher import restore_frozen
 

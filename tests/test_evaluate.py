@@ -18,12 +18,8 @@ def run_module(module, *flags, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(scenes_data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    flags = micro_run_flags(scenes_data_dir, total_steps=3, checkpoint_every=3)
-    result = run_module("jclip.main", "--config=configs/clip.py", f"--workdir={workdir}", *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def trained_workdir(micro_clip_run):
+    return micro_clip_run
 
 
 def test_report_equals_the_runs_final_evaluation(trained_workdir, tmp_path):
@@ -36,6 +32,22 @@ def test_report_equals_the_runs_final_evaluation(trained_workdir, tmp_path):
     expected = read_final_evaluation(trained_workdir)
     assert expected, "the training run logged no evaluation"
     for key, value in expected.items():
+        _, name, metric = key.split("/", 2)
+        assert report["evaluators"][name][metric] == pytest.approx(value, abs=1e-9), key
+
+
+def test_a_params_export_evaluates_like_its_checkpoint(trained_workdir, tmp_path, scenes_data_dir):
+    """The model comes from the export (the config's tiny preset is replaced), the rest from --config."""
+    export = tmp_path / "export"
+    result = run_module("jclip.convert", "params", f"--checkpoint={trained_workdir}", f"--output={export}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_module("jclip.evaluate", f"--checkpoint={export}").returncode == 2  # no --config: refused
+    flags = [f for f in micro_run_flags(scenes_data_dir, total_steps=3) if not f.startswith("--config.model.")]
+    result = run_module("jclip.evaluate", "--config=configs/clip.py", f"--checkpoint={export}", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "eval.json").read_text())
+    assert report["step"] is None
+    for key, value in read_final_evaluation(trained_workdir).items():
         _, name, metric = key.split("/", 2)
         assert report["evaluators"][name][metric] == pytest.approx(value, abs=1e-9), key
 
