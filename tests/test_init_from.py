@@ -95,3 +95,21 @@ def test_a_run_starts_exactly_from_the_export(micro_clip_run, scenes_data_dir, t
         np.testing.assert_allclose(run.params[path], value, rtol=1e-6, atol=1e-20)
     assert checkpoint.is_params_export(tmp_path / "export") and not checkpoint.is_params_export(tmp_path / "run")
     jax.clear_caches()
+
+
+def test_params_come_from_a_training_checkpoint(micro_clip_run) -> None:
+    import json
+
+    import ml_collections
+
+    config = ml_collections.ConfigDict(json.loads((micro_clip_run / "config.json").read_text()))
+    config.seed = 11  # a fresh initialisation other than the run's
+    config.init_from = str(micro_clip_run)
+    setup, fresh = _setup_and_fresh(config)
+    params, kept = initial_params(config, setup, fresh)
+    assert kept == []
+    trained = params_io.read(micro_clip_run, step=3).params
+    flat = params_io.flatten(params)
+    assert set(flat) == set(trained)
+    for path, value in trained.items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), value)
