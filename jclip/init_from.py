@@ -14,25 +14,23 @@ from typing import Any
 
 import jax
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
+from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jclip import checkpoint
 from jclip.config_validation import ConfigError
-from jclip.convert.params_io import flatten, unflatten
-from jclip.models.clip_model import abstract_model, architecture_differences
+from jclip.models.clip_model import architecture_differences
 
 
 def restore_export(path: str, setup: Any) -> tuple[dict[str, Any], Any]:
-    """(model config, params) of a params export, each parameter on the run's sharding where the run has it."""
-    from flax import nnx
+    """(model config, params) of a params export, laid out on the run's mesh by the run's sharding rules."""
+    from jclip.train import ModelFunctions
 
     info = checkpoint.load_export_info(path)
-    run_shardings = flatten(setup.state_shardings["params"])
-    replicated = NamedSharding(setup.mesh, PartitionSpec())
-    abstract = flatten(nnx.to_pure_dict(nnx.state(abstract_model(info["model"]), nnx.Param)))
-    target = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run_shardings.get(p, replicated))
-              for p, x in abstract.items()}
-    return info["model"], checkpoint.load_params(path, unflatten(target))
+    functions = ModelFunctions.create(ml_collections.ConfigDict(info["model"]), seed=0)
+    target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          nnx.to_pure_dict(functions.abstract_state), functions.param_shardings(setup.mesh, setup.rules))
+    return info["model"], checkpoint.load_params(path, target)
 
 
 def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -> tuple[Any, list[str]]:
@@ -53,7 +51,7 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
     if differences:
         raise ConfigError(f"init_from: {path} has another architecture than config.model (source vs config): "
                           + "; ".join(differences))
-    fresh, source = flatten(params), flatten(loaded)
+    fresh, source = flatten_dict(params), flatten_dict(loaded)
     unplaced = sorted("/".join(map(str, p)) for p in set(source) - set(fresh))
     if unplaced:
         raise ConfigError(f"init_from: the model has no place for these parameters of {path}: {unplaced}")
@@ -62,4 +60,4 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
         if value.shape != fresh[key].shape or value.dtype != fresh[key].dtype:
             raise ConfigError(f"init_from: {'/'.join(map(str, key))} is {value.dtype}{list(value.shape)} in {path}, "
                               f"{fresh[key].dtype}{list(fresh[key].shape)} in the model")
-    return unflatten({**fresh, **source}), kept
+    return unflatten_dict({**fresh, **source}), kept
