@@ -24,8 +24,8 @@ MODELS = [("tiny", False), ("tiny", True), ("B/32", False), ("B/32", True)]
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=[f"{p}-{'quickgelu' if q else 'gelu'}" for p, q in MODELS])
-def exported(request, tmp_path_factory) -> tuple[params_io.HostModel, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A random jclip model, its inputs, and jclip's features of them."""
+def exported(request, tmp_path_factory) -> tuple[params_io.HostModel, pathlib.Path, dict[str, np.ndarray]]:
+    """A random jclip model, a folder holding its inputs (inputs.npz), and jclip's features of them."""
     preset, quick_gelu = request.param
     model_config = get_preset(preset, quick_gelu=quick_gelu)
     model_config.pop("name")
@@ -40,7 +40,7 @@ def exported(request, tmp_path_factory) -> tuple[params_io.HostModel, dict[str, 
     folder = tmp_path_factory.mktemp("parity")
     np.savez(folder / "inputs.npz", **inputs)
     model = params_io.HostModel(model_config, params, params_io.preprocessing_spec(model_config))
-    return model, {"folder": folder}, {k: np.asarray(outputs[k]) for k in ("image_features", "text_features")}
+    return model, folder, {k: np.asarray(outputs[k]) for k in ("image_features", "text_features")}
 
 
 def run_library(python: str, kind: str, folder: pathlib.Path, inputs: pathlib.Path) -> dict[str, np.ndarray]:
@@ -62,20 +62,20 @@ def assert_same_features(library: dict[str, np.ndarray], jclip: dict[str, np.nda
 
 
 def test_transformers_clipmodel_gives_jclips_features(exported, torch_python: str) -> None:
-    model, paths, jclip = exported
-    folder = paths["folder"] / "hf"
+    model, work, jclip = exported
+    folder = work / "hf"
     formats.export_hf(model, folder)
-    library = run_library(torch_python, "hf", folder, paths["folder"] / "inputs.npz")
+    library = run_library(torch_python, "hf", folder, work / "inputs.npz")
     assert_same_features(library, jclip)
     assert float(library["logit_scale"]) == pytest.approx(float(model.params[("logit_scale",)]), rel=1e-7)
 
 
 @pytest.mark.parametrize("weights", ["safetensors", "pt"])
 def test_openclip_gives_jclips_features_and_tokens(exported, openclip_python: str, weights: str) -> None:
-    model, paths, jclip = exported
-    folder = paths["folder"] / f"openclip_{weights}"
+    model, work, jclip = exported
+    folder = work / f"openclip_{weights}"
     formats.export_openclip(model, folder, weights=weights)
-    library = run_library(openclip_python, "openclip", folder, paths["folder"] / "inputs.npz")
+    library = run_library(openclip_python, "openclip", folder, work / "inputs.npz")
     assert_same_features(library, jclip)
     # OpenCLIP's tokenizer for the folder (from its config) gives jclip's token ids.
     context = model.model_config["text"]["context_length"]

@@ -20,8 +20,6 @@ import pytest
 
 from jclip.convert.torch_files import load_torch_state_dict, save_torch_state_dict
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 
 def _run_torch(torch_python: str, script: str, *args: object) -> None:
     try:
