@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["jclip", "jclip.*"]),
+    packages=find_packages(include=["jclip", "jclip.*", "configs"]),
     install_requires=[
         "jax>=0.10.0",
         "flax>=0.12.0",

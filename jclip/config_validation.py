@@ -6,12 +6,9 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jclip import parallel
+from jclip.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message names the field and what is expected."""
 
 
 def _require(condition: bool, message: str) -> None:

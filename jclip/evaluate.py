@@ -14,7 +14,6 @@ the model comes from the export, everything else from `--config`, which is then 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
@@ -25,11 +24,6 @@ from ml_collections import config_flags
 
 from jclip.cli import initialise_distributed, parse_flags
 
-# Config files import `configs.common`: make the repository root importable when run from elsewhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file whose `evals`, `data` and `mesh` to use (default: the checkpoint's own).",
     lock_config=True,
@@ -39,35 +33,19 @@ _STEP = flags.DEFINE_integer("step", None, "The step to evaluate (default: the l
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON report (default: <workdir>/eval_<step>.json).")
 
 
-def merged_config(saved: dict[str, Any], given: Any | None) -> Any:
-    """The saved config, with `evals`, `data`, `mesh` and `sharding_rules` taken from `given` if any."""
-    import ml_collections
-
-    config = ml_collections.ConfigDict(saved)
-    if given is not None:
-        for key in ("evals", "data", "mesh", "sharding_rules"):
-            if key in given:
-                config[key] = given[key]
-    return config
-
-
 def evaluate(checkpoint: str | pathlib.Path, config: Any | None = None, step: int | None = None) -> dict[str, Any]:
     """Restores the checkpoint's params and runs every configured evaluator: the report as a dict."""
     from jclip import checkpoint as ckpt
+    from jclip import restore
 
     if ckpt.is_params_export(checkpoint):
         return _evaluate_export(pathlib.Path(checkpoint), config, step)
-    directory, step = ckpt.resolve_checkpoint(checkpoint, step)
-    checkpointer = ckpt.Checkpointer(directory, keep=1_000_000, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or step not in checkpointer.all_steps():
-        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; steps there: {checkpointer.all_steps()}")
-    config = merged_config(checkpointer.restore_config(step), config)
+    directory, step, saved = restore.open_run(checkpoint, step)
+    config = restore.with_layout(saved, config, ("evals", "data", *restore.LAYOUT_KEYS))
     data, setup = _data_and_setup(config)
-    state = checkpointer.restore(step, setup.abstract_state(), None)
-    checkpointer.close()
+    params = restore.restore_params(directory, step, setup)
     report: dict[str, Any] = {"checkpoint": str(directory / str(step)), "step": step, "evaluators": {}}
-    return _run_evaluators(config, data, setup, state["params"], report)
+    return _run_evaluators(config, data, setup, params, report)
 
 
 def _evaluate_export(export: pathlib.Path, config: Any | None, step: int | None) -> dict[str, Any]:
@@ -75,7 +53,7 @@ def _evaluate_export(export: pathlib.Path, config: Any | None, step: int | None)
     import ml_collections
 
     from jclip import checkpoint as ckpt
-    from jclip.init_from import restore_export
+    from jclip.restore import restore_export
 
     if config is None:
         raise ValueError(f"{export} is a params export, which has no run config: pass --config (its evaluators "
@@ -95,12 +73,12 @@ def _data_and_setup(config: Any) -> tuple[Any, Any]:
     from jclip import parallel
     from jclip.config_validation import validate_config
     from jclip.data.sources import ConfiguredData
-    from jclip.train import TrainSetup, _prepare_data
+    from jclip.build import TrainSetup, prepare_data
 
     mesh = parallel.make_mesh(dict(config.mesh))
     validate_config(config, mesh)
     data = ConfiguredData(config.data, config.model)
-    _prepare_data(data, config)
+    prepare_data(data, config)
     return data, TrainSetup.create(config, mesh)
 
 
@@ -132,7 +110,7 @@ def main(argv: list[str]) -> None:
 
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
-    from jclip.config_validation import ConfigError
+    from jclip.errors import ConfigError
 
     initialise_distributed()
     import jax

@@ -12,25 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_collections
-from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jclip import checkpoint
-from jclip.config_validation import ConfigError
+from jclip.errors import ConfigError
+from jclip.restore import restore_export, restore_run
 from jclip.models.clip_model import architecture_differences
-
-
-def restore_export(path: str, setup: Any) -> tuple[dict[str, Any], Any]:
-    """(model config, params) of a params export, laid out on the run's mesh by the run's sharding rules."""
-    from jclip.train import ModelFunctions
-
-    info = checkpoint.load_export_info(path)
-    functions = ModelFunctions.create(ml_collections.ConfigDict(info["model"]), seed=0)
-    target = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          nnx.to_pure_dict(functions.abstract_state), functions.param_shardings(setup.mesh, setup.rules))
-    return info["model"], checkpoint.load_params(path, target)
 
 
 def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -> tuple[Any, list[str]]:
@@ -41,9 +29,7 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
         if checkpoint.is_params_export(path):
             model_config, loaded = restore_export(path, setup)
         else:
-            from jclip.teacher import restore_frozen
-
-            _, loaded, saved = restore_frozen(path, None, config, setup.mesh)
+            _, loaded, saved = restore_run(path, None, config, setup.mesh)
             model_config = saved.model
     except (ConfigError, FileNotFoundError, ValueError) as error:
         raise ConfigError(f"init_from: {error}") from error

@@ -7,18 +7,12 @@ same command resumes from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from jclip.cli import initialise_distributed, parse_flags
-
-# Config files import `configs.common`: make the repository root importable when run from elsewhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:model=B/32.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and TensorBoard logs.")
@@ -35,7 +29,8 @@ def main(argv: list[str]) -> None:
 
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines would drown the progress line.
-    from jclip.config_validation import ConfigError, validate_config
+    from jclip.config_validation import validate_config
+    from jclip.errors import ConfigError
 
     config = _CONFIG.value
     try:

@@ -17,8 +17,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from jclip import checkpoint
-from jclip.config_validation import ConfigError
+from jclip.errors import ConfigError
+from jclip.restore import restore_run
 
 TEACHER_KEYS = ("teacher_image_embeddings", "teacher_text_embeddings")
 
@@ -38,33 +38,13 @@ class Teacher:
         return {TEACHER_KEYS[0]: jax.lax.stop_gradient(images), TEACHER_KEYS[1]: jax.lax.stop_gradient(texts)}
 
 
-def restore_frozen(checkpoint_path: str, step: int | None, config: ml_collections.ConfigDict, mesh: Mesh):
-    """A finished run's model rebuilt from its saved config and its parameters restored onto `mesh` (laid
-    out by `config`'s mesh and sharding rules): (TrainSetup, params, the saved config)."""
-    from jclip.train import TrainSetup
-
-    try:
-        directory, step = checkpoint.resolve_checkpoint(checkpoint_path, step)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(str(error)) from error
-    checkpointer = checkpoint.Checkpointer(directory, keep=1_000_000, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    saved = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    saved.mesh = config.mesh
-    saved.sharding_rules = config.sharding_rules
-    setup = TrainSetup.create(saved, mesh)
-    state = checkpointer.restore(step, setup.abstract_state(), None)
-    checkpointer.close()
-    return setup, state["params"], saved
-
-
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> Teacher | None:
     """The configured teacher restored onto `mesh`, or None when `config.teacher.checkpoint` is unset."""
     spec = config.get("teacher") or {}
     if not spec.get("checkpoint"):
         return None
     try:
-        setup, params, saved = restore_frozen(spec["checkpoint"], spec.get("step"), config, mesh)
+        setup, params, saved = restore_run(spec["checkpoint"], spec.get("step"), config, mesh)
     except ConfigError as error:
         raise ConfigError(f"teacher.checkpoint: {error}") from error
     if int(saved.model.vision.image_size) != int(config.model.vision.image_size):

@@ -15,7 +15,6 @@ augmented view.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 import time
@@ -25,10 +24,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jclip.cli import initialise_distributed, parse_flags
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config whose data to embed.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The guiding model: a workdir, its checkpoints/ folder or a step folder.")
@@ -57,11 +52,11 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
     from jclip import parallel
     from jclip.data import guidance, robust
     from jclip.evals.common import ImagesOnly, embed_split, embed_texts
-    from jclip.teacher import restore_frozen
+    from jclip.restore import restore_run
 
     mesh = parallel.make_mesh(dict(config.mesh))
 
-    setup, params, saved = restore_frozen(checkpoint, step, config, mesh)
+    setup, params, saved = restore_run(checkpoint, step, config, mesh)
     encoders = setup.encoders()
     data = configured_data(config, int(saved.model.vision.image_size), int(saved.model.text.context_length))
     keys, images, texts = [], [], []
@@ -99,7 +94,7 @@ def main(argv: list[str]) -> None:
     for flag in (_CONFIG, _CHECKPOINT, _OUTPUT):
         if flag.value is None:
             raise app.UsageError(f"--{flag.name} is required")
-    from jclip.config_validation import ConfigError
+    from jclip.errors import ConfigError
 
     initialise_distributed()
     import jax

@@ -5,14 +5,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jclip import checkpoint, parallel, train
+from jclip import checkpoint, parallel
+from jclip.build import TrainSetup
 from jclip_testing import micro_config
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
     config = micro_config()
     saved_mesh = parallel.make_mesh({"data": 8})
-    saved_setup = train.TrainSetup.create(config, saved_mesh)
+    saved_setup = TrainSetup.create(config, saved_mesh)
     state = saved_setup.init_state()
     expected = jax.device_get(state)
 
@@ -21,7 +22,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     writer.close()
 
     new_mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    new_setup = train.TrainSetup.create(config, new_mesh)
+    new_setup = TrainSetup.create(config, new_mesh)
     reader = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=2)
     assert reader.latest_step() == 7
     restored = reader.restore(7, new_setup.abstract_state(), None)
@@ -40,7 +41,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 def test_keeps_only_the_last_k(tmp_path):
     config = micro_config()
     mesh = parallel.make_mesh({"data": 8})
-    state = train.TrainSetup.create(config, mesh).init_state()
+    state = TrainSetup.create(config, mesh).init_state()
     manager = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=2)
     for step in (1, 2, 3):
         manager.save(step, state, None, config)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from jclip import checkpoint, parallel
-from jclip.config_validation import ConfigError
+from jclip.errors import ConfigError
 from jclip.convert import params_io
 from jclip.convert.__main__ import main as convert_main
 from jclip.init_from import initial_params
-from jclip.train import TrainSetup
+from jclip.build import TrainSetup
 from jclip_testing import micro_config, micro_run_flags, run_jclip_main
 
 

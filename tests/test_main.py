@@ -10,7 +10,8 @@ import pytest
 
 from configs import clip, common, siglip
 from jclip_testing import REPO_ROOT
-from jclip.config_validation import ConfigError, validate_config
+from jclip.config_validation import validate_config
+from jclip.errors import ConfigError
 
 
 def run_main(*flags, timeout=120):

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from jclip import checkpoint, parallel
-from jclip.config_validation import ConfigError, validate_config
+from jclip.config_validation import validate_config
+from jclip.errors import ConfigError
 from jclip.teacher import load_teacher
-from jclip.train import TrainSetup
+from jclip.build import TrainSetup
 from jclip_testing import micro_config, micro_run_flags, read_losses, run_jclip_main
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from jclip import checkpoint, parallel
 from jclip.data import guidance, robust, sources, transforms
-from jclip.train import TrainSetup
+from jclip.build import TrainSetup
 from jclip_testing import REPO_ROOT, micro_run_flags, read_losses
 
 

@@ -95,14 +95,15 @@ def read(path: str | pathlib.Path, step: int | None = None) -> HostModel:
         return HostModel(info["model"], _to_host(params), info.get("preprocessing") or preprocessing_spec(info["model"]))
     import ml_collections
 
-    from jclip import config_validation, parallel, teacher
+    from jclip import parallel, restore
+    from jclip.errors import ConfigError
 
     # One host device: conversion reads the whole model; the default rules then shard nothing.
     config = ml_collections.ConfigDict({"mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "sharding_rules": None})
     mesh = parallel.make_mesh(dict(config.mesh), devices=jax.local_devices(backend="cpu")[:1])
     try:
-        _, params, saved = teacher.restore_frozen(str(path), step, config, mesh)
-    except config_validation.ConfigError as error:
+        _, params, saved = restore.restore_run(str(path), step, config, mesh)
+    except ConfigError as error:
         raise FileNotFoundError(str(error)) from error
     model_config = plain_model_config(saved.model)
     return HostModel(model_config, _to_host(params), preprocessing_spec(model_config, str(saved.data.tokenizer)))

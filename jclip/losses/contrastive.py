@@ -19,38 +19,28 @@ text block around a ring (ppermute, N/n steps) so that only an n×n block is liv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
+from jclip.losses.sharded import (
+    batch_mask,
+    batch_shards,
+    pad_rows,
+    pair_logits,
+    positive_pairs,
+    prepare_pair,
+    sharded_sum,
+)
 from jclip.losses.terms import LossContext, Metrics, register_term
 from jclip.parallel import BATCH_MESH_AXES
 
 # ---------------------------------------------------------------------------------------------------
 # Per-block computations (shared by the single-device and the sharded forms)
 # ---------------------------------------------------------------------------------------------------
-
-
-def _pair_logits(rows: jax.Array, cols: jax.Array, scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """scale·rows·colsᵀ (+ bias), [n, m]; HIGHEST precision so TPUs do not round the logits to bf16.
-
-    The scale multiplies the [n, d] rows, not the [n, m] product: the scale's gradient then needs no
-    extra [n, m] residual (a third less loss memory in fwd+bwd, measured).
-    """
-    logits = jnp.einsum("nd,md->nm", rows * scale, cols, precision=jax.lax.Precision.HIGHEST)
-    return logits if bias is None else logits + bias
-
-
-def _positive_pairs(n_rows: int, n_cols: int, row_offset: jax.Array | int, col_offset: jax.Array | int) -> jax.Array:
-    """[n, m] bool: True where global row index == global column index (the matching pair)."""
-    rows = row_offset + jnp.arange(n_rows)
-    cols = col_offset + jnp.arange(n_cols)
-    return rows[:, None] == cols[None, :]
 
 
 def _softmax_ce_sum(
@@ -89,9 +79,9 @@ def _clip_block(
     all_mask: jax.Array,
 ) -> jax.Array:
     """CLIP partial sum of both directions for the owned rows: images→all texts and texts→all images."""
-    positives = _positive_pairs(image_rows.shape[0], text_all.shape[0], row_offset, 0)
-    image_to_text = _softmax_ce_sum(_pair_logits(image_rows, text_all, scale), positives, row_mask, all_mask)
-    text_to_image = _softmax_ce_sum(_pair_logits(text_rows, image_all, scale), positives, row_mask, all_mask)
+    positives = positive_pairs(image_rows.shape[0], text_all.shape[0], row_offset, 0)
+    image_to_text = _softmax_ce_sum(pair_logits(image_rows, text_all, scale), positives, row_mask, all_mask)
+    text_to_image = _softmax_ce_sum(pair_logits(text_rows, image_all, scale), positives, row_mask, all_mask)
     return image_to_text + text_to_image
 
 
@@ -106,78 +96,8 @@ def _siglip_block(
     col_mask: jax.Array,
 ) -> jax.Array:
     """SigLIP partial sum of −log σ(z·logit) over an images-block × texts-block."""
-    positives = _positive_pairs(image_rows.shape[0], text_cols.shape[0], row_offset, col_offset)
-    return _sigmoid_nll_sum(_pair_logits(image_rows, text_cols, scale, bias), positives, row_mask, col_mask)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Input preparation and the sharded driver
-# ---------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(*arrays: jax.Array) -> jnp.dtype:
-    """At least float32 (bf16 activations are upcast); float64 stays float64 (reference tests)."""
-    return jnp.result_type(jnp.float32, *(jnp.result_type(a) for a in arrays))
-
-
-def _prepare(
-    image_embeddings: jax.Array, text_embeddings: jax.Array, mask: jax.Array | None, scalars: Sequence[Any]
-) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
-    """Checks shapes, casts to the compute dtype, builds the default all-valid mask, scalars to shape ()."""
-    if image_embeddings.ndim != 2 or image_embeddings.shape != text_embeddings.shape:
-        raise ValueError(
-            f"expected image and text embeddings of the same shape [N, d], got {image_embeddings.shape} "
-            f"and {text_embeddings.shape}"
-        )
-    dtype = _compute_dtype(image_embeddings, text_embeddings)
-    n = image_embeddings.shape[0]
-    if mask is None:
-        mask = jnp.ones((n,), bool)
-    elif jnp.shape(mask) != (n,):
-        raise ValueError(f"mask must have shape ({n},), got {jnp.shape(mask)}")
-    scalars = [jnp.asarray(s, dtype).reshape(()) for s in scalars]
-    return image_embeddings.astype(dtype), text_embeddings.astype(dtype), jnp.asarray(mask, bool), scalars
-
-
-def _batch_shards(mesh: Mesh | None, batch_axes: Sequence[str]) -> int:
-    if mesh is None:
-        return 1
-    missing = [a for a in batch_axes if a not in mesh.shape]
-    if missing:
-        raise ValueError(f"batch axes {missing} are not axes of the mesh {dict(mesh.shape)}")
-    return int(np.prod([mesh.shape[a] for a in batch_axes]))
-
-
-def _pad_rows(arrays: Sequence[jax.Array], multiple: int) -> list[jax.Array]:
-    """Pads the leading dimension to a multiple of `multiple` (the mask with False, so padding is ignored)."""
-    n = arrays[0].shape[0]
-    extra = -n % multiple
-    if not extra:
-        return list(arrays)
-    return [jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-
-
-def _sharded_sum(
-    per_device: Callable[..., jax.Array],
-    mesh: Mesh,
-    batch_axes: Sequence[str],
-    row_arrays: Sequence[jax.Array],
-    scalars: Sequence[jax.Array],
-) -> jax.Array:
-    """Runs `per_device(*row_shards, *scalars)` on each batch shard and returns the psum of its result.
-
-    `row_arrays` (leading dimension = global batch, already padded to a multiple of the shard count) are
-    split over the batch axes; `scalars` are replicated. Manual only over the batch axes, so other mesh
-    axes (e.g. 'tensor', Auto) stay under GSPMD.
-    """
-    axes = tuple(batch_axes)
-
-    def body(*args: jax.Array) -> jax.Array:
-        return jax.lax.psum(per_device(*args), axes)
-
-    in_specs = tuple(P(axes, *([None] * (a.ndim - 1))) for a in row_arrays) + (P(),) * len(scalars)
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(), axis_names=set(axes))
-    return mapped(*row_arrays, *scalars)
+    positives = positive_pairs(image_rows.shape[0], text_cols.shape[0], row_offset, col_offset)
+    return _sigmoid_nll_sum(pair_logits(image_rows, text_cols, scale, bias), positives, row_mask, col_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,9 +122,9 @@ def clip_loss(
     `batch_axes` and each device computes its n×N blocks against the all-gathered other modality
     (O(n·N) memory); the result equals the single-device loss. Computed in (at least) float32.
     """
-    images, texts, mask, (log_scale,) = _prepare(image_embeddings, text_embeddings, mask, [logit_scale])
+    images, texts, mask, (log_scale,) = prepare_pair(image_embeddings, text_embeddings, mask, [logit_scale])
     scale = jnp.exp(log_scale)
-    shards = _batch_shards(mesh, batch_axes)
+    shards = batch_shards(mesh, batch_axes)
     count = jnp.maximum(jnp.sum(mask), 1).astype(images.dtype)
     if shards == 1:
         total = _clip_block(images, texts, images, texts, scale, 0, mask, mask)
@@ -219,7 +139,7 @@ def clip_loss(
         all_mask = jax.lax.all_gather(row_mask, axes, axis=0, tiled=True)
         return _clip_block(image_rows, text_rows, image_all, text_all, scale, offset, row_mask, all_mask)
 
-    total = _sharded_sum(per_device, mesh, axes, _pad_rows([images, texts, mask], shards), [scale])
+    total = sharded_sum(per_device, mesh, axes, pad_rows([images, texts, mask], shards), [scale])
     return total / (2.0 * count)
 
 
@@ -242,11 +162,11 @@ def siglip_loss(
     by ppermute in N/n steps (only n×n live, the step rematerialised in the backward pass). All forms
     equal the single-device loss.
     """
-    images, texts, mask, (log_scale, bias) = _prepare(
+    images, texts, mask, (log_scale, bias) = prepare_pair(
         image_embeddings, text_embeddings, mask, [logit_scale, logit_bias]
     )
     scale = jnp.exp(log_scale)
-    shards = _batch_shards(mesh, batch_axes)
+    shards = batch_shards(mesh, batch_axes)
     count = jnp.maximum(jnp.sum(mask), 1).astype(images.dtype)
     if shards == 1:
         return _siglip_block(images, texts, scale, bias, 0, 0, mask, mask) / count
@@ -278,7 +198,7 @@ def siglip_loss(
         (total, _, _), _ = jax.lax.scan(step, (own, text_rows, row_mask), jnp.arange(1, shards))
         return total
 
-    total = _sharded_sum(ringed if ring else gathered, mesh, axes, _pad_rows([images, texts, mask], shards), [scale, bias])
+    total = sharded_sum(ringed if ring else gathered, mesh, axes, pad_rows([images, texts, mask], shards), [scale, bias])
     return total / count
 
 
@@ -287,16 +207,12 @@ def siglip_loss(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _batch_mask(batch: Mapping[str, Any]) -> jax.Array | None:
-    return batch.get("mask") if hasattr(batch, "get") else None
-
-
 @register_term("clip")
 def clip_term(outputs: Mapping[str, Any], batch: Mapping[str, Any], ctx: LossContext) -> tuple[jax.Array, Metrics]:
     """The CLIP softmax loss on the model's embeddings and log scale (METHODS.md section 0)."""
     loss = clip_loss(
         outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"],
-        mask=_batch_mask(batch), mesh=ctx.mesh,
+        mask=batch_mask(batch), mesh=ctx.mesh,
     )
     return loss, {"clip/scale": jnp.exp(jnp.asarray(outputs["logit_scale"], jnp.float32).reshape(()))}
 
@@ -310,7 +226,7 @@ def siglip_term(
         raise ValueError("the 'siglip' loss term needs outputs['logit_bias'] (the model has no bias)")
     loss = siglip_loss(
         outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"], outputs["logit_bias"],
-        mask=_batch_mask(batch), mesh=ctx.mesh, ring=ring,
+        mask=batch_mask(batch), mesh=ctx.mesh, ring=ring,
     )
     metrics = {
         "siglip/scale": jnp.exp(jnp.asarray(outputs["logit_scale"], jnp.float32).reshape(())),

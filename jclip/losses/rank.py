@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jclip.losses.contrastive import _batch_mask, _batch_shards, _pad_rows, _pair_logits, _prepare, _sharded_sum
+from jclip.losses.sharded import batch_mask, batch_shards, pad_rows, pair_logits, prepare_pair, sharded_sum
 from jclip.losses.terms import LossContext, Metrics, register_term
 from jclip.parallel import BATCH_MESH_AXES
 
@@ -42,7 +42,7 @@ RANK_DIVISOR = 32.0
 # ---------------------------------------------------------------------------------------------------
 
 
-def _descending_order(targets: jax.Array, col_mask: jax.Array, tie_permutation: jax.Array | None) -> jax.Array:
+def descending_order(targets: jax.Array, col_mask: jax.Array, tie_permutation: jax.Array | None) -> jax.Array:
     """[n, L] int32: per row, the column indices sorted by target descending; masked columns last.
 
     Ties go by column index (a stable sort), or, with `tie_permutation` (a random permutation of the L
@@ -78,7 +78,7 @@ def _list_mle_rows(
     float32, is far below any practical ε, so nothing is lost); ε = 0 takes a reverse cumulative logsumexp instead, exact at any scale (but slower
     to compile and run on CPU).
     """
-    order = _descending_order(jax.lax.stop_gradient(targets), col_mask, tie_permutation)
+    order = descending_order(jax.lax.stop_gradient(targets), col_mask, tie_permutation)
     valid = jnp.take_along_axis(jnp.broadcast_to(col_mask[None, :], scores.shape), order, axis=1)
     row_max = jnp.max(jnp.where(col_mask[None, :], scores, -jnp.inf), axis=1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # rows whose columns are all masked
@@ -169,10 +169,10 @@ def _rank_block(
     zero = jnp.zeros((), image_rows.dtype)
     cross = zero
     if cross_modal:  # rows of S (image -> texts) and of Sᵀ (text -> images)
-        cross = pair_sum(_pair_logits(image_rows, text_all, scale), _pair_logits(text_rows, image_all, scale), 0)
+        cross = pair_sum(pair_logits(image_rows, text_all, scale), pair_logits(text_rows, image_all, scale), 0)
     inmodal = zero
     if in_modal:  # rows of S_II and S_TT
-        inmodal = pair_sum(_pair_logits(image_rows, image_all, scale), _pair_logits(text_rows, text_all, scale), 1)
+        inmodal = pair_sum(pair_logits(image_rows, image_all, scale), pair_logits(text_rows, text_all, scale), 1)
     return jnp.stack([cross, inmodal])
 
 
@@ -201,11 +201,11 @@ def rankclip_losses(
     """
     if eps < 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    images, texts, mask, (log_scale,) = _prepare(image_embeddings, text_embeddings, mask, [logit_scale])
+    images, texts, mask, (log_scale,) = prepare_pair(image_embeddings, text_embeddings, mask, [logit_scale])
     scale = jnp.exp(log_scale)
     options = dict(cross_modal=cross_modal, in_modal=in_modal, eps=eps, position_weight=position_weight)
     count = jnp.maximum(jnp.sum(mask), 1).astype(images.dtype)
-    shards = _batch_shards(mesh, batch_axes)
+    shards = batch_shards(mesh, batch_axes)
     if shards == 1:
         sums = _rank_block(images, texts, images, texts, scale, mask, mask, tie_key, **options)
         return sums[0] / count, sums[1] / count
@@ -221,7 +221,7 @@ def rankclip_losses(
         )
 
     replicated = [scale] + ([] if tie_key is None else [tie_key])
-    sums = _sharded_sum(per_device, mesh, axes, _pad_rows([images, texts, mask], shards), replicated)
+    sums = sharded_sum(per_device, mesh, axes, pad_rows([images, texts, mask], shards), replicated)
     return sums[0] / count, sums[1] / count
 
 
@@ -268,9 +268,9 @@ def rankclip_term(
     cross, inmodal = rankclip_losses(
         outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"],
         cross_modal=cross_modal, in_modal=in_modal, eps=eps, position_weight=position_weight, tie_key=tie_key,
-        mask=_batch_mask(batch), mesh=ctx.mesh,
+        mask=batch_mask(batch), mesh=ctx.mesh,
     )
-    mask = _batch_mask(batch)
+    mask = batch_mask(batch)
     n_valid = outputs["image_embeddings"].shape[0] if mask is None else jnp.sum(jnp.asarray(mask, bool))
     count = jnp.maximum(jnp.asarray(n_valid, cross.dtype), 1.0)
     weight = ramp_weight(ctx.step, ctx.total_steps, rate=ramp_rate, maximum=ramp_max, dtype=cross.dtype)

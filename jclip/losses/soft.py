@@ -36,14 +36,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jclip.losses.contrastive import (
-    _batch_mask,
-    _batch_shards,
-    _pad_rows,
-    _pair_logits,
-    _positive_pairs,
-    _prepare,
-    _sharded_sum,
+from jclip.losses.sharded import (
+    batch_mask,
+    batch_shards,
+    pad_rows,
+    pair_logits,
+    positive_pairs,
+    prepare_pair,
+    sharded_sum,
 )
 from jclip.losses.terms import LossContext, Metrics, register_term
 from jclip.parallel import BATCH_MESH_AXES
@@ -95,11 +95,11 @@ def _softclip_direction(
     `guide_rows`/`guide_all` and `guide_scale` (= 1/τ_g) are constants (stop-gradient): Q has no gradient.
     """
     n, m = query_rows.shape[0], key_all.shape[0]
-    positives = _positive_pairs(n, m, row_offset, 0)
+    positives = positive_pairs(n, m, row_offset, 0)
     valid = row_mask[:, None] & all_mask[None, :]
     negatives = valid & ~positives
-    logits = _pair_logits(query_rows, key_all, scale)
-    guide_logits = jax.lax.stop_gradient(_pair_logits(guide_rows, guide_all, guide_scale))
+    logits = pair_logits(query_rows, key_all, scale)
+    guide_logits = jax.lax.stop_gradient(pair_logits(guide_rows, guide_all, guide_scale))
 
     # Soft term: Q = (1−α)·I + α·G over the valid columns.
     log_guide = _masked_log_softmax(guide_logits, valid)
@@ -185,7 +185,7 @@ def softclip_parts(
     """
     _check_knobs(alpha, guidance_temperature, pairing)
     alpha = float(alpha)
-    images, texts, mask, (log_scale,) = _prepare(image_embeddings, text_embeddings, mask, [logit_scale])
+    images, texts, mask, (log_scale,) = prepare_pair(image_embeddings, text_embeddings, mask, [logit_scale])
     dtype = images.dtype
     scale = jnp.exp(log_scale)
     if guidance_temperature is None:
@@ -204,7 +204,7 @@ def softclip_parts(
                 )
             external[modality] = jax.lax.stop_gradient(_l2_normalise(features.astype(dtype)))
     names = sorted(external)  # order of the external guidance arrays among the row arrays
-    shards = _batch_shards(mesh, batch_axes)
+    shards = batch_shards(mesh, batch_axes)
     count = jnp.maximum(jnp.sum(mask), 1).astype(dtype)
 
     def guides_of(images_rows, texts_rows, images_all, texts_all, ext_rows, ext_all):
@@ -231,8 +231,8 @@ def softclip_parts(
             return _softclip_block(image_rows, text_rows, image_all, text_all, guides, PAIRINGS[pairing],
                                    scale, guide_scale, alpha, offset, row_mask, all_mask)
 
-        rows = _pad_rows([images, texts, mask] + [external[m] for m in names], shards)
-        sums = _sharded_sum(per_device, mesh, axes, rows, [scale, guide_scale])
+        rows = pad_rows([images, texts, mask] + [external[m] for m in names], shards)
+        sums = sharded_sum(per_device, mesh, axes, rows, [scale, guide_scale])
     soft, neg = sums[0] / (2.0 * count), sums[1] / (2.0 * count)
     return soft, neg
 
@@ -299,7 +299,7 @@ def softclip_term(
     soft, neg = softclip_parts(
         outputs["image_embeddings"], outputs["text_embeddings"], outputs["logit_scale"],
         alpha=alpha, guidance_temperature=guidance_temperature, pairing=pairing,
-        mask=_batch_mask(batch), mesh=ctx.mesh, **features,
+        mask=batch_mask(batch), mesh=ctx.mesh, **features,
     )
     metrics = {"softclip/soft": soft, "softclip/neg": neg, "softclip/alpha": jnp.asarray(alpha, jnp.float32)}
     return soft + float(neg_weight) * neg, metrics

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from configs import softclip
-from jclip.config_validation import ConfigError, validate_config
+from jclip.config_validation import validate_config
+from jclip.errors import ConfigError
 from jclip.data import guidance, sources
 from jclip.data.pipeline import HostShard
 from jclip.data.tokenizer import ClipTokenizer

@@ -126,7 +126,8 @@ def test_sentencepiece_option(sentencepiece_model):
 
 def test_sentencepiece_vocabulary_must_fit_the_model(sentencepiece_model):
     from configs import clip
-    from jclip.config_validation import ConfigError, validate_config
+    from jclip.config_validation import validate_config
+    from jclip.errors import ConfigError
 
     config = clip.get_config()
     config.data.tokenizer = f"sentencepiece:{sentencepiece_model}"

@@ -17,7 +17,7 @@ from jclip import evals, parallel
 from jclip.data import sources, transforms
 from jclip.data.tokenizer import make_tokenizer
 from jclip.evals import common
-from jclip.train import TrainSetup
+from jclip.build import TrainSetup
 from jclip_testing import micro_config
 
 

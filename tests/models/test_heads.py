@@ -78,7 +78,8 @@ def test_prototype_embedding_space_for_evaluations():
 
 
 def test_prototype_embedding_without_heads_is_a_config_error():
-    from jclip.config_validation import ConfigError, validate_config
+    from jclip.config_validation import validate_config
+    from jclip.errors import ConfigError
     from jclip_testing import micro_config
 
     config = micro_config(**{"model.text.vocab_size": 49408})

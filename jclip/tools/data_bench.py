@@ -1,7 +1,7 @@
 """Input-pipeline throughput benchmark: can this host's CPUs feed the train step?
 
 Command:
-    python -m jclip.data.bench --config=configs/clip.py[:args] [--config.x=y ...]
+    python -m jclip.tools.data_bench --config=configs/clip.py[:args] [--config.x=y ...]
         [--jpegs=PATH] [--num_images=2000] [--random_crop_scale=0.9,1.0] [--steps=10] [--json=PATH]
 
 It prints (and with `--json` writes) two measurements:
@@ -30,13 +30,14 @@ import json
 import math
 import os
 import pathlib
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+import configs
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_JPEGS = REPO_ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-train.tar.gz"
@@ -281,15 +282,17 @@ def compile_step(config) -> CompiledStep:
     """TrainSetup + compile_train_step for `config` on all local devices, compiled on a random batch."""
     import jax
 
-    from jclip import parallel, train
+    from jclip import parallel
+    from jclip.build import TrainSetup
     from jclip.config_validation import validate_config
+    from jclip.step import compile_train_step
 
     mesh = parallel.make_mesh(dict(config.mesh))
     validate_config(config, mesh)
-    setup = train.TrainSetup.create(config, mesh)
+    setup = TrainSetup.create(config, mesh)
     started = time.perf_counter()
     batch = parallel.host_batch_to_global(random_batch(config), mesh)
-    compiled = CompiledStep(train.compile_train_step(setup, batch), setup.init_state(), mesh, 0.0)
+    compiled = CompiledStep(compile_train_step(setup, batch), setup.init_state(), mesh, 0.0)
     jax.block_until_ready(compiled.run(random_batch(config)))
     compiled.compile_seconds = time.perf_counter() - started
     return compiled
@@ -549,7 +552,7 @@ def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "clip.py"),
+    config_flags.DEFINE_config_file("config", str(pathlib.Path(configs.__file__).parent / "clip.py"),
                                     "Config file, e.g. configs/clip.py:model=B/32; --config.x=y overrides.",
                                     lock_config=True)
     flags.DEFINE_string("jpegs", None, f"tar(.gz) or folder of <class>/<file>.jpg (default {DEFAULT_JPEGS}).")
@@ -565,8 +568,6 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    if str(REPO_ROOT) not in sys.path:  # config files import `configs.common`
-        sys.path.insert(0, str(REPO_ROOT))
     from absl import app
 
     _define_flags()

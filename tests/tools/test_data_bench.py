@@ -1,4 +1,4 @@
-"""The input-pipeline benchmark (jclip/data/bench.py) at tiny sizes: JPEG loading and every number it reports."""
+"""The input-pipeline benchmark (jclip/tools/data_bench.py) at tiny sizes: JPEG loading and every number it reports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tarfile
 
 from jclip_testing import micro_config
 
-from jclip.data import bench
+from jclip.tools import data_bench as bench
 
 
 def _positive_finite(value: float) -> bool:

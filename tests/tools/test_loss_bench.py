@@ -10,7 +10,7 @@ from jclip_testing import REPO_ROOT
 
 def test_bench_prints_time_and_memory_for_every_term():
     result = subprocess.run(
-        [sys.executable, "-m", "jclip.losses.bench", "--batches=64,128", "--dim=16", "--prototypes=32", "--repeats=1"],
+        [sys.executable, "-m", "jclip.tools.loss_bench", "--batches=64,128", "--dim=16", "--prototypes=32", "--repeats=1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Methods compared on the same budget: identical model, data, steps and seeds, one table of mean ± std.
 
-    python -m jclip.compare --workdir=/tmp/compare                           # the six methods, seeds 0,1,2
-    python -m jclip.compare --workdir=/tmp/compare --methods=clip,rankclip --seeds=0,1,2,3 -- --config.total_steps=600
+    python -m jclip.tools.compare --workdir=/tmp/compare                           # the six methods, seeds 0,1,2
+    python -m jclip.tools.compare --workdir=/tmp/compare --methods=clip,rankclip --seeds=0,1,2,3 -- --config.total_steps=600
 
 Each (method, seed) trains `configs/<method>.py` with `--config.seed=<seed>` in `<workdir>/<method>/seed_<seed>`
 (a finished run is not retrained: rerunning resumes or does nothing), then the final evaluations of every
@@ -19,7 +19,10 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+import configs
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS_DIR = pathlib.Path(configs.__file__).parent
 DEFAULT_METHODS = ("clip", "siglip", "rankclip", "softclip", "nclip", "xclip")
 #: column title -> metric in metrics.jsonl
 COLUMNS = {
@@ -60,7 +63,7 @@ def table(results: dict[str, dict[int, dict[str, float]]]) -> str:
 
 
 def run_one(method: str, seed: int, workdir: pathlib.Path, extra: list[str]) -> None:
-    command = [sys.executable, "-m", "jclip.main", f"--config={REPO_ROOT / 'configs' / (method + '.py')}",
+    command = [sys.executable, "-m", "jclip.main", f"--config={CONFIGS_DIR / (method + '.py')}",
                f"--workdir={workdir}", f"--config.seed={seed}", *extra]
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "compare.log", "a") as log:
@@ -79,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    missing = [m for m in methods if not (REPO_ROOT / "configs" / f"{m}.py").is_file()]
+    missing = [m for m in methods if not (CONFIGS_DIR / f"{m}.py").is_file()]
     if missing:
-        raise SystemExit(f"no config for {missing} in {REPO_ROOT / 'configs'}")
+        raise SystemExit(f"no config for {missing} in {CONFIGS_DIR}")
     results: dict[str, dict[int, dict[str, float]]] = {}
     total, done, started = len(methods) * len(seeds), 0, time.perf_counter()
     for method in methods:

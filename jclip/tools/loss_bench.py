@@ -1,7 +1,7 @@
 """Scaling benchmark of the loss terms: time and per-device memory of forward + backward, by global batch.
 
-    python -m jclip.losses.bench                          # 8 fake CPU devices, N = 1k .. 32k, d = 512
-    python -m jclip.losses.bench --batches=1024,4096 --terms=clip,rankclip --repeats=5
+    python -m jclip.tools.loss_bench                          # 8 fake CPU devices, N = 1k .. 32k, d = 512
+    python -m jclip.tools.loss_bench --batches=1024,4096 --terms=clip,rankclip --repeats=5
 
 Each loss term (as configured in `TERMS_UNDER_TEST`) is jitted with its gradients with respect to the
 embeddings and the logit scale, on a `data`-axis mesh with the global batch sharded over it. Memory is
@@ -54,7 +54,7 @@ def _rank_sorts_only(mesh, outputs):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec
 
-    from jclip.losses.rank import _descending_order
+    from jclip.losses.rank import descending_order
     from jclip.parallel import BATCH_MESH_AXES
 
     axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.shape)
@@ -67,7 +67,7 @@ def _rank_sorts_only(mesh, outputs):
         permutation = jax.random.permutation(jax.random.key(0), columns)
         total = jnp.zeros((), jnp.int32)
         for rows, others in ((image_rows, text_all), (text_rows, image_all), (image_rows, image_all), (text_rows, text_all)):
-            order = _descending_order(jnp.exp(log_scale) * rows @ others.T, mask, permutation)
+            order = descending_order(jnp.exp(log_scale) * rows @ others.T, mask, permutation)
             total = total + order[:, 0].sum()
         return jax.lax.psum(total, axes)
 

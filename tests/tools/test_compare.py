@@ -1,4 +1,4 @@
-"""`python -m jclip.compare`: every (method, seed) trained, and the table's mean ± std equal to NumPy's over the
+"""`python -m jclip.tools.compare`: every (method, seed) trained, and the table's mean ± std equal to NumPy's over the
 runs' own final metrics."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from jclip_testing import REPO_ROOT, micro_run_flags
 
 def test_compare_trains_each_method_and_seed_and_tabulates(tmp_path, scenes_data_dir):
     flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2)
-    command = [sys.executable, "-m", "jclip.compare", f"--workdir={tmp_path}", "--methods=clip,siglip",
+    command = [sys.executable, "-m", "jclip.tools.compare", f"--workdir={tmp_path}", "--methods=clip,siglip",
                "--seeds=0,1", "--", *flags]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

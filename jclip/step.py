@@ -1,0 +1,142 @@
+"""The jitted train step: pure `(state, batch) -> (state, metrics)`, with exact gradient accumulation.
+
+Loss of the configured terms over the model's outputs (shared/ARCHITECTURE.md, principle 1), gradients
+(whole-batch, or accumulated over micro-batches by the GradCache scheme), the optimizer update and CLIP's
+logit-scale clamp. `compile_train_step` jits it with the set-up's declared shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jclip import losses, optim, parallel
+from jclip.build import Params, TrainSetup, TrainState
+from jclip.teacher import Teacher
+
+
+def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
+    """[B, ...] -> [accum, B/accum, ...]; micro-batch k takes rows k, k+accum, ... (keeps batch sharding)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_micro`."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _accumulated_gradients(
+    setup: TrainSetup, params: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
+) -> tuple[jax.Array, Any, Params]:
+    """Whole-batch gradients in `accum_steps` micro-batches, exact (the GradCache scheme).
+
+    Contrastive losses couple every example of the global batch, so accumulating per-micro-batch losses
+    would change the objective. Instead: (1) embed every micro-batch without gradients, (2) differentiate
+    the loss of the whole batch with respect to the embeddings, (3) re-run each micro-batch and pull those
+    embedding gradients back to the parameters. Activation memory is that of one micro-batch.
+    """
+    micro_images = _split_micro(batch["images"], accum_steps)
+    micro_tokens = _split_micro(batch["token_ids"], accum_steps)
+    micro_size = batch["images"].shape[0] // accum_steps
+
+    def forward(p, images, token_ids):
+        return setup.functions.apply(p, images, token_ids)
+
+    stacked = jax.lax.map(lambda xs: forward(params, *xs), (micro_images, micro_tokens))
+    per_example = {name: value.ndim >= 2 and value.shape[1] == micro_size for name, value in stacked.items()}
+    outputs = {name: _merge_micro(v) if per_example[name] else v[0] for name, v in stacked.items()}
+    (loss, aux), output_grads = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
+    cotangents = {
+        name: _split_micro(g, accum_steps)
+        if per_example[name]
+        else jnp.broadcast_to(g / accum_steps, (accum_steps, *g.shape))
+        for name, g in output_grads.items()
+    }
+
+    def accumulate(grads, xs):
+        images, token_ids, cotangent = xs
+        _, pullback = jax.vjp(lambda p: forward(p, images, token_ids), params)
+        (micro_grads,) = pullback(cotangent)
+        return jax.tree.map(jnp.add, grads, micro_grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, (micro_images, micro_tokens, cotangents))
+    return loss, aux, grads
+
+
+def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
+    """CLIP's clamp of the learnable log scale to [0, ln 100] after every optimizer step."""
+    if "logit_scale" not in params:
+        return params
+    return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, max_log_scale)}
+
+
+def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, dict]]:
+    """The pure train step `(state, batch, teacher_params) -> (state, metrics)`: loss of the configured
+    terms (with a frozen teacher's embeddings among the outputs when there is one), gradients, AdamW
+    update, logit-scale clamp."""
+    config = setup.config
+    accum_steps = int(config.optim.accum_steps)
+    schedule = optim.learning_rate_schedule(config, int(config.total_steps))
+    base_key = jax.random.key(int(config.seed))
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        step = state["step"]
+        teacher_outputs = {} if teacher is None else teacher.outputs(teacher_params, batch)
+        ctx = losses.LossContext(
+            mesh=setup.mesh,
+            step=step,
+            total_steps=int(config.total_steps),
+            rng=jax.random.fold_in(base_key, step),
+            state=state.get("loss_state", {}),
+        )
+
+        def loss_from_outputs(outputs):
+            return losses.total_loss_with_state({**outputs, **teacher_outputs}, batch, ctx, config.losses)
+
+        if accum_steps == 1:
+            def loss_from_params(params):
+                return loss_from_outputs(setup.functions.apply(params, batch["images"], batch["token_ids"]))
+
+            (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
+        else:
+            loss, (metrics, loss_state), grads = _accumulated_gradients(
+                setup, state["params"], batch, loss_from_outputs, accum_steps
+            )
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = _clamp_logit_scale(params, float(config.optim.max_log_logit_scale))
+        metrics = dict(metrics)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
+        metrics["train/learning_rate"] = schedule(step)
+        if "logit_scale" in params:
+            metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
+        new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+        if loss_state:
+            new_state["loss_state"] = loss_state
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array], teacher: Teacher | None = None) -> Callable:
+    """`step(state, batch)` jitted with declared shardings; the state is donated so its buffers are updated
+    in place. A teacher's parameters are an argument (not constants baked into the program)."""
+    batch_shardings = {name: setup.batch_sharding(x.ndim) for name, x in example_batch.items()}
+    jitted = jax.jit(
+        make_train_step(setup, teacher),
+        in_shardings=(setup.state_shardings, batch_shardings, None if teacher is None else teacher.shardings),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=(0,),
+    )
+    teacher_params = None if teacher is None else teacher.params
+
+    def step(state, batch):
+        with parallel.sharding_context(setup.mesh, setup.rules):
+            return jitted(state, batch, teacher_params)
+
+    return step
