@@ -43,6 +43,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict:
     """A model preset by name (`tiny`, `B/32`, `B/16`, `L/14`) as a ConfigDict, with compute options."""
     model = ml_collections.ConfigDict(presets.get_preset(name))
+    # The text tower owns its tokenizer: OpenAI's BPE, or "sentencepiece:/path/model.model[:lower]".
+    model.text.tokenizer = "clip"
     model.dtype = dtype
     model.remat = False
     return model
@@ -71,7 +73,6 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = ~/tensorflow_datasets.
     config.data.manual_dir = config_dict.placeholder(str)  # TFDS manual-download dir (e.g. imagenet2012).
     config.data.train_split = "train"  # TFDS slicing works: "train[:95%]".
-    config.data.tokenizer = "clip"  # OpenAI's BPE; or "sentencepiece:/path/model.model[:lower]".
     config.data.image_field = "image"
     config.data.caption_field = "caption"  # `dense_caption` for the embedded dataset's long descriptions.
     config.data.label_field = config_dict.placeholder(str)

@@ -8,7 +8,7 @@ theirs the same way, so every reader of a checkpoint lays it out by the rules th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.nnx as nnx
@@ -25,6 +25,8 @@ from jclip.errors import ConfigError
 from jclip.evals.common import Encoders
 
 Params = dict[str, Any]
+#: Outputs a frozen teacher adds to the model's (jclip.teacher), which the student model does not produce.
+TEACHER_OUTPUTS = ("teacher_image_embeddings", "teacher_text_embeddings")
 # {"step": int32 [], "params": Params, "opt_state": optax state, "loss_state": stateful terms' states (if any)}
 TrainState = dict[str, Any]
 
@@ -37,13 +39,16 @@ class ModelFunctions:
     abstract_state: Any  # nnx.State of ShapeDtypeStructs, carrying the logical partition metadata
     model_config: ml_collections.ConfigDict
     seed: int
+    #: The outputs `apply` returns (None: the model's defaults); the train step asks for what its terms read.
+    outputs: tuple[str, ...] | None = None
 
     @classmethod
-    def create(cls, model_config: ml_collections.ConfigDict, seed: int) -> "ModelFunctions":
+    def create(cls, model_config: ml_collections.ConfigDict, seed: int,
+               outputs: tuple[str, ...] | None = None) -> "ModelFunctions":
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(lambda: models.build_model(model_config, nnx.Rngs(seed)))
         graphdef, abstract_state = nnx.split(abstract_model)
-        return cls(graphdef, abstract_state, model_config, seed)
+        return cls(graphdef, abstract_state, model_config, seed, outputs)
 
     def model(self, params: Params) -> nnx.Module:
         state = jax.tree.map(lambda leaf: leaf, self.abstract_state)
@@ -55,8 +60,9 @@ class ModelFunctions:
             model = models.build_model(self.model_config, nnx.Rngs(self.seed))
         return nnx.to_pure_dict(nnx.state(model))
 
-    def apply(self, params: Params, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
-        return self.model(params)(images, token_ids)
+    def apply(self, params: Params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The model's outputs (`self.outputs`) on a batch mapping; the towers read their own fields."""
+        return self.model(params)(batch, self.outputs)
 
     def encode_images(self, params: Params, images: jax.Array) -> jax.Array:
         return _l2_normalise(self.model(params).encode_image(images))
@@ -89,7 +95,7 @@ class TrainSetup:
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "TrainSetup":
         rules = parallel.rules_from_config(config.sharding_rules)
-        functions = ModelFunctions.create(config.model, config.seed)
+        functions = ModelFunctions.create(config.model, config.seed, model_outputs(config.losses))
         optimizer = optim.make_optimizer(config)
         params_sharding = functions.param_shardings(mesh, rules)
         abstract_params = nnx.to_pure_dict(functions.abstract_state)
@@ -105,7 +111,7 @@ class TrainSetup:
         state_shardings = {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}
         try:
             loss_state = jax.eval_shape(lambda: initial_loss_state(config, functions, abstract_params))
-        except ValueError as error:  # e.g. the nclip term without prototype heads in the model
+        except ValueError as error:  # a term's knobs that only its state initialisation checks
             raise ConfigError(f"losses: {error}") from error
         if loss_state:
             state_shardings["loss_state"] = jax.tree.map(lambda _: replicated, loss_state)
@@ -149,16 +155,22 @@ class TrainSetup:
             encode_texts=jitted(self.functions.encode_texts),
             mesh=self.mesh,
             context_length=int(self.config.model.text.context_length),
-            tokenizer_spec=str(self.config.data.tokenizer),
+            tokenizer_spec=models.tokenizer_spec(self.config.model),
         )
 
 
+def model_outputs(terms_config: Any) -> tuple[str, ...]:
+    """The model outputs the configured loss terms read, less those a teacher provides."""
+    return tuple(name for name in losses.outputs_read(terms_config) if name not in TEACHER_OUTPUTS)
+
+
 def initial_loss_state(config: ml_collections.ConfigDict, functions: ModelFunctions, params: Params) -> dict[str, Any]:
-    """The states of the config's stateful loss terms (e.g. nCLIP's EMA centres), from the output shapes."""
-    size = int(config.model.vision.image_size)
-    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    token_ids = jax.ShapeDtypeStruct((2, int(config.model.text.context_length)), jnp.int32)
-    abstract_outputs = jax.eval_shape(functions.apply, params, images, token_ids)
+    """The states of the config's stateful loss terms (e.g. nCLIP's EMA centres), from the output shapes of
+    a two-example batch of the towers' own fields (outputs of extra batch fields are not needed for states)."""
+    batch = models.abstract_batch(config.model, 2)
+    producible = models.model_output_names(config.model, batch)
+    wanted = tuple(name for name in (functions.outputs or ()) if name in producible) or None
+    abstract_outputs = jax.eval_shape(dataclasses.replace(functions, outputs=wanted).apply, params, batch)
     return losses.init_loss_state(config.losses, abstract_outputs)
 
 

@@ -18,7 +18,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
     """Raises ConfigError naming the first invalid field; `mesh` adds the divisibility checks."""
-    from jclip import evals, losses
+    from jclip import evals, losses, models
     from jclip.data import sources
 
     _require(int(config.total_steps) > 0, f"total_steps must be positive, got {config.total_steps}")
@@ -26,24 +26,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         _require(int(config[name]) > 0, f"{name} must be positive, got {config[name]}")
 
     model = config.model
-    vision, text = model.vision, model.text
-    for path, value in [
-        ("model.embed_dim", model.embed_dim),
-        ("model.vision.image_size", vision.image_size),
-        ("model.vision.patch_size", vision.patch_size),
-        ("model.vision.width", vision.width),
-        ("model.vision.layers", vision.layers),
-        ("model.text.context_length", text.context_length),
-        ("model.text.width", text.width),
-        ("model.text.layers", text.layers),
-        ("model.text.heads", text.heads),
-    ]:
-        _require(int(value) > 0, f"{path} must be positive, got {value}")
-    _require(
-        vision.image_size % vision.patch_size == 0,
-        f"model.vision.image_size ({vision.image_size}) must be a multiple of patch_size ({vision.patch_size})",
-    )
-    _require(text.width % text.heads == 0, f"model.text.width ({text.width}) must be divisible by heads ({text.heads})")
+    _require(int(model.embed_dim) > 0, f"model.embed_dim must be positive, got {model.embed_dim}")
+    for modality in models.towers.MODALITIES:
+        try:
+            models.towers.check_tower(model, modality)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     from jclip.models.clip_model import check_embedding
 
     try:
@@ -57,16 +45,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         sources.validate_data_config(data)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    from jclip.data.tokenizer import make_tokenizer
-
-    try:
-        tokenizer = make_tokenizer(str(data.tokenizer), int(text.context_length))
-    except (ValueError, OSError, RuntimeError) as error:
-        raise ConfigError(f"data.tokenizer {data.tokenizer!r}: {error}") from error
-    _require(
-        tokenizer.vocab_size <= int(text.vocab_size),
-        f"data.tokenizer {data.tokenizer!r} has {tokenizer.vocab_size} ids but model.text.vocab_size is {text.vocab_size}",
-    )
+    _check_tokenizer(model)
     _require(0 <= float(data.max_skip_rate) <= 1, f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}")
     batch = int(data.batch_size)
     _require(batch > 0, f"data.batch_size must be positive, got {batch}")
@@ -89,24 +68,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
         losses.validate_terms_config(config.losses)
     except ValueError as error:
         raise ConfigError(f"losses: {error}") from error
-    wants_teacher = [name for name, entry in config.losses.items() if dict(entry).get("guidance") == "outputs"]
-    has_teacher = bool((config.get("teacher") or {}).get("checkpoint"))
-    _require(
-        not wants_teacher or has_teacher,
-        f"losses.{', '.join(wants_teacher)}: guidance='outputs' reads a teacher's embeddings; set teacher.checkpoint",
-    )
-    wants_batch_guidance = [name for name, entry in config.losses.items() if dict(entry).get("guidance") == "batch"]
-    has_features = bool(data.get("guidance_features"))
-    _require(
-        not wants_batch_guidance or has_features,
-        f"losses.{', '.join(wants_batch_guidance)}: guidance='batch' reads precomputed features; set "
-        "data.guidance_features (a folder written by python -m jclip.write_guidance)",
-    )
-    _require(
-        not has_features or bool(wants_batch_guidance),
-        f"data.guidance_features is set ({data.get('guidance_features')}) but no loss term reads it "
-        "(SoftCLIP's guidance='batch' does): unset it, or set the term's guidance",
-    )
+    _check_contract(config)
     for name, entry in config.evals.items():
         try:
             evals.validate_evaluator_config(name, entry)
@@ -130,3 +92,73 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
                     int(entry.batch_size) % shards == 0,
                     f"evals.{name}.batch_size ({entry.batch_size}) must be divisible by the {shards} batch shards",
                 )
+
+
+def _check_tokenizer(model: ml_collections.ConfigDict) -> None:
+    """The text tower's tokenizer builds, and its ids fit the tower's vocabulary."""
+    from jclip import models
+    from jclip.data.tokenizer import make_tokenizer
+
+    spec = models.tokenizer_spec(model)
+    try:
+        tokenizer = make_tokenizer(spec, int(model.text.context_length))
+    except (ValueError, OSError, RuntimeError) as error:
+        raise ConfigError(f"model.text.tokenizer {spec!r}: {error}") from error
+    vocab_size = model.text.get("vocab_size")
+    _require(
+        vocab_size is None or tokenizer.vocab_size <= int(vocab_size),
+        f"model.text.tokenizer {spec!r} has {tokenizer.vocab_size} ids but model.text.vocab_size is {vocab_size}",
+    )
+
+
+def batch_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Every field of a training batch, mapped to what writes it (a preprocessing op)."""
+    fields = {"images": "decode_image", "token_ids": "tokenize"}
+    if config.data.get("guidance_features"):
+        fields.update({"guidance_image_features": "guidance_features", "guidance_text_features": "guidance_features"})
+    return fields
+
+
+def _check_contract(config: ml_collections.ConfigDict) -> None:
+    """Every field a loss term or a tower reads is written by the pipeline or produced by the model (or
+    the teacher), and every field the pipeline writes is read: checked before anything is compiled."""
+    from jclip import losses, models
+    from jclip.build import TEACHER_OUTPUTS
+
+    fields = batch_fields(config)
+    written = ", ".join(f"{name} ({op})" for name, op in fields.items())
+    has_teacher = bool((config.get("teacher") or {}).get("checkpoint"))
+    outputs = models.model_output_names(config.model, fields) | (set(TEACHER_OUTPUTS) if has_teacher else set())
+    read = set(models.input_fields(config.model))
+    for field, tower in models.input_fields(config.model).items():
+        _require(field in fields, f"{tower} (kind {models.tower_for(config.model, tower.split('.')[1]).kind!r}) reads the "
+                                  f"batch field {field!r}, which no preprocessing op writes; the pipeline writes: {written}")
+    try:
+        reads = losses.term_reads(config.losses)
+    except ValueError as error:
+        raise ConfigError(f"losses: {error}") from error
+    for term, declared in reads.items():
+        for field in declared.batch:
+            _require(field in fields, f"losses: term {term!r} reads the batch field {field!r}, which no preprocessing op "
+                                      f"writes; the pipeline writes: {written}")
+        for output in declared.outputs:
+            _require(output in outputs, f"losses: term {term!r} reads the model output {output!r}, which "
+                                        f"{_output_hint(output)}")
+        read.update(declared.batch)
+    unread = sorted(set(fields) - read)
+    _require(not unread, f"the preprocessing writes {unread} ({', '.join(sorted({fields[f] for f in unread}))}), which "
+                         "no loss term or tower reads: remove the op, or configure the term that reads it")
+
+
+def _output_hint(output: str) -> str:
+    """Why a model output is not available, and what would provide it."""
+    if output.startswith("teacher_"):
+        return "only a frozen teacher provides: set teacher.checkpoint (a finished jclip run)"
+    if output.endswith("_prototype_logits"):
+        return "only a model with prototype heads produces: set model.prototype_heads"
+    if output == "logit_bias":
+        return "only a model with a logit bias produces: set model.init_logit_bias (SigLIP uses -10)"
+    if output.endswith("_text_embeddings"):
+        field = output.removesuffix("_text_embeddings") + "_token_ids"
+        return f"the model embeds from the batch field {field!r}, which no preprocessing op writes"
+    return "this model does not produce"

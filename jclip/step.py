@@ -36,20 +36,25 @@ def _accumulated_gradients(
 
     Contrastive losses couple every example of the global batch, so accumulating per-micro-batch losses
     would change the objective. Instead: (1) embed every micro-batch without gradients, (2) differentiate
-    the loss of the whole batch with respect to the embeddings, (3) re-run each micro-batch and pull those
-    embedding gradients back to the parameters. Activation memory is that of one micro-batch.
+    the loss of the whole batch with respect to the model outputs, (3) re-run each micro-batch and pull
+    those output gradients back to the parameters. Activation memory is that of one micro-batch. Every
+    batch field is split on its first axis ([B, K, L] fields too); outputs that are not floating point
+    (masks) carry no gradient.
     """
-    micro_images = _split_micro(batch["images"], accum_steps)
-    micro_tokens = _split_micro(batch["token_ids"], accum_steps)
-    micro_size = batch["images"].shape[0] // accum_steps
+    micro_batches = {name: _split_micro(value, accum_steps) for name, value in batch.items()}
+    micro_size = next(iter(batch.values())).shape[0] // accum_steps
 
-    def forward(p, images, token_ids):
-        return setup.functions.apply(p, images, token_ids)
-
-    stacked = jax.lax.map(lambda xs: forward(params, *xs), (micro_images, micro_tokens))
+    stacked = jax.lax.map(lambda micro: setup.functions.apply(params, micro), micro_batches)
     per_example = {name: value.ndim >= 2 and value.shape[1] == micro_size for name, value in stacked.items()}
     outputs = {name: _merge_micro(v) if per_example[name] else v[0] for name, v in stacked.items()}
-    (loss, aux), output_grads = jax.value_and_grad(loss_fn, has_aux=True)(outputs)
+    differentiable = {name for name, value in outputs.items() if jnp.issubdtype(value.dtype, jnp.inexact)}
+
+    def loss_of_differentiable(float_outputs):
+        return loss_fn({**outputs, **float_outputs})
+
+    (loss, aux), output_grads = jax.value_and_grad(loss_of_differentiable, has_aux=True)(
+        {name: outputs[name] for name in differentiable}
+    )
     cotangents = {
         name: _split_micro(g, accum_steps)
         if per_example[name]
@@ -58,13 +63,16 @@ def _accumulated_gradients(
     }
 
     def accumulate(grads, xs):
-        images, token_ids, cotangent = xs
-        _, pullback = jax.vjp(lambda p: forward(p, images, token_ids), params)
+        micro, cotangent = xs
+        _, pullback = jax.vjp(
+            lambda p: {name: value for name, value in setup.functions.apply(p, micro).items() if name in differentiable},
+            params,
+        )
         (micro_grads,) = pullback(cotangent)
         return jax.tree.map(jnp.add, grads, micro_grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(accumulate, zeros, (micro_images, micro_tokens, cotangents))
+    grads, _ = jax.lax.scan(accumulate, zeros, (micro_batches, cotangents))
     return loss, aux, grads
 
 
@@ -100,7 +108,7 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
 
         if accum_steps == 1:
             def loss_from_params(params):
-                return loss_from_outputs(setup.functions.apply(params, batch["images"], batch["token_ids"]))
+                return loss_from_outputs(setup.functions.apply(params, batch))
 
             (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
         else:

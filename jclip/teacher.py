@@ -17,10 +17,10 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from jclip.build import TEACHER_OUTPUTS as TEACHER_KEYS
 from jclip.errors import ConfigError
 from jclip.restore import restore_run
 
-TEACHER_KEYS = ("teacher_image_embeddings", "teacher_text_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)

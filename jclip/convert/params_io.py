@@ -16,7 +16,7 @@ from flax import nnx, traverse_util
 from jclip import checkpoint
 from jclip.data.tokenizer import START_OF_TEXT, VOCAB_SIZE
 from jclip.data.transforms import CLIP_MEAN, CLIP_STD
-from jclip.models import clip_model
+from jclip.models import clip_model, towers
 
 ParamPath = tuple[Any, ...]
 
@@ -43,11 +43,13 @@ def plain_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def preprocessing_spec(model_config: Mapping[str, Any], tokenizer: str = "clip") -> dict[str, Any]:
+def preprocessing_spec(model_config: Mapping[str, Any], tokenizer: str | None = None) -> dict[str, Any]:
     """How jclip turns images and captions into model inputs, stated for users of an exported model.
 
-    Follows `jclip.data.transforms` (OpenAI CLIP's evaluation transform) and `jclip.data.tokenizer`.
+    Follows `jclip.data.transforms` (OpenAI CLIP's evaluation transform) and `jclip.data.tokenizer`; the
+    tokenizer is the text tower's (`model.text.tokenizer`) unless given.
     """
+    tokenizer = towers.tokenizer_spec(model_config) if tokenizer is None else tokenizer
     size = model_config["vision"]["image_size"]
     height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
     vocab_size = int(model_config["text"]["vocab_size"])
@@ -106,7 +108,7 @@ def read(path: str | pathlib.Path, step: int | None = None) -> HostModel:
     except ConfigError as error:
         raise FileNotFoundError(str(error)) from error
     model_config = plain_model_config(saved.model)
-    return HostModel(model_config, _to_host(params), preprocessing_spec(model_config, str(saved.data.tokenizer)))
+    return HostModel(model_config, _to_host(params), preprocessing_spec(model_config))
 
 
 def _to_host(params: Any) -> dict[ParamPath, np.ndarray]:

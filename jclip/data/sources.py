@@ -44,6 +44,7 @@ from typing import Any
 import grain
 import ml_collections
 
+from jclip import models
 from jclip.data import guidance, label_captions, pipeline, robust, transforms
 
 SOURCE_KINDS = ("embedded", "tfds", "wds", "arrayrecord", "folder", "classfolders", "docci")
@@ -94,6 +95,7 @@ class ConfiguredData:
         self.config = data_config
         self.image_size = int(model_config.vision.image_size)
         self.context_length = int(model_config.text.context_length)
+        self.tokenizer_spec = models.tokenizer_spec(model_config)
         self.label_key = "label"
 
     # ----- sources ---------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class ConfiguredData:
             image_key="image",
             text_key="caption",
             random_crop_scale=None if random_crop_scale is None else tuple(random_crop_scale),
-            tokenizer_spec=str(self.config.tokenizer),
+            tokenizer_spec=self.tokenizer_spec,
         )
 
     def train_preprocess(self) -> robust.SafePreprocessor | guidance.WithGuidance:

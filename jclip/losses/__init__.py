@@ -1,8 +1,8 @@
 """jclip.losses: pure loss functions, one module per family, and the loss-term registry.
 
 Importing this package imports every family module in it (contrastive, rank, soft, ...), so that each
-registers its terms in `TERMS`; a new method adds a module here with `@register_term(name)` functions
-and nothing else (shared/ARCHITECTURE.md, principle 1). Modules whose names start with `_` are skipped.
+registers its terms in `TERMS`; a method's terms are `@register_term(name, reads=...)` functions in a family module here, or in
+any module the config imports (shared/ARCHITECTURE.md, principle 1). Modules whose names start with `_` are skipped.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from jclip.losses.terms import (
     TERMS,
     LossContext,
     LossTerm,
+    Reads,
     init_loss_state,
+    outputs_read,
     register_term,
+    term_reads,
     total_loss,
     total_loss_with_state,
     validate_terms_config,
@@ -37,10 +40,13 @@ __all__ = [
     "TERMS",
     "LossContext",
     "LossTerm",
+    "Reads",
     "clip_loss",
     "init_loss_state",
+    "outputs_read",
     "register_term",
     "siglip_loss",
+    "term_reads",
     "total_loss",
     "total_loss_with_state",
     "validate_terms_config",

@@ -35,7 +35,7 @@ from jclip.losses.sharded import (
     prepare_pair,
     sharded_sum,
 )
-from jclip.losses.terms import LossContext, Metrics, register_term
+from jclip.losses.terms import LossContext, Metrics, Reads, register_term
 from jclip.parallel import BATCH_MESH_AXES
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def siglip_loss(
 # ---------------------------------------------------------------------------------------------------
 
 
-@register_term("clip")
+@register_term("clip", reads=Reads(outputs=("image_embeddings", "text_embeddings", "logit_scale")))
 def clip_term(outputs: Mapping[str, Any], batch: Mapping[str, Any], ctx: LossContext) -> tuple[jax.Array, Metrics]:
     """The CLIP softmax loss on the model's embeddings and log scale (METHODS.md section 0)."""
     loss = clip_loss(
@@ -217,7 +217,7 @@ def clip_term(outputs: Mapping[str, Any], batch: Mapping[str, Any], ctx: LossCon
     return loss, {"clip/scale": jnp.exp(jnp.asarray(outputs["logit_scale"], jnp.float32).reshape(()))}
 
 
-@register_term("siglip")
+@register_term("siglip", reads=Reads(outputs=("image_embeddings", "text_embeddings", "logit_scale", "logit_bias")))
 def siglip_term(
     outputs: Mapping[str, Any], batch: Mapping[str, Any], ctx: LossContext, *, ring: bool = False
 ) -> tuple[jax.Array, Metrics]:

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jclip.losses.terms import LossContext, Metrics, register_term
+from jclip.losses.terms import LossContext, Metrics, Reads, register_term
 
 COLLAPSE_OPTIONS = ("centering", "sinkhorn", "entropy")
 LOGIT_KEYS = {"image": "image_prototype_logits", "text": "text_prototype_logits"}
@@ -83,7 +83,7 @@ def _init_centres(abstract_outputs: Mapping[str, Any], **kwargs: Any) -> dict[st
     return {m: jnp.zeros((abstract_outputs[key].shape[-1],), jnp.float32) for m, key in LOGIT_KEYS.items()}
 
 
-@register_term("nclip", init_state=_init_centres)
+@register_term("nclip", reads=Reads(outputs=tuple(LOGIT_KEYS.values())), init_state=_init_centres)
 def nclip_term(
     outputs: Mapping[str, Any],
     batch: Mapping[str, Any],

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jclip.losses.sharded import batch_mask, batch_shards, pad_rows, pair_logits, prepare_pair, sharded_sum
-from jclip.losses.terms import LossContext, Metrics, register_term
+from jclip.losses.terms import LossContext, Metrics, Reads, register_term
 from jclip.parallel import BATCH_MESH_AXES
 
 # Official normalisation: get_loss divides each direction pair by 32 and by the batch size.
@@ -238,7 +238,7 @@ def ramp_weight(
     return jnp.clip(rate * progress, 0.0, maximum)
 
 
-@register_term("rankclip")
+@register_term("rankclip", reads=Reads(outputs=("image_embeddings", "text_embeddings", "logit_scale")))
 def rankclip_term(
     outputs: Mapping[str, Any],
     batch: Mapping[str, Any],

@@ -45,7 +45,7 @@ from jclip.losses.sharded import (
     prepare_pair,
     sharded_sum,
 )
-from jclip.losses.terms import LossContext, Metrics, register_term
+from jclip.losses.terms import LossContext, Metrics, Reads, register_term
 from jclip.parallel import BATCH_MESH_AXES
 
 GUIDANCE_SOURCES = ("self", "batch", "outputs")
@@ -275,7 +275,18 @@ def _guidance_features(
     return {f"{m}_guidance": container[keys[m]] for m in needed}
 
 
-@register_term("softclip")
+def _softclip_reads(*, guidance: str = "self", pairing: str = "same", **_: Any) -> Reads:
+    """The embeddings and scale, plus the guidance features the configured source and pairing use."""
+    outputs = ["image_embeddings", "text_embeddings", "logit_scale"]
+    modalities = sorted(set(PAIRINGS.get(pairing, ("image", "text"))))
+    if guidance == "batch":
+        return Reads(outputs=tuple(outputs), batch=tuple(BATCH_GUIDANCE_KEYS[m] for m in modalities))
+    if guidance == "outputs":
+        outputs += [OUTPUT_GUIDANCE_KEYS[m] for m in modalities]
+    return Reads(outputs=tuple(outputs))
+
+
+@register_term("softclip", reads=_softclip_reads)
 def softclip_term(
     outputs: Mapping[str, Any],
     batch: Mapping[str, Any],

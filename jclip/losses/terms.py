@@ -13,6 +13,12 @@ where `outputs` is the model's output dict (`image_embeddings`, `text_embeddings
 
 `total_loss` returns Σ weight·term and the metrics `loss/<name>` (unweighted) and `loss/total`.
 
+Every term declares what it reads: `@register_term(name, reads=Reads(outputs=(...), batch=(...)))`, or a
+function `reads(**kwargs) -> Reads` when that depends on the term's knobs. The train step asks the model
+for the union of the outputs the terms read (so token-level outputs are computed only when a term reads
+them), and start-up validation checks every field before anything is compiled, naming the term and the
+field. The optional `mask` batch field (False on padding rows) need not be declared.
+
 A term may carry state across steps (nCLIP's EMA centre): it registers `init_state(abstract_outputs,
 **kwargs) -> pytree`, reads its state as `ctx.state[name]`, and returns `(value, metrics, new_state)`.
 The train step keeps these states in the train state (so they are checkpointed and resume exactly) and
@@ -21,6 +27,7 @@ calls `total_loss_with_state`. New states must be computed from stop-gradient qu
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
@@ -67,8 +74,18 @@ class LossTerm(Protocol):
     ) -> tuple[jax.Array, Metrics]: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    """What a loss term reads: model outputs and batch fields (by name)."""
+
+    outputs: tuple[str, ...] = ()
+    batch: tuple[str, ...] = ()
+
+
 # name -> term function. Filled at import time by the family modules (jclip.losses imports them all).
 TERMS: dict[str, LossTerm] = {}
+# name -> Reads, or reads(**kwargs) -> Reads for terms whose inputs depend on their knobs.
+READS: dict[str, Reads | Callable[..., Reads]] = {}
 # name -> init_state(abstract_outputs, **kwargs) of the terms that carry state across steps.
 STATE_INITS: dict[str, Callable[..., Any]] = {}
 
@@ -76,18 +93,24 @@ STATE_INITS: dict[str, Callable[..., Any]] = {}
 _RESERVED_KEYS = ("weight",)
 
 
-def register_term(name: str, *, init_state: Callable[..., Any] | None = None) -> Callable[[LossTerm], LossTerm]:
+def register_term(
+    name: str, *, reads: Reads | Callable[..., Reads], init_state: Callable[..., Any] | None = None
+) -> Callable[[LossTerm], LossTerm]:
     """Decorator: registers a loss term under `name` (a name may be registered only once).
 
-    `init_state(abstract_outputs, **kwargs)`: for a term that carries state across steps, its initial
-    state from the shapes of the model outputs and the term's config kwargs.
+    `reads`: the model outputs and batch fields the term reads (a `Reads`, or a function of the term's
+    config kwargs returning one). `init_state(abstract_outputs, **kwargs)`: for a term that carries state
+    across steps, its initial state from the shapes of the model outputs and the term's config kwargs.
     """
+    if not isinstance(reads, Reads) and not callable(reads):
+        raise TypeError(f"loss term {name!r}: reads must be a Reads or a function returning one, got {reads!r}")
 
     def decorator(fn: LossTerm) -> LossTerm:
         existing = TERMS.get(name)
         if existing is not None and _qualname(existing) != _qualname(fn):
             raise ValueError(f"loss term {name!r} is already registered by {_qualname(existing)}")
         TERMS[name] = fn
+        READS[name] = reads
         if init_state is not None:
             STATE_INITS[name] = init_state
         return fn
@@ -141,6 +164,20 @@ def validate_terms_config(terms_config: Any) -> list[tuple[str, float, dict[str,
             )
         parsed.append((str(name), float(weight), settings))
     return parsed
+
+
+def term_reads(terms_config: Any) -> dict[str, Reads]:
+    """What each configured term reads, by term name (config order)."""
+    result = {}
+    for name, _, kwargs in validate_terms_config(terms_config):
+        declared = READS[name]
+        result[name] = declared if isinstance(declared, Reads) else declared(**kwargs)
+    return result
+
+
+def outputs_read(terms_config: Any) -> tuple[str, ...]:
+    """The union of the model outputs the configured terms read, sorted."""
+    return tuple(sorted({output for reads in term_reads(terms_config).values() for output in reads.outputs}))
 
 
 def init_loss_state(terms_config: Any, abstract_outputs: Mapping[str, Any]) -> dict[str, Any]:

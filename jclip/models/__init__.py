@@ -5,10 +5,14 @@ from jclip.models.clip_model import (
     SIGLIP_INIT_LOGIT_BIAS,
     SIGLIP_INIT_LOGIT_SCALE,
     CLIPModel,
+    abstract_batch,
     abstract_model,
     build_model,
     count_params,
+    input_fields,
+    model_output_names,
 )
+from jclip.models.towers import Tower, known_kinds, register_tower, tokenizer_spec, tower_for
 from jclip.models.presets import PRESETS, get_preset
 from jclip.models.text import TextTransformer
 from jclip.models.vision import VisionTransformer
@@ -21,8 +25,16 @@ __all__ = [
     "PRESETS",
     "TextTransformer",
     "VisionTransformer",
+    "Tower",
+    "abstract_batch",
     "abstract_model",
     "build_model",
     "count_params",
     "get_preset",
+    "input_fields",
+    "known_kinds",
+    "model_output_names",
+    "register_tower",
+    "tokenizer_spec",
+    "tower_for",
 ]

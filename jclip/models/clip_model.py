@@ -10,7 +10,7 @@ ln 10 and the bias at -10). Model configs are plain dicts (or ml_collections Con
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -20,19 +20,26 @@ from flax import nnx
 
 from jclip.models.heads import PrototypeHead, head_config
 from jclip.models.layers import l2_normalize, logical_param
-from jclip.models.text import TextTransformer
-from jclip.models.vision import VisionTransformer
+from jclip.models import towers
+from jclip.models.text import CLIP_TEXT
+from jclip.models.vision import VIT
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # Radford et al. 2021
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al. 2023
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
-VISION_KEYS = {"image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio", "in_channels"}
-TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
               "dtype", "param_dtype", "remat", "prototype_heads", "embedding"}
+#: The towers jclip ships (importing their modules registers them): OpenCLIP's ViT and causal text Transformer.
+BUILT_IN_TOWERS = (VIT, CLIP_TEXT)
 #: What `encode_image`/`encode_text` return, the space evaluations and teachers compare in.
 EMBEDDINGS = ("projection", "prototypes")
+#: Outputs the model returns unless asked for fewer (the pooled features, their embeddings, the scale).
+BASE_OUTPUTS = ("image_features", "text_features", "image_embeddings", "text_embeddings", "logit_scale")
+#: A batch field `<prefix>_token_ids` [batch, ..., length] (extra captions, e.g. hard negatives) can be
+#: embedded by the text tower as the output `<prefix>_text_embeddings` [batch, ..., embed_dim].
+EXTRA_CAPTIONS_SUFFIX = "_token_ids"
+EXTRA_EMBEDDINGS_SUFFIX = "_text_embeddings"
 
 
 def check_embedding(embedding: str, prototype_heads: Any) -> None:
@@ -57,8 +64,10 @@ class CLIPModel(nnx.Module):
         common = dict(output_dim=embed_dim, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
                       param_dtype=param_dtype, rngs=rngs)
         self.embed_dim = embed_dim
-        self.visual = VisionTransformer(**dict(vision), **common)
-        self.text = TextTransformer(**dict(text), **common)
+        self.vision_tower = towers.tower_for({"vision": vision}, "vision")
+        self.text_tower = towers.tower_for({"text": text}, "text")
+        self.visual = self.vision_tower.module(**self.vision_tower.build_args(vision), **common)
+        self.text = self.text_tower.module(**self.text_tower.build_args(text), **common)
         self.logit_scale = logical_param(rngs, nnx.initializers.constant(init_logit_scale), (), (), param_dtype)
         self.logit_bias = (
             None if init_logit_bias is None
@@ -84,25 +93,85 @@ class CLIPModel(nnx.Module):
             features = self.text_head(features)
         return l2_normalize(features) if normalize else features
 
-    def __call__(self, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
-        """Both towers. Returns `image_features`/`text_features` (projected), `image_embeddings`/
-        `text_embeddings` (L2-normalised), `logit_scale` (the raw log value), `logit_bias` if present, and
-        `image_prototype_logits`/`text_prototype_logits` [batch, K] when the model has prototype heads."""
-        image_features = self.visual(images)
-        text_features = self.text(token_ids)
-        outputs = {
-            "image_features": image_features,
-            "text_features": text_features,
-            "image_embeddings": l2_normalize(image_features),
-            "text_embeddings": l2_normalize(text_features),
+    def __call__(self, batch: Mapping[str, jax.Array], outputs: Collection[str] | None = None) -> dict[str, jax.Array]:
+        """The model on a batch: each tower reads its field (`images`, `token_ids`); returns `outputs` (by
+        default `BASE_OUTPUTS`, plus `logit_bias` and the prototype logits when the model has them).
+
+        Outputs: `image_features`/`text_features` (projected), `image_embeddings`/`text_embeddings`
+        (L2-normalised), `logit_scale` (the raw log value), `logit_bias`, `image_prototype_logits`/
+        `text_prototype_logits` [batch, K]; on request only: `image_tokens` [batch, patches, embed_dim],
+        `text_tokens` [batch, length, embed_dim] with `text_token_mask` [batch, length] (see the towers'
+        `encode`), and `<prefix>_text_embeddings` [batch, ..., embed_dim] for a batch field
+        `<prefix>_token_ids` [batch, ..., length]. Only what is asked for is computed.
+        """
+        wanted = set(self.default_outputs() if outputs is None else outputs)
+        unknown = sorted(wanted - self.output_names(batch))
+        if unknown:
+            raise ValueError(f"the model cannot produce {unknown}; it produces {sorted(self.output_names(batch))}")
+        image = self.visual.encode(batch[self.vision_tower.input_field], tokens="image_tokens" in wanted)
+        text = self.text.encode(batch[self.text_tower.input_field],
+                                tokens=bool({"text_tokens", "text_token_mask"} & wanted))
+        result = {
+            "image_features": image["features"],
+            "text_features": text["features"],
+            "image_embeddings": l2_normalize(image["features"]),
+            "text_embeddings": l2_normalize(text["features"]),
             "logit_scale": self.logit_scale[...].astype(jnp.float32),
         }
+        if "image_tokens" in wanted:
+            result["image_tokens"] = image["tokens"]
+        if "text_tokens" in wanted or "text_token_mask" in wanted:
+            result["text_tokens"], result["text_token_mask"] = text["tokens"], text["token_mask"]
         if self.logit_bias is not None:
-            outputs["logit_bias"] = self.logit_bias[...].astype(jnp.float32)
-        if self.image_head is not None:
-            outputs["image_prototype_logits"] = self.image_head(image_features)
-            outputs["text_prototype_logits"] = self.text_head(text_features)
-        return outputs
+            result["logit_bias"] = self.logit_bias[...].astype(jnp.float32)
+        if self.image_head is not None and wanted & {"image_prototype_logits", "text_prototype_logits"}:
+            result["image_prototype_logits"] = self.image_head(image["features"])
+            result["text_prototype_logits"] = self.text_head(text["features"])
+        for name in sorted(wanted):
+            if name.endswith(EXTRA_EMBEDDINGS_SUFFIX) and name not in result:
+                token_ids = batch[name.removesuffix(EXTRA_EMBEDDINGS_SUFFIX) + EXTRA_CAPTIONS_SUFFIX]
+                flat = self.text(token_ids.reshape(-1, token_ids.shape[-1]))
+                result[name] = l2_normalize(flat).reshape(*token_ids.shape[:-1], flat.shape[-1])
+        return {name: result[name] for name in sorted(wanted)}
+
+    def default_outputs(self) -> tuple[str, ...]:
+        """What `__call__` returns when not told: `BASE_OUTPUTS` and the bias and prototype logits if any."""
+        extra = (("logit_bias",) if self.logit_bias is not None else ()) + (
+            ("image_prototype_logits", "text_prototype_logits") if self.image_head is not None else ())
+        return BASE_OUTPUTS + extra
+
+    def output_names(self, batch_fields: Collection[str]) -> set[str]:
+        """Every output this model can produce from a batch with `batch_fields`."""
+        return output_names(self.default_outputs(), batch_fields)
+
+
+def output_names(default_outputs: Collection[str], batch_fields: Collection[str]) -> set[str]:
+    """The model's default outputs, the token-level ones, and `<prefix>_text_embeddings` per extra caption field."""
+    extra = {field.removesuffix(EXTRA_CAPTIONS_SUFFIX) + EXTRA_EMBEDDINGS_SUFFIX
+             for field in batch_fields if field.endswith(EXTRA_CAPTIONS_SUFFIX) and field != "token_ids"}
+    return set(default_outputs) | {"image_tokens", "text_tokens", "text_token_mask"} | extra
+
+
+def model_output_names(model_config: Mapping[str, Any], batch_fields: Collection[str]) -> set[str]:
+    """`CLIPModel.output_names` from a model config alone (for start-up validation; nothing built)."""
+    config = _as_dict(model_config)
+    default = BASE_OUTPUTS + (("logit_bias",) if config.get("init_logit_bias") is not None else ()) + (
+        ("image_prototype_logits", "text_prototype_logits") if config.get("prototype_heads") else ())
+    return output_names(default, batch_fields)
+
+
+def input_fields(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """The batch fields the towers read: {field: "model.vision" / "model.text"}."""
+    return {towers.tower_for(model_config, modality).input_field: f"model.{modality}" for modality in towers.MODALITIES}
+
+
+def abstract_batch(model_config: Mapping[str, Any], batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of the towers' own fields for `batch` examples (for tracing without data)."""
+    result = {}
+    for modality in towers.MODALITIES:
+        tower = towers.tower_for(model_config, modality)
+        result[tower.input_field] = tower.abstract_input(tower.settings(model_config[modality]), batch)
+    return result
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -134,8 +203,6 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
     config = _as_dict(model_config)
     _check_keys(config, MODEL_KEYS, "model")
     vision, text = _as_dict(config["vision"]), _as_dict(config["text"])
-    _check_keys(vision, VISION_KEYS, "vision")
-    _check_keys(text, TEXT_KEYS, "text")
     init_logit_bias = config.get("init_logit_bias")
     return CLIPModel(
         embed_dim=int(config["embed_dim"]),
@@ -153,24 +220,18 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
     )
 
 
-_ARCHITECTURE_DEFAULTS = {
-    "vision": {"head_width": 64, "mlp_ratio": 4.0, "in_channels": 3},
-    "text": {"mlp_ratio": 4.0},
-}
-
-
 def architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """What fixes the meaning of a model's weights: the tower shapes, the activation and the embedding
-    width (not compute options, initial values, or optional parameters such as the logit bias and the
-    prototype heads, which weight loading compares by name)."""
+    """What fixes the meaning of a model's weights: each tower's kind and shapes, the activation and the
+    embedding width (not compute options, initial values, tokenizers, or optional parameters such as the
+    logit bias and the prototype heads, which weight loading compares by name)."""
     config = _as_dict(model_config)
     result: dict[str, Any] = {"embed_dim": int(config["embed_dim"]), "quick_gelu": bool(config.get("quick_gelu", False))}
-    for tower in ("vision", "text"):
-        values = {**_ARCHITECTURE_DEFAULTS[tower], **_as_dict(config[tower])}
-        result.update({f"{tower}.{key}": tuple(value) if isinstance(value, (list, tuple)) else value
-                       for key, value in sorted(values.items())})
-    size = result["vision.image_size"]
-    result["vision.image_size"] = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    for modality in towers.MODALITIES:
+        tower = towers.tower_for(config, modality)
+        result.update({f"{modality}.{key}": value for key, value in tower.architecture(config[modality]).items()})
+    size = result.get("vision.image_size")
+    if size is not None:
+        result["vision.image_size"] = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
     return result
 
 

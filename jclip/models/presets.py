@@ -17,30 +17,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "embed_dim": 128,
         "quick_gelu": False,
-        "vision": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64,
+        "vision": {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "head_width": 64,
                    "mlp_ratio": 4.0},
-        "text": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        "text": {"kind": "clip", "context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     },
     "B/32": {
         "embed_dim": 512,
         "quick_gelu": False,
-        "vision": {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "head_width": 64,
+        "vision": {"kind": "vit", "image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "head_width": 64,
                    "mlp_ratio": 4.0},
-        "text": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+        "text": {"kind": "clip", "context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
     },
     "B/16": {
         "embed_dim": 512,
         "quick_gelu": False,
-        "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "head_width": 64,
+        "vision": {"kind": "vit", "image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "head_width": 64,
                    "mlp_ratio": 4.0},
-        "text": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+        "text": {"kind": "clip", "context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
     },
     "L/14": {
         "embed_dim": 768,
         "quick_gelu": False,
-        "vision": {"image_size": 224, "patch_size": 14, "width": 1024, "layers": 24, "head_width": 64,
+        "vision": {"kind": "vit", "image_size": 224, "patch_size": 14, "width": 1024, "layers": 24, "head_width": 64,
                    "mlp_ratio": 4.0},
-        "text": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
+        "text": {"kind": "clip", "context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
     },
 }
 

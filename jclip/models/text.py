@@ -15,11 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, normal
+from jclip.models.towers import Tower, register_tower, require_positive
 from jclip.parallel import constrain
 
 
 class TextTransformer(nnx.Module):
-    """Text tower: token ids [batch, length] -> projected text features [batch, output_dim] (float32)."""
+    """Text tower (kind `clip`): token ids [batch, length] -> projected text features [batch, output_dim]."""
 
     def __init__(self, *, context_length: int, vocab_size: int, width: int, heads: int, layers: int,
                  output_dim: int, mlp_ratio: float = 4.0, quick_gelu: bool = False, remat: bool = False,
@@ -39,20 +40,58 @@ class TextTransformer(nnx.Module):
         self.projection = logical_param(rngs, normal(width ** -0.5), (width, output_dim), ("embed", "proj"),
                                         param_dtype)
 
-    def __call__(self, token_ids: jax.Array) -> jax.Array:
-        """Projected (not normalised) text features [batch, output_dim] in float32.
+    def encode(self, token_ids: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
+        """`features`: the projected end-of-text token [batch, output_dim], float32; with `tokens`, also
+        `tokens`, every position after `ln_final` and the projection [batch, length, output_dim], float32, and
+        `token_mask` [batch, length]: True from the start token up to and including the end-of-text token.
 
         Sequences may be shorter than `context_length` (positions are sliced, as OpenCLIP does).
         """
         batch, length = token_ids.shape
         if length > self.context_length:
             raise ValueError(f"token sequences of length {length} exceed context_length {self.context_length}")
-        tokens = jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
-        tokens = tokens + self.positional_embedding[...][:length].astype(self.dtype)
-        tokens = constrain(tokens, ("batch", "length", "act_embed"))
-        tokens = self.transformer(tokens)
+        hidden = jnp.take(self.token_embedding[...], token_ids, axis=0).astype(self.dtype)
+        hidden = hidden + self.positional_embedding[...][:length].astype(self.dtype)
+        hidden = constrain(hidden, ("batch", "length", "act_embed"))
+        hidden = self.transformer(hidden)
         end_positions = jnp.argmax(token_ids, axis=-1)
-        pooled = jnp.take_along_axis(tokens, end_positions[:, None, None], axis=1)[:, 0]
+        pooled = jnp.take_along_axis(hidden, end_positions[:, None, None], axis=1)[:, 0]
         pooled = self.ln_final(pooled)  # per-token LayerNorm: pooling first equals OpenCLIP's order
         pooled = constrain(pooled, ("batch", "act_embed"))
-        return jnp.dot(pooled.astype(jnp.float32), self.projection[...].astype(jnp.float32))
+        outputs = {"features": self._project(pooled)}
+        if tokens:
+            every = constrain(self.ln_final(hidden), ("batch", "length", "act_embed"))
+            outputs["tokens"] = self._project(every)
+            outputs["token_mask"] = jnp.arange(length)[None, :] <= end_positions[:, None]
+        return outputs
+
+    def _project(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(jnp.float32), self.projection[...].astype(jnp.float32))
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        """Projected (not normalised) text features [batch, output_dim] in float32."""
+        return self.encode(token_ids)["features"]
+
+
+def _check_clip_text(config: dict[str, Any]) -> None:
+    require_positive("model.text", config, ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"))
+    if config["width"] % config["heads"]:
+        raise ValueError(f"model.text.width ({config['width']}) must be divisible by heads ({config['heads']})")
+    if not isinstance(config["tokenizer"], str) or not config["tokenizer"]:
+        raise ValueError(f"model.text.tokenizer must be a tokenizer spec such as 'clip', got {config['tokenizer']!r}")
+
+
+CLIP_TEXT = register_tower(Tower(
+    kind="clip",
+    modality="text",
+    module=TextTransformer,
+    input_field="token_ids",
+    abstract_input=lambda config, batch: jax.ShapeDtypeStruct((batch, config["context_length"]), jnp.int32),
+    required=frozenset({"context_length", "vocab_size", "width", "heads", "layers"}),
+    # The tokenizer: OpenAI's BPE ("clip"), or "sentencepiece:/path/model.model[:lower]".
+    defaults={"mlp_ratio": 4.0, "tokenizer": "clip"},
+    check=_check_clip_text,
+    non_architecture=frozenset({"tokenizer"}),
+    tokenizer=lambda config: str(config["tokenizer"]),
+    weight_formats=("openclip", "hf"),
+))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, normal, num_heads_for
+from jclip.models.towers import Tower, register_tower, require_positive
 from jclip.parallel import constrain
 
 
@@ -71,16 +72,52 @@ class VisionTransformer(nnx.Module):
         kernel = self.patch_embedding[...].astype(self.dtype)
         return jnp.einsum("bnijc,ijcd->bnd", patches, kernel)
 
+    def encode(self, images: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
+        """`features`: the projected class token [batch, output_dim], float32; with `tokens`, also `tokens`:
+        every patch token after `ln_post` and the projection [batch, grid_h*grid_w, output_dim], float32."""
+        tokens_in = self.embed_patches(images)
+        batch, _, width = tokens_in.shape
+        class_token = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (batch, 1, width))
+        hidden = jnp.concatenate([class_token, tokens_in], axis=1)
+        hidden = hidden + self.positional_embedding[...].astype(self.dtype)
+        hidden = constrain(hidden, ("batch", "length", "act_embed"))
+        hidden = self.ln_pre(hidden)
+        hidden = self.transformer(hidden)
+        pooled = self.ln_post(hidden[:, 0])  # OpenCLIP applies ln_post to all tokens, then takes the class token
+        pooled = constrain(pooled, ("batch", "act_embed"))
+        outputs = {"features": self._project(pooled)}
+        if tokens:
+            patches = constrain(self.ln_post(hidden[:, 1:]), ("batch", "length", "act_embed"))
+            outputs["tokens"] = self._project(patches)
+        return outputs
+
+    def _project(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(jnp.float32), self.projection[...].astype(jnp.float32))
+
     def __call__(self, images: jax.Array) -> jax.Array:
         """Projected (not normalised) image features [batch, output_dim] in float32."""
-        tokens = self.embed_patches(images)
-        batch, _, width = tokens.shape
-        class_token = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (batch, 1, width))
-        tokens = jnp.concatenate([class_token, tokens], axis=1)
-        tokens = tokens + self.positional_embedding[...].astype(self.dtype)
-        tokens = constrain(tokens, ("batch", "length", "act_embed"))
-        tokens = self.ln_pre(tokens)
-        tokens = self.transformer(tokens)
-        pooled = self.ln_post(tokens[:, 0])  # OpenCLIP applies ln_post to all tokens, then takes the class token
-        pooled = constrain(pooled, ("batch", "act_embed"))
-        return jnp.dot(pooled.astype(jnp.float32), self.projection[...].astype(jnp.float32))
+        return self.encode(images)["features"]
+
+
+def _check_vit(config: dict[str, Any]) -> None:
+    require_positive("model.vision", config, ("patch_size", "width", "layers", "head_width", "mlp_ratio", "in_channels"))
+    height, width = _pair(config["image_size"])
+    if height <= 0 or width <= 0 or height % config["patch_size"] or width % config["patch_size"]:
+        raise ValueError(f"model.vision.image_size ({config['image_size']}) must be a positive multiple of "
+                         f"patch_size ({config['patch_size']})")
+    if config["width"] % config["head_width"]:
+        raise ValueError(f"model.vision.width ({config['width']}) must be divisible by head_width ({config['head_width']})")
+
+
+VIT = register_tower(Tower(
+    kind="vit",
+    modality="vision",
+    module=VisionTransformer,
+    input_field="images",
+    abstract_input=lambda config, batch: jax.ShapeDtypeStruct(
+        (batch, *_pair(config["image_size"]), config["in_channels"]), jnp.float32),
+    required=frozenset({"image_size", "patch_size", "width", "layers"}),
+    defaults={"head_width": 64, "mlp_ratio": 4.0, "in_channels": 3},
+    check=_check_vit,
+    weight_formats=("openclip", "hf"),
+))

@@ -130,7 +130,7 @@ def test_sentencepiece_vocabulary_must_fit_the_model(sentencepiece_model):
     from jclip.errors import ConfigError
 
     config = clip.get_config()
-    config.data.tokenizer = f"sentencepiece:{sentencepiece_model}"
+    config.model.text.tokenizer = f"sentencepiece:{sentencepiece_model}"
     validate_config(config)  # 33 ids fit the default 49,408-token embedding
     config.model.text.vocab_size = 20
     with pytest.raises(ConfigError, match="has 33 ids"):

@@ -112,7 +112,7 @@ def test_validate_computes_nothing_and_custom_terms_register(monkeypatch):
 
     calls = []
 
-    @terms_module.register_term("probe")
+    @terms_module.register_term("probe", reads=terms_module.Reads())
     def probe(outputs, batch, ctx, *, factor: float = 1.0):
         calls.append(factor)
         return factor * jnp.float32(1.0), {"probe/factor": jnp.float32(factor)}
@@ -123,7 +123,7 @@ def test_validate_computes_nothing_and_custom_terms_register(monkeypatch):
     assert calls == [3.0] and float(loss) == 0.0 and float(metrics["loss/probe"]) == 3.0
 
     with pytest.raises(ValueError, match="already registered"):
-        @terms_module.register_term("probe")
+        @terms_module.register_term("probe", reads=terms_module.Reads())
         def other(outputs, batch, ctx):
             return jnp.float32(0.0), {}
 

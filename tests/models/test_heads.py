@@ -36,9 +36,9 @@ def test_model_outputs_prototype_logits_only_when_configured():
     config = presets.get_preset("tiny")
     plain = build_model(config, nnx.Rngs(0))
     images, tokens = jnp.zeros((2, 32, 32, 3)), jnp.ones((2, 32), jnp.int32)
-    assert "image_prototype_logits" not in plain(images, tokens)
+    assert "image_prototype_logits" not in plain({"images": images, "token_ids": tokens})
     config["prototype_heads"] = {"num_prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16, "layers": 2}
-    outputs = build_model(config, nnx.Rngs(0))(images, tokens)
+    outputs = build_model(config, nnx.Rngs(0))({"images": images, "token_ids": tokens})
     assert outputs["image_prototype_logits"].shape == outputs["text_prototype_logits"].shape == (2, 64)
     # Two heads: (128*32 + 32) + (32*16 + 16) + 16*64 parameters each.
     per_head = 128 * 32 + 32 + 32 * 16 + 16 + 16 * 64
@@ -63,8 +63,8 @@ def test_prototype_embedding_space_for_evaluations():
     tokens = jnp.asarray(rng.integers(1, 1000, size=(3, 32)), jnp.int32)
     projection = build_model(config, nnx.Rngs(0))
     prototypes = build_model({**config, "embedding": "prototypes"}, nnx.Rngs(0))
-    outputs = prototypes(images, tokens)
-    np.testing.assert_allclose(np.asarray(outputs["image_embeddings"]), np.asarray(projection(images, tokens)["image_embeddings"]), atol=1e-6)
+    outputs = prototypes({"images": images, "token_ids": tokens})
+    np.testing.assert_allclose(np.asarray(outputs["image_embeddings"]), np.asarray(projection({"images": images, "token_ids": tokens})["image_embeddings"]), atol=1e-6)
     for encode, key in ((prototypes.encode_image, "image_prototype_logits"), (prototypes.encode_text, "text_prototype_logits")):
         expected = np.asarray(outputs[key])
         expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)

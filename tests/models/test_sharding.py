@@ -58,7 +58,7 @@ def test_sharded_init_and_forward_equal_single_device() -> None:
     token_ids = jax.random.randint(jax.random.key(2), (8, 8), 1, 63).at[:, 6].set(63)
 
     def forward(model: CLIPModel, images: jax.Array, token_ids: jax.Array) -> dict[str, jax.Array]:
-        return model(images, token_ids)
+        return model({"images": images, "token_ids": token_ids})
 
     reference = nnx.jit(forward)(build_model(config, nnx.Rngs(0)), images, token_ids)
 

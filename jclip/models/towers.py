@@ -1,0 +1,142 @@
+"""Towers chosen by name: `model.vision.kind` and `model.text.kind` select a registered tower.
+
+A tower owns its config keys and their checks, its parameter count (from shapes, nothing allocated), the
+batch field it reads, its tokenizer (text towers: a spec that `jclip.data.tokenizer.make_tokenizer` builds),
+its pooling (inside its module) and the weight formats `jclip.convert` can import into it. Today's towers
+are OpenCLIP's: `vit` (jclip.models.vision) and the causal `clip` text Transformer (jclip.models.text). A new
+tower is a module with `@register_tower`-ed `Tower` and a class with this interface:
+
+    tower = cls(**tower_config, output_dim=..., quick_gelu=..., remat=..., dtype=..., param_dtype=..., rngs=...)
+    tower(inputs) -> projected pooled features [batch, output_dim], float32
+    tower.encode(inputs, tokens=True) -> {"features", "tokens" [batch, T, output_dim]} (+ "token_mask" [batch, T]
+                                         for text), the tokens after the final norm and the projection
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+MODALITIES = ("vision", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """A registered tower kind (see the module docstring)."""
+
+    kind: str
+    modality: str  # "vision" or "text"
+    module: type[nnx.Module]
+    input_field: str  # the batch field the tower reads: "images" or "token_ids"
+    #: The abstract input of `batch` examples, from the tower config (shapes for start-up tracing).
+    abstract_input: Callable[[Mapping[str, Any], int], jax.ShapeDtypeStruct]
+    required: frozenset[str]
+    defaults: Mapping[str, Any]  # optional keys with their defaults
+    check: Callable[[Mapping[str, Any]], None]  # raises ValueError naming model.<modality>.<key>
+    #: Keys that do not change the meaning of the weights (not compared when weights are loaded).
+    non_architecture: frozenset[str] = frozenset()
+    #: The text tower's tokenizer spec from its config ("clip", "sentencepiece:/path...").
+    tokenizer: Callable[[Mapping[str, Any]], str] | None = None
+    #: `jclip.convert` formats that hold this tower's weights ("openclip", "hf").
+    weight_formats: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return self.required | frozenset(self.defaults) | {"kind"}
+
+    def settings(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The tower config with defaults filled in, without `kind`; unknown or missing keys are errors."""
+        config = {key: value for key, value in _items(config) if key != "kind"}
+        where = f"model.{self.modality}"
+        unknown = sorted(set(config) - self.keys)
+        if unknown:
+            raise ValueError(f"unknown {where} keys {unknown} for kind {self.kind!r}; it takes {sorted(self.keys)}")
+        missing = sorted(self.required - set(config))
+        if missing:
+            raise ValueError(f"{where} (kind {self.kind!r}) needs {missing}")
+        return {**self.defaults, **{k: v for k, v in config.items() if v is not None or k not in self.defaults}}
+
+    def build_args(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The module's constructor arguments from the tower config (its own keys only)."""
+        settings = self.settings(config)
+        return {key: value for key, value in settings.items() if key not in self.non_architecture}
+
+    def architecture(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """What fixes the meaning of this tower's weights: `kind` and every architecture key."""
+        values = {"kind": self.kind, **self.build_args(config)}
+        return {key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in sorted(values.items())}
+
+    def count_params(self, config: Mapping[str, Any], output_dim: int) -> int:
+        """The tower's parameter count (projection included), from shapes alone."""
+        abstract = nnx.eval_shape(lambda: self.module(**self.build_args(config), output_dim=output_dim, rngs=nnx.Rngs(0)))
+        leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+        return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in leaves))
+
+
+_TOWERS: dict[str, dict[str, Tower]] = {modality: {} for modality in MODALITIES}
+DEFAULT_KINDS = {"vision": "vit", "text": "clip"}
+
+
+def register_tower(tower: Tower) -> Tower:
+    """Adds a tower kind to the registry (a kind may be registered once per modality)."""
+    if tower.modality not in MODALITIES:
+        raise ValueError(f"a tower's modality is one of {MODALITIES}, got {tower.modality!r}")
+    existing = _TOWERS[tower.modality].get(tower.kind)
+    if existing is not None and existing.module is not tower.module:
+        raise ValueError(f"{tower.modality} tower kind {tower.kind!r} is already registered by {existing.module}")
+    _TOWERS[tower.modality][tower.kind] = tower
+    return tower
+
+
+def known_kinds(modality: str) -> list[str]:
+    return sorted(_TOWERS[modality])
+
+
+def tower_for(model_config: Mapping[str, Any], modality: str) -> Tower:
+    """The registered tower `model.<modality>.kind` names (`vit` / `clip` when the key is absent)."""
+    config = dict(_items(_section(model_config, modality)))
+    kind = config.get("kind") or DEFAULT_KINDS[modality]
+    if kind not in _TOWERS[modality]:
+        raise ValueError(f"unknown model.{modality}.kind {kind!r}; known {modality} towers: {known_kinds(modality)}")
+    return _TOWERS[modality][kind]
+
+
+def tower_settings(model_config: Mapping[str, Any], modality: str) -> dict[str, Any]:
+    """`model.<modality>` with its tower's defaults filled in (without `kind`)."""
+    return tower_for(model_config, modality).settings(_section(model_config, modality))
+
+
+def check_tower(model_config: Mapping[str, Any], modality: str) -> None:
+    """Raises ValueError naming the field for an unknown kind, unknown or missing keys, or bad values."""
+    tower = tower_for(model_config, modality)
+    tower.check(tower.settings(_section(model_config, modality)))
+
+
+def tokenizer_spec(model_config: Mapping[str, Any]) -> str:
+    """The text tower's tokenizer spec (what `jclip.data.tokenizer.make_tokenizer` builds)."""
+    tower = tower_for(model_config, "text")
+    return tower.tokenizer(tower.settings(_section(model_config, "text")))
+
+
+def _section(model_config: Mapping[str, Any], modality: str) -> Any:
+    try:
+        return model_config[modality]
+    except KeyError:
+        raise ValueError(f"the model config has no `{modality}` tower") from None
+
+
+def _items(config: Any):
+    return config.items() if hasattr(config, "items") else dict(config).items()
+
+
+def require_positive(where: str, config: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    """ValueError naming `where.key` unless each of `keys` is a positive number."""
+    for key in keys:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{where}.{key} must be positive, got {value!r}")
