@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from jclip.convert import huggingface, openclip, torch_files
 from jclip.convert.params_io import HostModel, abstract_params, flatten, preprocessing_spec
 from jclip.data import tokenizer
-from jclip.models import presets
+from jclip.models import presets, towers
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = {"safetensors": "open_clip_model.safetensors", "pt": "open_clip_pytorch_model.bin"}
@@ -56,7 +56,18 @@ def _write_json(path: pathlib.Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def check_weight_format(model_config: Mapping[str, Any], weight_format: str) -> None:
+    """ValueError unless both towers' kinds can be written to and read from `weight_format` (each tower
+    declares its `weight_formats`, jclip.models.towers)."""
+    for modality in towers.MODALITIES:
+        tower = towers.tower_for(model_config, modality)
+        if weight_format not in tower.weight_formats:
+            raise ValueError(f"model.{modality}.kind {tower.kind!r} has no {weight_format!r} weight layout; it has "
+                             f"{list(tower.weight_formats) or 'none'}")
+
+
 def _openclip_state_dict(model: HostModel, drop_prototype_heads: bool) -> dict[str, np.ndarray]:
+    check_weight_format(model.model_config, "openclip")
     return openclip.openclip_state_dict_from_flat_params(model.params, model.model_config,
                                                          drop_prototype_heads=drop_prototype_heads)
 
@@ -90,6 +101,7 @@ def export_hf(model: HostModel, output: str | pathlib.Path, *, drop_logit_bias: 
     """Writes a transformers `CLIPModel` folder; returns the weights file. A logit bias (sigmoid-loss
     models) has no place in CLIPModel: it stops the export unless `drop_logit_bias`, and is then kept in
     jclip_preprocessing.json as `dropped_logit_bias`."""
+    check_weight_format(model.model_config, "hf")
     state_dict = _openclip_state_dict(model, drop_prototype_heads)
     config = dict(model.model_config)
     spec = dict(model.preprocessing)
@@ -108,6 +120,7 @@ def export_hf(model: HostModel, output: str | pathlib.Path, *, drop_logit_bias: 
 
 def _host_model(model_config: dict[str, Any], state_dict: Mapping[str, np.ndarray],
                 preprocessing: dict[str, Any]) -> HostModel:
+    check_weight_format(model_config, "openclip")
     target = flatten(abstract_params(model_config))
     params = openclip.flat_params_from_openclip(state_dict, target)
     return HostModel(model_config, params, preprocessing)
