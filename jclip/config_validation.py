@@ -19,7 +19,7 @@ def _require(condition: bool, message: str) -> None:
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
     """Raises ConfigError naming the first invalid field; `mesh` adds the divisibility checks."""
     from jclip import evals, losses
-    from jclip.data import sources
+    from jclip.data import configured
 
     _require(int(config.total_steps) > 0, f"total_steps must be positive, got {config.total_steps}")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -54,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
 
     data = config.data
     try:
-        sources.validate_data_config(data)
+        configured.validate_data_config(data)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     from jclip.data.tokenizer import make_tokenizer

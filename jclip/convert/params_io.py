@@ -15,7 +15,7 @@ from flax import nnx, traverse_util
 
 from jclip import checkpoint
 from jclip.data.tokenizer import START_OF_TEXT, VOCAB_SIZE
-from jclip.data.transforms import CLIP_MEAN, CLIP_STD
+from jclip.data.ops.image import CLIP_MEAN, CLIP_STD
 from jclip.models import clip_model
 
 ParamPath = tuple[Any, ...]
@@ -46,7 +46,7 @@ def plain_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
 def preprocessing_spec(model_config: Mapping[str, Any], tokenizer: str = "clip") -> dict[str, Any]:
     """How jclip turns images and captions into model inputs, stated for users of an exported model.
 
-    Follows `jclip.data.transforms` (OpenAI CLIP's evaluation transform) and `jclip.data.tokenizer`.
+    Follows `jclip.data.ops.image` (OpenAI CLIP's evaluation transform) and `jclip.data.tokenizer`.
     """
     size = model_config["vision"]["image_size"]
     height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
