@@ -7,7 +7,7 @@ range torchvision's `RandomResizedCrop`; `normalise_image` maps to CLIP's normal
 
 Evaluation preprocessing follows OpenAI CLIP's reference (`clip/clip.py::_transform`): bicubic resize of
 the short side to the model's image size, centre crop, RGB, scale to [0, 1], normalise with CLIP's mean and
-std. For RGB (and greyscale) inputs the result equals OpenAI's bit for bit (tests/data/test_transforms.py).
+std. For RGB (and greyscale) inputs the result equals OpenAI's bit for bit (tests/data/ops/test_image.py).
 Training may instead take torchvision's `RandomResizedCrop` (scale range from the config) on the same path.
 
 Colour modes are made RGB *before* resizing (OpenAI converts after the crop). That changes nothing for RGB
