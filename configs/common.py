@@ -66,7 +66,7 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
 
     config.data = ml_collections.ConfigDict()
     # `embedded` (the generated jclip_scenes), `tfds:NAME`, `wds:SHARDS`, `arrayrecord:DIR`,
-    # `folder:CAPTIONS_FILE` or `classfolders:ROOT` (see jclip/data/sources.py and the README).
+    # `folder:CAPTIONS_FILE` or `classfolders:ROOT` (see jclip/data/configured.py and the README).
     config.data.source = args.data
     config.data.mixture = ml_collections.ConfigDict()  # name -> {source, weight[, fields]}; overrides `source`.
     config.data.embedded_config = "default"
@@ -77,8 +77,15 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.data.caption_field = "caption"  # `dense_caption` for the embedded dataset's long descriptions.
     config.data.label_field = config_dict.placeholder(str)
     config.data.caption_templates = config_dict.placeholder(tuple)  # ("a photo of a {}.",): captions from labels.
+    # Training preprocessing: named ops separated by '|', each optionally with keyword arguments that are
+    # Python literals, e.g. tokenize(field='negative_captions', out='negative_token_ids', max_count=4).
+    # The batch holds what the ops write. Ops and syntax: jclip/data/ops/__init__.py. Evaluation is fixed.
+    config.data.preprocess = (
+        "choose_caption|decode_image|crop_image|normalise_image|tokenize(field='caption', out='token_ids')"
+    )
     # A folder of precomputed per-example guidance features (keys.npy, image.npy, text.npy) that SoftCLIP's
-    # guidance="batch" reads; written by `python -m jclip.write_guidance` (see jclip/data/guidance.py).
+    # guidance="batch" reads; written by `python -m jclip.write_guidance` (see jclip/data/ops/guidance.py).
+    # Shorthand: appends the op guidance(dir=DIR) to data.preprocess.
     config.data.guidance_features = config_dict.placeholder(str)
     config.data.shuffle_buffer = 10_000  # tar shards only: examples mixed across shards.
     config.data.allow_missing_shards = False
@@ -86,7 +93,7 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.data.skip_check_after = 1000  # ...once at least this many examples were read.
     config.data.max_consecutive_bad = 10_000
     config.data.batch_size = args.batch  # global, over all processes and devices.
-    config.data.random_crop_scale = config_dict.placeholder(tuple)  # e.g. (0.9, 1.0); None = centre crop.
+    config.data.random_crop_scale = config_dict.placeholder(tuple)  # crop_image's scale if unnamed, e.g. (0.9, 1.0).
     config.data.num_workers = 0  # Grain worker processes per host (0 = threads in the main process).
     config.data.num_threads = 2
     config.data.prefetch = 4

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jclip import losses, models, optim, parallel
-from jclip.data.sources import ConfiguredData
+from jclip.data.configured import ConfiguredData
 from jclip.errors import ConfigError
 from jclip.evals.common import Encoders
 

@@ -19,7 +19,7 @@ def _require(condition: bool, message: str) -> None:
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
     """Raises ConfigError naming the first invalid field; `mesh` adds the divisibility checks."""
     from jclip import evals, losses, models
-    from jclip.data import sources
+    from jclip.data import configured
 
     _require(int(config.total_steps) > 0, f"total_steps must be positive, got {config.total_steps}")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -42,7 +42,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
 
     data = config.data
     try:
-        sources.validate_data_config(data)
+        configured.validate_data_config(data)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     _check_tokenizer(model)
@@ -112,11 +112,13 @@ def _check_tokenizer(model: ml_collections.ConfigDict) -> None:
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """Every field of a training batch, mapped to what writes it (a preprocessing op)."""
-    fields = {"images": "decode_image", "token_ids": "tokenize"}
-    if config.data.get("guidance_features"):
-        fields.update({"guidance_image_features": "guidance_features", "guidance_text_features": "guidance_features"})
-    return fields
+    """Every field of a training batch, mapped to the preprocessing op that writes it (nothing is read)."""
+    from jclip.data import configured
+
+    try:
+        return configured.ConfiguredData(config.data, config.model).batch_fields()
+    except ValueError as error:
+        raise ConfigError(f"data.preprocess: {error}") from error
 
 
 def _check_contract(config: ml_collections.ConfigDict) -> None:
@@ -129,7 +131,9 @@ def _check_contract(config: ml_collections.ConfigDict) -> None:
     written = ", ".join(f"{name} ({op})" for name, op in fields.items())
     has_teacher = bool((config.get("teacher") or {}).get("checkpoint"))
     outputs = models.model_output_names(config.model, fields) | (set(TEACHER_OUTPUTS) if has_teacher else set())
-    read = set(models.input_fields(config.model))
+    from jclip.data.robust import TRUNCATED_FIELD
+
+    read = set(models.input_fields(config.model)) | {TRUNCATED_FIELD}  # the loop's skip counter reads it
     for field, tower in models.input_fields(config.model).items():
         _require(field in fields, f"{tower} (kind {models.tower_for(config.model, tower.split('.')[1]).kind!r}) reads the "
                                   f"batch field {field!r}, which no preprocessing op writes; the pipeline writes: {written}")

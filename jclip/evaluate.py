@@ -72,7 +72,7 @@ def _data_and_setup(config: Any) -> tuple[Any, Any]:
     """The validated config's data (opened) and train set-up (mesh, model functions, shardings)."""
     from jclip import parallel
     from jclip.config_validation import validate_config
-    from jclip.data.sources import ConfiguredData
+    from jclip.data.configured import ConfiguredData
     from jclip.build import TrainSetup, prepare_data
 
     mesh = parallel.make_mesh(dict(config.mesh))

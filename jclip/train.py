@@ -21,7 +21,7 @@ from jclip import checkpoint, evals, init_from, parallel
 from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
 from jclip.data import pipeline, robust
-from jclip.data.sources import ConfiguredData
+from jclip.data.configured import ConfiguredData
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
 from jclip.step import compile_train_step

@@ -5,7 +5,7 @@
         --config.losses.softclip.guidance=batch --config.data.guidance_features=/tmp/guidance
 
 Embeds every training example of `--config`'s data (each mixture component's training split) with the
-checkpoint's model, once, and writes the folder `jclip.data.guidance` reads: the examples' keys, their image
+checkpoint's model, once, and writes the folder `jclip.data.ops.guidance` reads: the examples' keys, their image
 embeddings and the embeddings of their first caption (training samples among several captions; the guidance
 is of the first). Images are preprocessed at the checkpoint's own image size and captions at its context
 length, so the guiding model may differ from the model being trained. Unlike `teacher.checkpoint` (SoftCLIP
@@ -37,7 +37,7 @@ def configured_data(config: Any, image_size: int, context_length: int) -> Any:
     """`config.data` made concrete for the guiding model's image size and context length."""
     import ml_collections
 
-    from jclip.data.sources import ConfiguredData
+    from jclip.data.configured import ConfiguredData
 
     model = ml_collections.ConfigDict({"vision": {"image_size": image_size}, "text": {"context_length": context_length}})
     return ConfiguredData(config.data, model)
@@ -50,7 +50,9 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
     import numpy as np
 
     from jclip import parallel
-    from jclip.data import guidance, robust
+    from jclip.data import robust
+    from jclip.data.ops import guidance
+    from jclip.data.ops.captions import caption_candidates
     from jclip.evals.common import ImagesOnly, embed_split, embed_texts
     from jclip.restore import restore_run
 
@@ -72,7 +74,7 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
             if key is None:
                 raise ValueError(f"training component {name!r}: example {index} has no key")
             component_keys.append(key)
-            candidates = robust.caption_candidates(example.get("caption"))
+            candidates = caption_candidates(example.get("caption"))
             if not candidates:
                 raise ValueError(f"training example {key!r} has no usable caption")
             captions.append(candidates[0])

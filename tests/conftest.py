@@ -39,7 +39,7 @@ def reference_dir(shared_dir: pathlib.Path) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def scenes_data_dir(tmp_path_factory) -> pathlib.Path:
     """A TFDS data dir holding the `small` embedded dataset, built once per test session."""
-    from jclip.data import embedded
+    from jclip.data.sources import embedded
 
     data_dir = tmp_path_factory.mktemp("tfds")
     for split in ("train", "validation"):

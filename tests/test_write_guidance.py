@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from jclip import checkpoint, parallel
-from jclip.data import guidance, robust, sources, transforms
+from jclip.data import configured
+from jclip.data.ops import guidance, image as image_ops
+from jclip.data.ops.captions import caption_candidates
 from jclip.build import TrainSetup
 from jclip_testing import REPO_ROOT, micro_run_flags, read_losses
 
@@ -49,16 +51,16 @@ def test_written_features_are_the_models_embeddings_of_each_example(guide_run, g
     params = checkpointer.restore(3, setup.abstract_state(), None)["params"]
     checkpointer.close()
 
-    raw = sources.ConfiguredData(saved.data, saved.model).source("train")
+    raw = configured.ConfiguredData(saved.data, saved.model).source("train")
     keys = np.load(guidance_dir / "keys.npy")
     assert sorted(keys.tolist()) == sorted(raw[i]["key"] for i in range(len(raw))), "every training example, once"
     features = guidance.GuidanceFeatures(guidance_dir)
-    preprocess = transforms.ImageTextPreprocessor(image_size=saved.model.vision.image_size,
+    preprocess = image_ops.ImageTextPreprocessor(image_size=saved.model.vision.image_size,
                                                   context_length=saved.model.text.context_length)
     for index in (0, 7, len(raw) - 1):  # one example at a time, unbatched
         example = raw[index]
-        inputs = preprocess({"image": robust.decode_image(example["image"]),
-                             "caption": robust.caption_candidates(example["caption"])[0]})
+        inputs = preprocess({"image": image_ops.decode_image(example["image"]),
+                             "caption": caption_candidates(example["caption"])[0]})
         image = np.asarray(setup.functions.encode_images(params, inputs["images"][None]))[0]
         text = np.asarray(setup.functions.encode_texts(params, inputs["token_ids"][None]))[0]
         row = features.lookup(example["key"])

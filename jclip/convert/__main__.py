@@ -16,7 +16,7 @@ import sys
 import time
 
 from jclip.convert.params_io import HostModel
-from jclip.data.transforms import CLIP_MEAN, CLIP_STD
+from jclip.data.ops.image import CLIP_MEAN, CLIP_STD
 
 
 def _bool(text: str) -> bool:

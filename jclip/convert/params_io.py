@@ -15,7 +15,7 @@ from flax import nnx, traverse_util
 
 from jclip import checkpoint
 from jclip.data.tokenizer import START_OF_TEXT, VOCAB_SIZE
-from jclip.data.transforms import CLIP_MEAN, CLIP_STD
+from jclip.data.ops.image import CLIP_MEAN, CLIP_STD
 from jclip.models import clip_model, towers
 
 ParamPath = tuple[Any, ...]
@@ -46,7 +46,7 @@ def plain_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
 def preprocessing_spec(model_config: Mapping[str, Any], tokenizer: str | None = None) -> dict[str, Any]:
     """How jclip turns images and captions into model inputs, stated for users of an exported model.
 
-    Follows `jclip.data.transforms` (OpenAI CLIP's evaluation transform) and `jclip.data.tokenizer`; the
+    Follows `jclip.data.ops.image` (OpenAI CLIP's evaluation transform) and `jclip.data.tokenizer`; the
     tokenizer is the text tower's (`model.text.tokenizer`) unless given.
     """
     tokenizer = towers.tokenizer_spec(model_config) if tokenizer is None else tokenizer

@@ -1,41 +1,36 @@
 """Bad input is skipped and counted by reason: never a crash mid-run, never silence.
 
-Web-scale image-text data holds missing, truncated, undecodable and absurd examples. Three pieces deal
-with them, each on the side of the pipeline where it belongs:
+Web-scale image-text data holds missing, truncated, undecodable and absurd examples. The pieces that deal
+with them sit on the side of the pipeline where they belong:
 
-- `SafePreprocessor` (per example, in Grain's map workers) wraps `ImageTextPreprocessor`. It returns the
-  model inputs of a good example, or a `Skipped(reason, key)` marker for a bad one. It catches decoding
-  errors narrowly (PIL's, OSError, ValueError, ...) around decoding only, so a bug in jclip still raises.
+- Preprocessing ops (`jclip.data.ops`, per example, in Grain's map workers) raise `BadExample(reason)` for
+  a bad example; the op chain (`jclip.data.ops.Preprocess`) turns it into a `Skipped(reason, key)` marker.
+  Ops catch decoding errors narrowly (PIL's, OSError, ValueError, ...), so a bug in jclip still raises.
 - `SkipBadExamples` (a Grain `IterDataset`, after the map and before `.batch`) drops the markers and
   attaches to every good element `skipped_before`: an int32 vector over `SKIP_REASONS` counting the
   examples skipped since the previous good element. Summing it over a batch's rows gives the exact
   per-reason counts behind that batch, through any number of threads and worker processes, and its
   iterator state (parent state + pending counts) makes resume exact.
-- `SkipCounter` (host side, in the train loop) pops `skipped_before` from each batch, keeps running
-  totals (checkpointable) and raises `TooManyBadExamples` when the skip rate passes `data.max_skip_rate`.
+- `SkipCounter` (host side, in the train loop) pops `skipped_before` (and `caption_truncated`) from each
+  batch, keeps running totals (checkpointable) and raises `TooManyBadExamples` when the skip rate passes
+  `data.max_skip_rate`.
 
 Typical training stream:
 
     grain.MapDataset.source(source).seed(s).shuffle().repeat()
-        .random_map(...SafePreprocessor(preprocessor)...).to_iter_dataset(read_options)
+        .random_map(...Preprocess(ops)...).to_iter_dataset(read_options)
         .pipe(SkipBadExamples).batch(batch_size, drop_remainder=True)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
-
-from jclip.data import transforms
 
 log = logging.getLogger("jclip.data")
 
@@ -50,19 +45,13 @@ SKIP_REASONS: tuple[str, ...] = (
     "missing_caption",  # None, an empty list, or the text key is absent
     "empty_caption",  # nothing left after whitespace cleaning
     "undecodable_caption",  # bytes that are not UTF-8, or not text at all
-    "missing_field",  # a field the preprocessor must keep (e.g. `label`) is absent
+    "missing_field",  # a field an op needs (e.g. `label`) is absent
 )
 SKIPPED_FIELD = "skipped_before"
 TRUNCATED_FIELD = "caption_truncated"
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
-DEFAULT_MAX_ASPECT_RATIO = 50.0  # short side 224 -> at most 224 x 11,200 after the resize
 DEFAULT_MAX_CONSECUTIVE_BAD = 10_000
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
-# What PIL raises on bad files besides OSError (which includes UnidentifiedImageError): its plugins use
-# SyntaxError ("broken PNG file"), EOFError, struct.error, zlib.error, ValueError and IndexError.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class TooManyBadExamples(RuntimeError):
@@ -82,137 +71,18 @@ class Skipped:
             raise ValueError(f"unknown skip reason {self.reason!r}; known: {SKIP_REASONS}")
 
 
-class _Bad(Exception):
-    """Internal: raised while checking an example, turned into `Skipped` by `SafePreprocessor`."""
+class BadExample(Exception):
+    """Raised by a preprocessing op for a bad example: `reason` (one of `SKIP_REASONS`) and a detail for logs.
+
+    The op chain turns it into a `Skipped` marker, which `SkipBadExamples` drops and counts.
+    """
 
     def __init__(self, reason: str, detail: str = ""):
+        if reason not in _REASON_INDEX:
+            raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail
-
-
-def _png_declares_empty(data: bytes) -> bool:
-    """True for a PNG whose header declares zero width or height (PIL refuses to identify those)."""
-    if not data.startswith(_PNG_SIGNATURE) or len(data) < 24 or data[12:16] != b"IHDR":
-        return False
-    width, height = struct.unpack(">II", data[16:24])
-    return width == 0 or height == 0
-
-
-def _decode_reason(error: BaseException) -> str:
-    text = str(error).lower()
-    return "truncated_image" if isinstance(error, EOFError) or "truncated" in text else "undecodable_image"
-
-
-def _short(error: BaseException) -> str:
-    if isinstance(error, Image.UnidentifiedImageError):
-        return "not an image format PIL can identify"
-    return f"{type(error).__name__}: {error}"[:200]
-
-
-def decode_image(
-    raw: Any,
-    *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
-    alpha_background: tuple[int, int, int] | None = transforms.WHITE,
-) -> Image.Image:
-    """An RGB PIL image of raw image input (bytes, array or PIL image), or `_Bad` with the reason.
-
-    The size checks read the header only (`Image.open` is lazy); the pixels are decoded afterwards. PIL's
-    own bomb check (at 2 x `Image.MAX_IMAGE_PIXELS`) still applies first, also counted as `image_too_large`.
-    """
-    if raw is None:
-        raise _Bad("missing_image")
-    if isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 0:
-        raw = raw.item()
-    if isinstance(raw, (bytes, bytearray, memoryview, np.bytes_)):
-        data = bytes(raw)
-        if not data:
-            raise _Bad("empty_image", "zero bytes")
-        if _png_declares_empty(data):
-            raise _Bad("empty_image", "PNG header declares a zero size")
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as error:
-            raise _Bad("image_too_large", _short(error)) from None
-        except _DECODE_ERRORS as error:
-            raise _Bad(_decode_reason(error), _short(error)) from None
-        _check_size(image.size, max_pixels, max_aspect_ratio)
-        try:
-            image.load()
-        except Image.DecompressionBombError as error:
-            raise _Bad("image_too_large", _short(error)) from None
-        except _DECODE_ERRORS as error:
-            raise _Bad(_decode_reason(error), _short(error)) from None
-    elif isinstance(raw, Image.Image):
-        image = raw
-        _check_size(image.size, max_pixels, max_aspect_ratio)
-    elif isinstance(raw, (np.ndarray, list, tuple)):
-        try:
-            array = np.asarray(raw)
-        except ValueError as error:  # ragged nested lists
-            raise _Bad("unsupported_image", _short(error)) from None
-        if array.size == 0:
-            raise _Bad("empty_image", f"array of shape {array.shape}")
-        try:
-            image = transforms.array_to_pil(array)
-        except (ValueError, TypeError) as error:
-            raise _Bad("unsupported_image", _short(error)) from None
-        _check_size(image.size, max_pixels, max_aspect_ratio)
-    else:
-        raise _Bad("unsupported_image", f"image of type {type(raw).__name__}")
-    try:
-        return transforms.to_rgb(image, alpha_background)
-    except _DECODE_ERRORS as error:
-        raise _Bad("unsupported_image", f"mode {image.mode}: {_short(error)}") from None
-
-
-def _check_size(size: tuple[int, int], max_pixels: int | None, max_aspect_ratio: float | None) -> None:
-    width, height = size
-    if width <= 0 or height <= 0:
-        raise _Bad("empty_image", f"size {width}x{height}")
-    if max_pixels is not None and width * height > max_pixels:
-        raise _Bad("image_too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
-    if max_aspect_ratio is not None and max(width, height) / min(width, height) > max_aspect_ratio:
-        raise _Bad("extreme_aspect_ratio", f"{width}x{height} > max_aspect_ratio {max_aspect_ratio}")
-
-
-def caption_text(raw: Any) -> str:
-    """One caption as text, or `_Bad`: bytes must be UTF-8 and something must remain after stripping."""
-    if raw is None:
-        raise _Bad("missing_caption")
-    if isinstance(raw, np.ndarray) and raw.ndim == 0:
-        raw = raw.item()
-    if isinstance(raw, (bytes, bytearray, np.bytes_)):
-        try:
-            raw = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise _Bad("undecodable_caption", _short(error)) from None
-    if not isinstance(raw, str):
-        raise _Bad("undecodable_caption", f"caption of type {type(raw).__name__}")
-    if not raw.strip():
-        raise _Bad("empty_caption")
-    return raw
-
-
-def caption_candidates(raw: Any) -> list[str]:
-    """The usable captions of a caption field (one caption or a list); `_Bad` (the first reason) if none."""
-    if isinstance(raw, np.ndarray) and raw.ndim > 0:
-        raw = raw.tolist()
-    if not isinstance(raw, (list, tuple)):
-        return [caption_text(raw)]
-    if not raw:
-        raise _Bad("missing_caption", "empty list of captions")
-    texts, first_bad = [], None
-    for item in raw:
-        try:
-            texts.append(caption_text(item))
-        except _Bad as bad:
-            first_bad = first_bad or bad
-    if not texts:
-        raise first_bad
-    return texts
 
 
 def example_key(example: Mapping[str, Any], key_field: str = "key") -> str | None:
@@ -225,58 +95,6 @@ def example_key(example: Mapping[str, Any], key_field: str = "key") -> str | Non
     if isinstance(key, (bytes, np.bytes_)):
         return bytes(key).decode("utf-8", errors="replace")
     return str(key)
-
-
-@dataclasses.dataclass(frozen=True)
-class SafePreprocessor:
-    """`ImageTextPreprocessor` that returns `Skipped(reason, key)` for a bad example instead of raising.
-
-    Call it like the wrapped one: `(example, rng)` in training (Grain's random map), `(example)` in
-    evaluation. Several captions: training (an `rng` given) picks one of the usable ones uniformly with
-    the example's rng; evaluation takes the first usable one. Captions longer than the context are
-    truncated by the tokenizer, not skipped; with `count_truncated` the output carries
-    `caption_truncated` (int32 0/1), which `SkipCounter` pops and counts.
-    """
-
-    preprocessor: transforms.ImageTextPreprocessor
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
-    count_truncated: bool = True
-    key_field: str = "key"
-
-    def __call__(
-        self, example: Mapping[str, Any], rng: np.random.Generator | None = None
-    ) -> dict[str, np.ndarray] | Skipped:
-        try:
-            return self._preprocess(example, rng)
-        except _Bad as bad:
-            return Skipped(bad.reason, example_key(example, self.key_field), bad.detail)
-
-    def _preprocess(self, example: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-        pre = self.preprocessor
-        # Cheap checks first: no image is decoded for an example that would be skipped anyway.
-        texts = caption_candidates(example.get(pre.text_key))
-        for key in pre.keep:
-            if example.get(key) is None:
-                raise _Bad("missing_field", f"no {key!r}")
-        image = decode_image(
-            example.get(pre.image_key),
-            max_pixels=self.max_pixels,
-            max_aspect_ratio=self.max_aspect_ratio,
-            alpha_background=pre.alpha_background,
-        )
-        text = texts[int(rng.integers(len(texts)))] if rng is not None and len(texts) > 1 else texts[0]
-        clean = {pre.image_key: image, pre.text_key: text, **{key: example[key] for key in pre.keep}}
-        out = pre(clean, rng)
-        token_ids = out["token_ids"]
-        tokenizer = pre.tokenizer
-        if token_ids[tokenizer.num_start_tokens] == tokenizer.end_of_text:  # no tokens once cleaned ("&nbsp;")
-            raise _Bad("empty_caption", "no tokens after cleaning")
-        if self.count_truncated:
-            # A full context ends in the end token; only then is it worth re-counting the caption's tokens.
-            truncated = token_ids[-1] == tokenizer.end_of_text and tokenizer.truncates(text)
-            out[TRUNCATED_FIELD] = np.int32(truncated)
-        return out
 
 
 def _zero_counts() -> np.ndarray:

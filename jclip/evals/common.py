@@ -18,7 +18,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jclip import parallel
-from jclip.data import pipeline, transforms
+from jclip.data import pipeline
+from jclip.data.ops import image as image_ops
 from jclip.data.tokenizer import Tokenizer, make_tokenizer
 
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
@@ -47,7 +48,7 @@ class EvaluationDataError(ValueError):
 class ImagesOnly:
     """Evaluation preprocessing of the image alone (captions are embedded separately), plus `keep` keys."""
 
-    preprocessor: transforms.ImageTextPreprocessor
+    preprocessor: image_ops.ImageTextPreprocessor
     keep: tuple[str, ...] = ()
 
     def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jclip.data import scenes
+from jclip.data.sources import scenes
 from jclip.evals import base, common, compositional_data
 
 FORMATS = ("sugarcrepe", "aro_relation", "aro_attribution", "pairs", "embedded")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jclip.data import folder
+from jclip.data.sources import folder
 
 PathLike = str | os.PathLike
 

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jclip.data import robust
+from jclip.data.ops.captions import caption_candidates
 from jclip.evals import base, common, metrics
 
 LONG_CAPTION_MODES = ("truncate", "sentences")
@@ -37,7 +37,7 @@ def caption_lists(source: Any, count: int) -> list[list[str]]:
     for index in range(count):
         example = source[index]
         try:
-            captions.append(robust.caption_candidates(example.get("caption")))
+            captions.append(caption_candidates(example.get("caption")))
         except Exception as error:
             raise common.EvaluationDataError(
                 f"retrieval example {index} ({example.get('key')!r}) of {source!r} has no usable caption "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jclip.data import label_captions
+from jclip.data.sources import label_captions
 
 OPENAI_IMAGENET: tuple[str, ...] = (
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jclip.data import label_captions
+from jclip.data.sources import label_captions
 from jclip.evals import base, common, metrics, templates
 
 

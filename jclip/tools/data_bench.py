@@ -131,7 +131,7 @@ def _read_tar(path: pathlib.Path, num_images: int) -> dict[str, list[tuple[str, 
 
 def _read_folder(path: pathlib.Path, num_images: int) -> dict[str, list[tuple[str, bytes]]]:
     """Up to `num_images` JPEGs per class from `path/<class>/...` (or a flat folder: one class)."""
-    from jclip.data import folder
+    from jclip.data.sources import folder
 
     try:
         source = folder.folder_from_class_dirs(str(path), extensions=JPEG_SUFFIXES)
@@ -234,7 +234,7 @@ def measure_jpeg_pipeline(jpegs: JpegSet, data_config, model_config, *, num_batc
                           batch_size: int | None = None, seed: int = 0) -> dict[str, float]:
     """The full Grain training pipeline over the in-memory JPEGs with the config's threads/workers."""
     from jclip.data import pipeline
-    from jclip.data.sources import ConfiguredData
+    from jclip.data.configured import ConfiguredData
 
     data = ConfiguredData(data_config, model_config)
     batch = min(int(batch_size or data_config.batch_size), len(jpegs.examples))
@@ -343,7 +343,7 @@ def measure_together(compiled: CompiledStep, iterator: Iterator[dict[str, np.nda
 
 def source_examples(data, split: str, limit: int) -> list[RawExample] | None:
     """Up to `limit` raw examples of the config's own source (evenly spaced), or None for streams/mixtures."""
-    from jclip.data.sources import RANDOM_ACCESS_KINDS, SourceSpec
+    from jclip.data.configured import RANDOM_ACCESS_KINDS, SourceSpec
 
     if data.config.get("mixture") or SourceSpec.parse(data.config.source).kind not in RANDOM_ACCESS_KINDS:
         return None
@@ -370,7 +370,7 @@ def ratio(pipeline_rate: float, step_rate: float) -> float:
 def jpeg_benchmark(config, jpegs: JpegSet, *, random_crop_scale: Sequence[float] | None, num_batches: int,
                    seed: int = 0) -> dict[str, Any]:
     """Part 1: per-core preprocessing and Grain pipeline rates on in-memory JPEGs at the config's image size."""
-    from jclip.data.sources import ConfiguredData
+    from jclip.data.configured import ConfiguredData
 
     data_config = config.data.copy_and_resolve_references()
     if random_crop_scale is not None:
@@ -392,7 +392,7 @@ def config_benchmark(config, *, steps: int, num_batches: int, source_images: int
     import jax
 
     from jclip.data import pipeline
-    from jclip.data.sources import ConfiguredData
+    from jclip.data.configured import ConfiguredData
 
     data = ConfiguredData(config.data, config.model)
     started = time.perf_counter()

@@ -105,7 +105,7 @@ def test_exported_preprocessing_gives_jclips_pixels(openclip_python: str, tmp_pa
     CLIPImageProcessor from preprocessor_config.json within one 8-bit level (its resize rounds differently)."""
     from PIL import Image
 
-    from jclip.data.transforms import centre_crop, normalise, resize_short_side
+    from jclip.data.ops.image import centre_crop, normalise, resize_short_side
 
     model_config = get_preset("tiny", vision={**get_preset("tiny")["vision"], "image_size": 224, "patch_size": 32})
     module = nnx.eval_shape(lambda: build_model(model_config, nnx.Rngs(0)))

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jclip.data import robust, transforms
-from jclip.data.robust import SKIP_REASONS, SafePreprocessor, SkipBadExamples, SkipCounter, Skipped, TooManyBadExamples
+from jclip.data import robust
+
+from jclip.data import ops
+from jclip.data.ops import image as image_ops
+from jclip.data.robust import SKIP_REASONS, SkipBadExamples, SkipCounter, Skipped, TooManyBadExamples
 
 SIZE = 16  # the test images are 16 x 16, so evaluation preprocessing keeps every pixel as it is
 
@@ -37,7 +40,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def pixels(model_image: np.ndarray) -> np.ndarray:
     """Back from CLIP's normalised space to uint8 RGB."""
-    mean, std = np.asarray(transforms.CLIP_MEAN), np.asarray(transforms.CLIP_STD)
+    mean, std = np.asarray(image_ops.CLIP_MEAN), np.asarray(image_ops.CLIP_STD)
     return np.rint((model_image * std + mean) * 255).astype(np.int64)
 
 
@@ -102,9 +105,14 @@ def examples() -> tuple[list[dict], dict[str, int]]:
     return items, expected
 
 
-def safe_preprocessor(**options) -> SafePreprocessor:
-    base = transforms.ImageTextPreprocessor(image_size=SIZE, context_length=16, keep=("key",))
-    return SafePreprocessor(base, max_pixels=1_000_000, **options)
+CONTEXT = ops.OpContext(image_size=SIZE, context_length=16)
+
+
+def safe_preprocessor(keep: str = "key") -> ops.Preprocess:
+    """Today's default op list, plus the raw `keep` field (checked before the image is decoded)."""
+    return ops.Preprocess(ops.make_ops(
+        f"choose_caption|keep(fields=({keep!r},))|decode_image(max_pixels=1_000_000)|crop_image|normalise_image|"
+        "tokenize(field='caption', out='token_ids')", CONTEXT))
 
 
 def run(items, batch_size=4, **options) -> list[dict]:
@@ -138,7 +146,7 @@ def test_every_bad_kind_is_skipped_and_counted_and_every_good_one_comes_out_righ
     assert (la[:, : SIZE // 2] == 60).all() and (la[:, SIZE // 2 :] == 255).all()
     assert (pixels(out["array"]["images"]) == 77).all()
 
-    tokenizer = transforms.ImageTextPreprocessor(image_size=SIZE, context_length=16).tokenizer
+    tokenizer = image_ops.ImageTextPreprocessor(image_size=SIZE, context_length=16).tokenizer
     np.testing.assert_array_equal(out["several"]["token_ids"], tokenizer("first caption"))  # evaluation: first
     np.testing.assert_array_equal(out["bytes_caption"]["token_ids"], tokenizer("caf\u00e9"))
     np.testing.assert_array_equal(out["long"]["token_ids"], tokenizer("word " * 500))
@@ -153,8 +161,7 @@ def test_skipped_markers_carry_reason_key_and_detail():
     assert skipped["truncated"] == Skipped("truncated_image", "truncated", skipped["truncated"].detail)
     assert "3000x3000" in skipped["large_png"].detail
     assert isinstance(skipped["rgb"], dict)
-    missing_label = transforms.ImageTextPreprocessor(image_size=SIZE, context_length=16, keep=("label",))
-    assert SafePreprocessor(missing_label)(items[0]).reason == "missing_field"
+    assert safe_preprocessor(keep="label")(items[0]).reason == "missing_field"
     with pytest.raises(ValueError, match="unknown skip reason"):
         Skipped("bad_vibes")
 
@@ -162,7 +169,7 @@ def test_skipped_markers_carry_reason_key_and_detail():
 def test_training_picks_one_of_the_usable_captions_uniformly_with_the_example_rng():
     items = [{"key": "k", "image": np.zeros((SIZE, SIZE, 3), np.uint8), "caption": ["zero", "one", None, "two"]}]
     safe = safe_preprocessor()
-    tokenizer = safe.preprocessor.tokenizer
+    tokenizer = image_ops.ImageTextPreprocessor(image_size=SIZE, context_length=16).tokenizer
     options = {tuple(tokenizer(text)): text for text in ("zero", "one", "two")}
     picked = [options[tuple(safe(items[0], np.random.default_rng(seed))["token_ids"])] for seed in range(300)]
     counts = {text: picked.count(text) for text in ("zero", "one", "two")}

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from jclip import evals, parallel
-from jclip.data import sources, transforms
+from jclip.data import configured
+from jclip.data.ops import image as image_ops
 from jclip.data.tokenizer import make_tokenizer
 from jclip.evals import common
 from jclip.build import TrainSetup
@@ -33,12 +34,12 @@ def model(scenes_data_dir):
 
 def evaluator(config, name, **options):
     entry = ml_collections.ConfigDict(options)
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     return evals.EVALUATORS[entry.get("type") or name](name, entry, data)
 
 
 def reference_image_embeddings(config, setup, params, raw_images):
-    pre = transforms.ImageTextPreprocessor(config.model.vision.image_size, config.model.text.context_length)
+    pre = image_ops.ImageTextPreprocessor(config.model.vision.image_size, config.model.text.context_length)
     encode = jax.jit(setup.functions.encode_images)
     return np.concatenate([np.asarray(encode(params, pre.image(raw)[None])) for raw in raw_images]).astype(np.float64)
 
@@ -90,7 +91,7 @@ def test_compositional_scores_sharded_equal_single_device(model):
 
 def test_sharded_embeddings_equal_single_device_in_split_order(model):
     config, params, sharded, single = model
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     source = data.source("validation")
     preprocess = common.ImagesOnly(data.eval_preprocess(), keep=("label",))
     on_eight = common.embed_split(params, sharded.encoders(), source, preprocess, batch_size=16, limit=37, extra_keys=("label",))

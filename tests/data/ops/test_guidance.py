@@ -1,4 +1,4 @@
-"""Precomputed guidance features (jclip.data.guidance): every training row carries its own example's
+"""Precomputed guidance features (jclip.data.ops.guidance): every training row carries its own example's
 features, looked up by key; a missing key, a malformed folder or a config that cannot use them is refused."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from PIL import Image
 from configs import softclip
 from jclip.config_validation import validate_config
 from jclip.errors import ConfigError
-from jclip.data import guidance, sources
+from jclip.data import configured
+from jclip.data.ops import guidance
 from jclip.data.pipeline import HostShard
 from jclip.data.tokenizer import ClipTokenizer
 
@@ -63,7 +64,7 @@ def test_training_rows_carry_their_own_examples_features(tmp_path):
     (tmp_path / "images").mkdir()
     config = softclip_config(write_folder(tmp_path / "images"), write_features(tmp_path / "guidance"))
     validate_config(config)
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     data.prepare(set())
     tokenizer = ClipTokenizer(config.model.text.context_length)
     captions = {i: tokenizer(f"photo number {i}") for i in range(COUNT)}
@@ -87,15 +88,15 @@ def test_training_rows_carry_their_own_examples_features(tmp_path):
 
 def normalised_grey(index: int) -> float:
     """The mean of a preprocessed solid-grey image (CLIP's per-channel normalisation, averaged)."""
-    from jclip.data import transforms
+    from jclip.data.ops import image as image_ops
 
-    return float(transforms.normalise(Image.fromarray(np.full((4, 4, 3), grey_level(index), np.uint8))).mean())
+    return float(image_ops.normalise(Image.fromarray(np.full((4, 4, 3), grey_level(index), np.uint8))).mean())
 
 
 def test_an_example_without_features_stops_the_run_naming_its_key(tmp_path):
     (tmp_path / "images").mkdir()
     config = softclip_config(write_folder(tmp_path / "images"), write_features(tmp_path / "guidance", range(COUNT - 1)))
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     iterator = iter(data.training_dataset(seed=0, shard=HostShard(0, 1)))
     with pytest.raises(Exception, match=r"'11.png' has no guidance features"):
         for _ in range(5):  # 12 examples, batches of 8: example 11 is read within two epochs
@@ -141,11 +142,15 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_config_pairs_batch_guidance_with_features(tmp_path):
     config = softclip.get_config()
     config.losses.softclip.guidance = "batch"
-    with pytest.raises(ConfigError, match="guidance='batch' reads precomputed features; set data.guidance_features"):
+    with pytest.raises(ConfigError, match="losses: term 'softclip' reads the batch field 'guidance_image_features', "
+                                          "which no preprocessing op writes"):
         validate_config(config)
+    config.data.guidance_features = str(tmp_path)
+    validate_config(config)  # the shorthand appends the guidance op, which writes both fields
     config = softclip.get_config()
     config.data.guidance_features = str(tmp_path)
-    with pytest.raises(ConfigError, match="data.guidance_features is set .* but no loss term reads it"):
+    with pytest.raises(ConfigError, match=r"the preprocessing writes \['guidance_image_features', "
+                                          r"'guidance_text_features'\] \(guidance\), which no loss term or tower reads"):
         validate_config(config)
 
 
@@ -154,10 +159,10 @@ def test_guidance_is_written_only_for_random_access_training_data(tmp_path):
     config = softclip.get_config()
     config.data.mixture = {"folder": {"source": write_folder(tmp_path / "images")},
                            "shards": {"source": f"wds:{tmp_path}/shard-{{0..1}}.tar"}}
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     with pytest.raises(ValueError, match=r"'shards' \(wds:.*\) is a stream without random access"):
         data.random_access_training_sources()
     config.data.mixture = {}
     config.data.source = write_folder(tmp_path / "images")
-    ((name, raw),) = sources.ConfiguredData(config.data, config.model).random_access_training_sources()
+    ((name, raw),) = configured.ConfiguredData(config.data, config.model).random_access_training_sources()
     assert name == "main" and sorted(raw[i]["key"] for i in range(len(raw))) == sorted(f"{i}.png" for i in range(COUNT))

@@ -7,24 +7,26 @@ A source spec is a string `<kind>[:<argument>]`:
 | `embedded` | the procedurally generated `jclip_scenes/<data.embedded_config>` (built locally on first use) |
 | `tfds:NAME` | any TFDS dataset prepared as ArrayRecord, e.g. `tfds:coco_captions/2017`, `tfds:cifar10` |
 | `wds:SHARDS` | WebDataset tar shards (img2dataset output), e.g. `wds:/data/cc3m/{00000..00331}.tar`; training only |
-| `arrayrecord:DIR` | tar shards converted by `python -m jclip.data.convert_webdataset` (random access, exact shuffle) |
+| `arrayrecord:DIR` | tar shards converted by `python -m jclip.data.sources.convert_webdataset` (random access, exact shuffle) |
 | `folder:CAPTIONS_FILE` | images with a JSONL or CSV captions file (paths relative to the file's folder) |
 | `classfolders:ROOT` | `ROOT/<class>/<image>` folders (labels, no captions: zero-shot evaluation) |
 | `docci:JSONLINES` | DOCCI's `docci_descriptions.jsonlines` (split by its `split` values; images in `images/` beside it) |
 
-Every source yields *raw examples* `{"image", "caption", "label"?, "key"}`; preprocessing (decode, crop,
-tokenise) comes after, in `jclip.data.robust.SafePreprocessor`, which skips and counts bad examples.
+Every source (`jclip.data.sources`) yields *raw examples* `{"image", "caption", "label"?, "key"}`; training
+preprocessing comes after: `data.preprocess`, a list of named ops (`jclip.data.ops`), which skip and count
+bad examples. `data.guidance_features=DIR` is a shorthand that appends `guidance(dir=DIR)` to that list.
+Evaluation preprocessing is fixed (`eval_preprocess`: centre crop; the evaluators take the first caption).
 `data.mixture` (name -> {source, weight}) trains on several sources at once, weighted.
 
 Splits. TFDS sources (`embedded`, `tfds:`) read the named split with TFDS slicing. `folder:`,
 `classfolders:` and `arrayrecord:` are one whole dataset: the split *name* selects nothing, and a slice
 (`train[:90%]`, `train[90%:]`, `train[:45000]`) is taken over a fixed seeded permutation of the examples
-(`jclip.data.splits`, seed `SPLIT_SEED`), so class-sorted folders give mixed slices and `[:k]`/`[k:]` are
+(`jclip.data.sources.splits`, seed `SPLIT_SEED`), so class-sorted folders give mixed slices and `[:k]`/`[k:]` are
 disjoint and cover everything. `docci:` selects the entries of the named split, sliced in file order.
 
 Captions from labels. With `data.caption_templates` set (e.g. `("a photo of a {}.", "a blurry photo of a
 {}.")`), every training component's examples get `caption` = the templates filled with the example's class
-name (`jclip.data.label_captions`; training samples one per visit); a caption the source already has is
+name (`jclip.data.sources.label_captions`; training samples one per visit); a caption the source already has is
 replaced. A mixture entry may set its own `caption_templates` (None: keep its captions). A training source
 without class names (no labels, or integer labels without names, or tar shards) fails at `prepare`.
 Evaluation sources are never re-captioned.
@@ -45,11 +47,17 @@ import grain
 import ml_collections
 
 from jclip import models
-from jclip.data import guidance, label_captions, pipeline, robust, transforms
+from jclip.data import ops, pipeline
+from jclip.data.ops import image as image_ops
+from jclip.data.sources import label_captions
+
+#: Today's training preprocessing: check and pick a caption (caption checks before the image is decoded),
+#: decode, crop (random-resized with `data.random_crop_scale`, else centre), normalise, tokenize.
+DEFAULT_PREPROCESS = "choose_caption|decode_image|crop_image|normalise_image|tokenize(field='caption', out='token_ids')"
 
 SOURCE_KINDS = ("embedded", "tfds", "wds", "arrayrecord", "folder", "classfolders", "docci")
 RANDOM_ACCESS_KINDS = ("embedded", "tfds", "arrayrecord", "folder", "classfolders", "docci")
-#: Kinds without splits of their own: a split's slice is taken over a seeded permutation (jclip.data.splits).
+#: Kinds without splits of their own: a split's slice is taken over a seeded permutation (jclip.data.sources.splits).
 PERMUTED_SLICE_KINDS = ("arrayrecord", "folder", "classfolders")
 #: The permutation's seed: fixed, so that a held-out slice does not move with the training seed.
 SPLIT_SEED = 0
@@ -73,6 +81,7 @@ class SourceSpec:
 def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError for an unknown source kind or a bad mixture, before anything is read."""
     SourceSpec.parse(data_config.source)
+    ops.parse_ops(data_config.get("preprocess") or DEFAULT_PREPROCESS)
     if data_config.get("caption_templates") is not None:
         label_captions.check_templates(data_config.caption_templates)
     mixture = data_config.get("mixture") or {}
@@ -95,8 +104,14 @@ class ConfiguredData:
         self.config = data_config
         self.image_size = int(model_config.vision.image_size)
         self.context_length = int(model_config.text.context_length)
-        self.tokenizer_spec = models.tokenizer_spec(model_config)
+        self.tokenizer_spec = models.tokenizer_spec(model_config)  # the text tower's tokenizer
         self.label_key = "label"
+        scale = data_config.get("random_crop_scale")
+        self.op_context = ops.OpContext(
+            image_size=self.image_size, context_length=self.context_length, tokenizer_spec=self.tokenizer_spec,
+            training=True, random_crop_scale=None if scale is None else tuple(scale),
+        )
+        self.train_ops()  # an unknown op or a bad argument fails here, before anything is read
 
     # ----- sources ---------------------------------------------------------------------------------
 
@@ -105,7 +120,7 @@ class ConfiguredData:
 
     def _random_access(self, spec: SourceSpec, split: str, entry: Any = None,
                        extra_fields: tuple[tuple[str, str], ...] = ()) -> Any:
-        from jclip.data import docci, folder, splits, tfds_source, webdataset
+        from jclip.data.sources import docci, folder, splits, tfds_source, webdataset
 
         image_field = self._field(entry, "image_field")
         caption_field = self._field(entry, "caption_field") or None  # "" given explicitly: no caption
@@ -138,7 +153,7 @@ class ConfiguredData:
             raise ValueError(
                 f"data source {spec.kind}:{spec.argument} is a stream (training only); evaluation and class names "
                 f"need a random-access source ({', '.join(RANDOM_ACCESS_KINDS)}); convert tar shards with "
-                f"`python -m jclip.data.convert_webdataset`"
+                f"`python -m jclip.data.sources.convert_webdataset`"
             )
         return splits.select_split(source, split, seed=SPLIT_SEED)
 
@@ -200,7 +215,7 @@ class ConfiguredData:
             if spec.kind not in RANDOM_ACCESS_KINDS:
                 raise ValueError(
                     f"the training component {name!r} ({_spec_text(spec)}) is a stream without random access: "
-                    f"convert it with python -m jclip.data.convert_webdataset"
+                    f"convert it with python -m jclip.data.sources.convert_webdataset"
                 )
             components.append((name, self._training_source(name, spec, entry)))
         return components
@@ -220,20 +235,21 @@ class ConfiguredData:
         """Opens (and for the embedded dataset, builds) everything the run reads, failing early and clearly."""
         for name, spec, entry, _ in self._components():
             if spec.kind == "wds":
-                from jclip.data import webdataset
+                from jclip.data.sources import webdataset
 
                 self._check_stream(name, spec, entry)
                 webdataset.expand_shards(spec.argument, allow_missing=bool(self.config.allow_missing_shards))
             else:
                 self._training_source(name, spec, entry)
-        if self.config.get("guidance_features"):
-            self.guidance_features()
+        for op in self.train_ops():
+            if hasattr(op, "prepare"):
+                op.prepare()
         for split, spec in splits:
             self.source(split, spec)
 
     def training_dataset(self, *, seed: int, shard: pipeline.HostShard) -> grain.IterDataset:
         """The host's infinite training stream of preprocessed, batched examples (bad ones skipped, counted)."""
-        from jclip.data import webdataset
+        from jclip.data.sources import webdataset
 
         components = []
         for index, (name, spec, entry, weight) in enumerate(self._components()):
@@ -261,30 +277,37 @@ class ConfiguredData:
 
     # ----- preprocessing ----------------------------------------------------------------------------
 
-    def _preprocessor(self, random_crop_scale) -> transforms.ImageTextPreprocessor:
-        return transforms.ImageTextPreprocessor(
+    def preprocess_spec(self) -> str:
+        """`data.preprocess` (default `DEFAULT_PREPROCESS`), with `data.guidance_features=DIR` appending
+        `guidance(dir=DIR)`."""
+        spec = str(self.config.get("preprocess") or DEFAULT_PREPROCESS)
+        if self.config.get("guidance_features"):
+            spec += f"|guidance(dir={str(self.config.guidance_features)!r})"
+        return spec
+
+    @functools.cache
+    def train_ops(self) -> tuple:
+        """The training ops, built (once) for this run's image size, context length and tokenizer."""
+        return tuple(ops.make_ops(self.preprocess_spec(), self.op_context))
+
+    def batch_fields(self) -> dict[str, str]:
+        """Every field of a training batch that the ops write -> the name of the op that writes it (no I/O)."""
+        return ops.batch_fields(self.train_ops())
+
+    def train_preprocess(self) -> ops.Preprocess:
+        """Training preprocessing: `(example, rng) -> batch fields`, or a `Skipped` marker for a bad example."""
+        return ops.Preprocess(self.train_ops())
+
+    def eval_preprocess(self) -> image_ops.ImageTextPreprocessor:
+        """The evaluators' fixed preprocessing (centre crop), whatever `data.preprocess` says."""
+        return image_ops.ImageTextPreprocessor(
             image_size=self.image_size,
             context_length=self.context_length,
             image_key="image",
             text_key="caption",
-            random_crop_scale=None if random_crop_scale is None else tuple(random_crop_scale),
+            random_crop_scale=None,
             tokenizer_spec=self.tokenizer_spec,
         )
-
-    def train_preprocess(self) -> robust.SafePreprocessor | guidance.WithGuidance:
-        """Training preprocessing; with `data.guidance_features`, each example also carries its guidance rows."""
-        preprocess = robust.SafePreprocessor(self._preprocessor(self.config.random_crop_scale))
-        if self.config.get("guidance_features"):
-            return guidance.WithGuidance(preprocess, self.guidance_features())
-        return preprocess
-
-    @functools.cache
-    def guidance_features(self) -> guidance.GuidanceFeatures:
-        """`data.guidance_features` opened (once), for SoftCLIP's `guidance="batch"`."""
-        return guidance.GuidanceFeatures(self.config.guidance_features)
-
-    def eval_preprocess(self) -> transforms.ImageTextPreprocessor:
-        return self._preprocessor(None)
 
 
 def _spec_text(spec: SourceSpec) -> str:

@@ -1,4 +1,4 @@
-"""Tests of jclip.data.scenes against checks re-derived here from object geometry and rendered pixels."""
+"""Tests of jclip.data.sources.scenes against checks re-derived here from object geometry and rendered pixels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from jclip.data import scenes
+from jclip.data.sources import scenes
 
 NUM_EXAMPLES = 150
 

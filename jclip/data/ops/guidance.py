@@ -1,15 +1,16 @@
-"""Precomputed guidance features carried in the training batch (SoftCLIP `guidance="batch"`).
+"""The `guidance` op: precomputed guidance features carried in the training batch (SoftCLIP `guidance="batch"`).
 
 SoftCLIP softens its targets with intra-modal similarities from a guidance source (shared/METHODS.md
 section 2); one source is features computed once, offline, by another model, rather than by a frozen
-teacher every step. `config.data.guidance_features` names a folder of NumPy files:
+teacher every step. A guidance folder holds NumPy files:
 
     keys.npy    [M] str      the `key` of each training example, as its source names it
     image.npy   [M, d_i]     image guidance features (optional if text.npy is there)
     text.npy    [M, d_t]     text guidance features (optional if image.npy is there)
 
-Each training example gets its key's rows as `guidance_image_features` / `guidance_text_features`; the
-loss normalises them. The arrays are memory-mapped, so a large dataset's features are not copied into
+The op `guidance(dir=DIR)` gives each training example its key's rows as `guidance_image_features` /
+`guidance_text_features`; the loss normalises them. `data.guidance_features=DIR` is a shorthand that appends
+that op to `data.preprocess`. The arrays are memory-mapped, so a large dataset's features are not copied into
 every process. A training example whose key is not in the file stops the run with the key named: guidance
 is never silently missing for part of a batch. `python -m jclip.write_guidance` writes the folder with a
 finished jclip run's embeddings; `write_guidance_features` writes it from any arrays.
@@ -18,11 +19,12 @@ finished jclip run's embeddings; `write_guidance_features` writes it from any ar
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from jclip.data.ops.registry import Op, OpContext, register_op
 from jclip.data.robust import example_key
 
 #: modality -> the batch key the loss terms read (jclip.losses.soft.BATCH_GUIDANCE_KEYS).
@@ -111,16 +113,43 @@ class GuidanceFeatures:
         self.__init__(state["directory"])
 
 
-class WithGuidance:
-    """A training preprocess `(example, rng) -> inputs` whose outputs also carry the example's guidance."""
+@register_op("guidance")
+class Guidance(Op):
+    """The example's guidance rows by its key: `guidance_image_features` / `guidance_text_features` (float32).
 
-    def __init__(self, preprocess: Callable[..., Any], features: GuidanceFeatures, key_field: str = "key"):
-        self.preprocess = preprocess
-        self.features = features
+    `modalities` says which the folder must hold (and so which fields the op writes, known before anything
+    is opened); the folder is opened on first use, or by `prepare()` at start-up.
+    """
+
+    def __init__(self, context: OpContext, dir: str, modalities: tuple[str, ...] = ("image", "text"),
+                 key_field: str = "key"):
+        modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+        unknown = [m for m in modalities if m not in BATCH_KEYS]
+        if not modalities or unknown:
+            raise ValueError(f"modalities must be some of {tuple(BATCH_KEYS)}, got {modalities!r}")
+        self.directory = str(dir)
+        self.modalities = modalities
         self.key_field = key_field
+        self.reads = (key_field,)
+        self.writes = tuple(BATCH_KEYS[m] for m in modalities)
+        self._features: GuidanceFeatures | None = None
 
-    def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> Any:
-        out = self.preprocess(example, rng)
-        if not isinstance(out, dict):  # a jclip.data.robust.Skipped marker: the example is dropped anyway
-            return out
-        return {**out, **self.features.lookup(example_key(example, self.key_field))}
+    def prepare(self) -> GuidanceFeatures:
+        """Opens the folder (once), checking it holds every modality the op writes."""
+        if self._features is None:
+            features = GuidanceFeatures(self.directory)
+            missing = [m for m in self.modalities if m not in features.modalities]
+            if missing:
+                raise ValueError(
+                    f"guidance features {self.directory} have no {', '.join(f'{m}.npy' for m in missing)}; write "
+                    f"them, or name what there is in data.preprocess: "
+                    f"guidance(dir={self.directory!r}, modalities={features.modalities!r})")
+            self._features = features
+        return self._features
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+        rows = self.prepare().lookup(example_key(example, self.key_field))
+        return {**example, **{field: rows[field] for field in self.writes}}
+
+    def __getstate__(self) -> dict[str, Any]:  # Grain worker processes re-open the memory maps.
+        return {**self.__dict__, "_features": None}

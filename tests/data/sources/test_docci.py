@@ -1,4 +1,4 @@
-"""Tests of jclip.data.docci: split selection, contiguous slices, missing images, errors."""
+"""Tests of jclip.data.sources.docci: split selection, contiguous slices, missing images, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jclip.data.docci import DocciSource
+from jclip.data.sources.docci import DocciSource
 
 
 def _png(value: int) -> bytes:

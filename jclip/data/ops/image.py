@@ -1,8 +1,13 @@
-"""Image and text transforms of the input pipeline: CLIP's evaluation preprocessing and training crops.
+"""Image ops (decode_image, crop_image, normalise_image) and the transforms under them.
+
+`decode_image` checks raw input and decodes it to RGB; a bad image raises `BadExample` with its reason
+(empty, undecodable, truncated, too large, extreme aspect ratio, unsupported), checking sizes from the
+header before decoding pixels. `crop_image` is the evaluation centre crop, or in training with a scale
+range torchvision's `RandomResizedCrop`; `normalise_image` maps to CLIP's normalised float32 space.
 
 Evaluation preprocessing follows OpenAI CLIP's reference (`clip/clip.py::_transform`): bicubic resize of
 the short side to the model's image size, centre crop, RGB, scale to [0, 1], normalise with CLIP's mean and
-std. For RGB (and greyscale) inputs the result equals OpenAI's bit for bit (tests/data/test_transforms.py).
+std. For RGB (and greyscale) inputs the result equals OpenAI's bit for bit (tests/data/ops/test_image.py).
 Training may instead take torchvision's `RandomResizedCrop` (scale range from the config) on the same path.
 
 Colour modes are made RGB *before* resizing (OpenAI converts after the crop). That changes nothing for RGB
@@ -14,11 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import struct
+import zlib
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from jclip.data.ops.registry import Op, OpContext, register_op
+from jclip.data.robust import BadExample
 from jclip.data.tokenizer import Tokenizer, make_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,6 +38,12 @@ WHITE = (255, 255, 255)
 # Modes holding more than 8 bits per sample: PIL's `convert` would clip these instead of scaling them.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+DEFAULT_MAX_ASPECT_RATIO = 50.0  # short side 224 -> at most 224 x 11,200 after the resize
+# What PIL raises on bad files besides OSError (which includes UnidentifiedImageError): its plugins use
+# SyntaxError ("broken PNG file"), EOFError, struct.error, zlib.error, ValueError and IndexError.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _sixteen_to_eight_bit(values: np.ndarray) -> np.ndarray:
@@ -89,7 +104,7 @@ def array_to_pil(array: np.ndarray) -> Image.Image:
 def to_pil(image: Any, alpha_background: tuple[int, int, int] | None = WHITE) -> Image.Image:
     """An RGB PIL image from encoded bytes, a uint8 array [H, W(, C)] or a PIL image (modes as in `to_rgb`).
 
-    Raises on bad input; `jclip.data.robust` wraps this with checks that turn bad input into counted skips.
+    Raises on bad input; `decode_image` wraps this with checks that turn bad input into counted skips.
     """
     if isinstance(image, Image.Image):
         pil = image
@@ -163,14 +178,160 @@ def random_resized_crop(
     return image.resize((size, size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
 
 
+def _png_declares_empty(data: bytes) -> bool:
+    """True for a PNG whose header declares zero width or height (PIL refuses to identify those)."""
+    if not data.startswith(_PNG_SIGNATURE) or len(data) < 24 or data[12:16] != b"IHDR":
+        return False
+    width, height = struct.unpack(">II", data[16:24])
+    return width == 0 or height == 0
+
+
+def _decode_reason(error: BaseException) -> str:
+    text = str(error).lower()
+    return "truncated_image" if isinstance(error, EOFError) or "truncated" in text else "undecodable_image"
+
+
+def _short(error: BaseException) -> str:
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image format PIL can identify"
+    return f"{type(error).__name__}: {error}"[:200]
+
+
+def decode_image(
+    raw: Any,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
+    alpha_background: tuple[int, int, int] | None = WHITE,
+) -> Image.Image:
+    """An RGB PIL image of raw image input (bytes, array or PIL image), or `BadExample` with the reason.
+
+    The size checks read the header only (`Image.open` is lazy); the pixels are decoded afterwards. PIL's
+    own bomb check (at 2 x `Image.MAX_IMAGE_PIXELS`) still applies first, also counted as `image_too_large`.
+    """
+    if raw is None:
+        raise BadExample("missing_image")
+    if isinstance(raw, np.ndarray) and raw.dtype == object and raw.ndim == 0:
+        raw = raw.item()
+    if isinstance(raw, (bytes, bytearray, memoryview, np.bytes_)):
+        data = bytes(raw)
+        if not data:
+            raise BadExample("empty_image", "zero bytes")
+        if _png_declares_empty(data):
+            raise BadExample("empty_image", "PNG header declares a zero size")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as error:
+            raise BadExample("image_too_large", _short(error)) from None
+        except _DECODE_ERRORS as error:
+            raise BadExample(_decode_reason(error), _short(error)) from None
+        _check_size(image.size, max_pixels, max_aspect_ratio)
+        try:
+            image.load()
+        except Image.DecompressionBombError as error:
+            raise BadExample("image_too_large", _short(error)) from None
+        except _DECODE_ERRORS as error:
+            raise BadExample(_decode_reason(error), _short(error)) from None
+    elif isinstance(raw, Image.Image):
+        image = raw
+        _check_size(image.size, max_pixels, max_aspect_ratio)
+    elif isinstance(raw, (np.ndarray, list, tuple)):
+        try:
+            array = np.asarray(raw)
+        except ValueError as error:  # ragged nested lists
+            raise BadExample("unsupported_image", _short(error)) from None
+        if array.size == 0:
+            raise BadExample("empty_image", f"array of shape {array.shape}")
+        try:
+            image = array_to_pil(array)
+        except (ValueError, TypeError) as error:
+            raise BadExample("unsupported_image", _short(error)) from None
+        _check_size(image.size, max_pixels, max_aspect_ratio)
+    else:
+        raise BadExample("unsupported_image", f"image of type {type(raw).__name__}")
+    try:
+        return to_rgb(image, alpha_background)
+    except _DECODE_ERRORS as error:
+        raise BadExample("unsupported_image", f"mode {image.mode}: {_short(error)}") from None
+
+
+def _check_size(size: tuple[int, int], max_pixels: int | None, max_aspect_ratio: float | None) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise BadExample("empty_image", f"size {width}x{height}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise BadExample("image_too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+    if max_aspect_ratio is not None and max(width, height) / min(width, height) > max_aspect_ratio:
+        raise BadExample("extreme_aspect_ratio", f"{width}x{height} > max_aspect_ratio {max_aspect_ratio}")
+
+
+@register_op("decode_image")
+class DecodeImage(Op):
+    """`field` (bytes, array or PIL image) -> a checked RGB PIL image in the same field."""
+
+    def __init__(self, context: OpContext, field: str = "image", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
+                 alpha_background: tuple[int, int, int] | None = WHITE):
+        self.reads = self.writes = (field,)
+        self.field = field
+        self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
+        self.alpha_background = None if alpha_background is None else tuple(alpha_background)
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+        image = decode_image(example.get(self.field), max_pixels=self.max_pixels,
+                             max_aspect_ratio=self.max_aspect_ratio, alpha_background=self.alpha_background)
+        return {**example, self.field: image}
+
+
+@register_op("crop_image")
+class CropImage(Op):
+    """An RGB PIL image -> `size` x `size` (default: the model's image size).
+
+    With a `scale` range (default: `data.random_crop_scale`) and an rng (training), torchvision's
+    RandomResizedCrop; otherwise the evaluation crop: bicubic resize of the short side, centre crop.
+    """
+
+    def __init__(self, context: OpContext, field: str = "image", size: int | None = None,
+                 scale: tuple[float, float] | None = None):
+        self.reads = self.writes = (field,)
+        self.field = field
+        self.size = int(context.image_size if size is None else size)
+        scale = context.random_crop_scale if scale is None else scale
+        if scale is not None and (len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]) <= 1):
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+        self.scale = None if scale is None else tuple(scale)
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+        image = example[self.field]
+        if self.scale is not None and rng is not None:
+            image = random_resized_crop(image, self.size, rng, self.scale)
+        else:
+            image = centre_crop(resize_short_side(image, self.size), self.size)
+        return {**example, self.field: image}
+
+
+@register_op("normalise_image")
+class NormaliseImage(Op):
+    """An RGB PIL image in `field` -> float32 [H, W, 3] in CLIP's normalised space, in `out`."""
+
+    def __init__(self, context: OpContext, field: str = "image", out: str = "images"):
+        self.reads, self.writes, self.consumes = (field,), (out,), (field,)
+        self.field, self.out = field, out
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
+        out = {key: value for key, value in example.items() if key != self.field}
+        out[self.out] = normalise(example[self.field])
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageTextPreprocessor:
-    """Maps a raw example {image, caption, ...} to model inputs {images, token_ids, ...}.
+    """The evaluators' fixed preprocessing: a raw example {image, caption, ...} -> {images, token_ids, ...}.
 
-    `random_crop_scale` None gives the deterministic evaluation preprocessing; otherwise training uses a
-    random-resized crop with that area range (pass an `rng`). Keys listed in `keep` pass through.
-    `alpha_background`: see `to_rgb`. Raises on bad input: wrap in `jclip.data.robust.SafePreprocessor`
-    to skip and count bad examples instead.
+    `random_crop_scale` None gives the deterministic evaluation preprocessing; otherwise a random-resized
+    crop with that area range (pass an `rng`). Keys listed in `keep` pass through. `alpha_background`: see
+    `to_rgb`. Raises on bad input (evaluations never skip examples); training uses the op chain instead.
     """
 
     image_size: int

@@ -5,7 +5,7 @@ DOCCI ships `docci_descriptions.jsonlines`, one JSON object per line:
 (splits `train`, `test`, `qual_dev`, `qual_test`), and its images in `images/` next to that file.
 
 `DocciSource(path, "test")` is the entries whose `split` is `test`, in file order; a TFDS-style slice
-takes a contiguous part of them (`test[:100]`, `test[90%:]`, see `jclip.data.splits`), not a shuffled one,
+takes a contiguous part of them (`test[:100]`, `test[90%:]`, see `jclip.data.sources.splits`), not a shuffled one,
 so that a benchmark's first N examples are the same everywhere. Examples are
 `{"image": the file's bytes (None when missing), "caption": the description, "key": example_id}`; the long
 descriptions suit long-caption retrieval evaluation.
@@ -18,7 +18,7 @@ from typing import Any
 
 from etils import epath
 
-from jclip.data import folder, splits
+from jclip.data.sources import folder, splits
 
 _KEYS = ("example_id", "split", "image_file", "description")
 

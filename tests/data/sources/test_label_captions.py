@@ -1,4 +1,4 @@
-"""Tests of jclip.data.label_captions: templated captions per class, replacement, validation, pickling."""
+"""Tests of jclip.data.sources.label_captions: templated captions per class, replacement, validation, pickling."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from jclip.data.label_captions import CaptionsFromLabels
+from jclip.data.sources.label_captions import CaptionsFromLabels
 
 
 class Labelled:

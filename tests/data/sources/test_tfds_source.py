@@ -1,4 +1,4 @@
-"""Tests of jclip.data.tfds_source: a small TFDS builder defined here, and jclip_scenes, read as raw examples.
+"""Tests of jclip.data.sources.tfds_source: a small TFDS builder defined here, and jclip_scenes, read as raw examples.
 
 The toy builder is prepared as ArrayRecord without TensorFlow (images given as PNG bytes or PIL images, which
 TFDS encodes without TF), in index order (no writer shuffling), so record i is example i.
@@ -19,8 +19,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from jclip.data import embedded, scenes
-from jclip.data.tfds_source import TfdsSource
+from jclip.data.sources import embedded, scenes
+from jclip.data.sources.tfds_source import TfdsSource
 
 NUM_TRAIN, NUM_TEST = 20, 6
 CLASSES = ["cat", "dog", "eel"]

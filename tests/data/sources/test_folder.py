@@ -1,4 +1,4 @@
-"""Tests of jclip.data.folder: captions files (JSONL, CSV, TSV), missing files, labels, class folders, CIFAR-10."""
+"""Tests of jclip.data.sources.folder: captions files (JSONL, CSV, TSV), missing files, labels, class folders, CIFAR-10."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jclip.data import folder
-from jclip.data.folder import FolderSource, folder_from_class_dirs
+from jclip.data.sources import folder
+from jclip.data.sources.folder import FolderSource, folder_from_class_dirs
 
 
 def _jpeg(value: int, size: tuple[int, int] = (12, 8)) -> bytes:

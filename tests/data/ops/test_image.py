@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jclip.data import transforms
+from jclip.data.ops import image as image_ops
 
 N_PX = 224
 OPENAI_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
@@ -35,7 +35,7 @@ def openai_reference(image: Image.Image, n_px: int = N_PX) -> np.ndarray:
 
 
 def jclip_eval(raw) -> np.ndarray:
-    return transforms.ImageTextPreprocessor(image_size=N_PX, context_length=77).image(raw)
+    return image_ops.ImageTextPreprocessor(image_size=N_PX, context_length=77).image(raw)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -99,11 +99,11 @@ def test_sixteen_bit_and_float_images_scale_instead_of_clipping():
     values = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257
     for image in (Image.fromarray(values), Image.fromarray(values.astype(np.int32))):  # I;16 and I
         assert image.mode in ("I;16", "I")
-        rgb = np.asarray(transforms.to_rgb(image))
+        rgb = np.asarray(image_ops.to_rgb(image))
         np.testing.assert_array_equal(rgb[..., 0], np.arange(256).reshape(16, 16))
         np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
     floats = Image.fromarray(np.asarray([[-5.0, 0.4, 127.6, 300.0]], np.float32))
-    np.testing.assert_array_equal(np.asarray(transforms.to_rgb(floats))[0, :, 1], [0, 0, 128, 255])
+    np.testing.assert_array_equal(np.asarray(image_ops.to_rgb(floats))[0, :, 1], [0, 0, 128, 255])
 
 
 def test_alpha_is_composited_onto_white_or_dropped():
@@ -112,13 +112,13 @@ def test_alpha_is_composited_onto_white_or_dropped():
     rgba[0, :, 3] = [0, 255, 128]
     image = Image.fromarray(rgba, "RGBA")
     onto_white = [[255, 255, 255], [200, 0, 0], [227, 127, 127]]
-    np.testing.assert_array_equal(np.asarray(transforms.to_rgb(image))[0], onto_white)
-    np.testing.assert_array_equal(np.asarray(transforms.to_rgb(image, None))[0], [[200, 0, 0]] * 3)
+    np.testing.assert_array_equal(np.asarray(image_ops.to_rgb(image))[0], onto_white)
+    np.testing.assert_array_equal(np.asarray(image_ops.to_rgb(image, None))[0], [[200, 0, 0]] * 3)
     palette = Image.new("P", (2, 1))
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     palette.putpixel((1, 0), 1)
     palette.info["transparency"] = 0  # palette index 0 is transparent
-    np.testing.assert_array_equal(np.asarray(transforms.to_rgb(palette))[0], [[255, 255, 255], [10, 20, 30]])
+    np.testing.assert_array_equal(np.asarray(image_ops.to_rgb(palette))[0], [[255, 255, 255], [10, 20, 30]])
 
 
 def coordinate_image(width: int, height: int) -> Image.Image:
@@ -149,9 +149,9 @@ def test_random_resized_crop_size_determinism_and_area_range():
     image = coordinate_image(width, height)
     areas = []
     for seed in range(40):
-        crop = transforms.random_resized_crop(image, size, np.random.default_rng(seed), scale, ratio)
+        crop = image_ops.random_resized_crop(image, size, np.random.default_rng(seed), scale, ratio)
         assert crop.size == (size, size) and crop.mode == "RGB"
-        again = transforms.random_resized_crop(image, size, np.random.default_rng(seed), scale, ratio)
+        again = image_ops.random_resized_crop(image, size, np.random.default_rng(seed), scale, ratio)
         np.testing.assert_array_equal(np.asarray(crop), np.asarray(again))
         left, top, crop_w, crop_h = crop_box_from_output(np.asarray(crop))
         assert -1.5 <= left and left + crop_w <= width + 1.5 and -1.5 <= top and top + crop_h <= height + 1.5
@@ -159,13 +159,13 @@ def test_random_resized_crop_size_determinism_and_area_range():
         assert ratio[0] - 0.05 <= crop_w / crop_h <= ratio[1] + 0.05
     assert scale[0] - 0.03 <= min(areas) and max(areas) <= scale[1] + 0.03, (min(areas), max(areas))
     assert min(areas) < 0.4 and max(areas) > 0.5, "areas should spread over the scale range"
-    first, second = (transforms.random_resized_crop(image, size, np.random.default_rng(s), scale) for s in (0, 1))
+    first, second = (image_ops.random_resized_crop(image, size, np.random.default_rng(s), scale) for s in (0, 1))
     assert not np.array_equal(np.asarray(first), np.asarray(second))
 
 
 def test_random_resized_crop_falls_back_to_torchvision_centre_crop():
     image = coordinate_image(250, 25)  # no box of >= 90% area fits the aspect range: torchvision's fallback
-    crop = transforms.random_resized_crop(image, 64, np.random.default_rng(0), (0.9, 1.0))
+    crop = image_ops.random_resized_crop(image, 64, np.random.default_rng(0), (0.9, 1.0))
     left, top, crop_w, crop_h = crop_box_from_output(np.asarray(crop))
     expected_w = round(25 * 4 / 3)  # the whole height, at the widest allowed ratio, centred
     assert abs(crop_w - expected_w) < 1.5 and abs(left - (250 - expected_w) // 2) < 1.0

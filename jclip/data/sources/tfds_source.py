@@ -39,7 +39,7 @@ from tensorflow_datasets.core.utils import file_utils
 
 #: Builders that make their data without network, by name -> the module whose import registers them.
 #: A builder class can also declare `BUILDS_WITHOUT_NETWORK = True`. Only these may use `download=True`.
-LOCAL_BUILDERS: dict[str, str] = {"jclip_scenes": "jclip.data.embedded"}
+LOCAL_BUILDERS: dict[str, str] = {"jclip_scenes": "jclip.data.sources.embedded"}
 
 _ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
 
@@ -209,7 +209,7 @@ def _build_locally(name: str, base: str, data_dir: str | None,
     builder = tfds.builder(name, data_dir=data_dir)
     config_dir = epath.Path(builder.data_dir).parent
     config_dir.mkdir(parents=True, exist_ok=True)
-    with open(config_dir / ".build.lock", "w") as lock:  # the same lock as jclip.data.embedded's builds
+    with open(config_dir / ".build.lock", "w") as lock:  # the same lock as jclip.data.sources.embedded's builds
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not builder.is_prepared():

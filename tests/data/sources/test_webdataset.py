@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jclip.data import convert_webdataset, pipeline, webdataset
+from jclip.data import pipeline
+
+from jclip.data.sources import convert_webdataset, webdataset
 from jclip.data.pipeline import HostShard
 
 SAMPLES_PER_SHARD = 5
@@ -109,7 +111,7 @@ def test_missing_shards_are_an_error_naming_them_unless_allowed(shard_dir, all_s
         webdataset.expand_shards(spec)
     with pytest.raises(FileNotFoundError, match="nothing"):
         webdataset.expand_shards(f"{shard_dir}/nothing*.tar")
-    with caplog.at_level(logging.WARNING, logger="jclip.data.webdataset"):
+    with caplog.at_level(logging.WARNING, logger="jclip.data.sources.webdataset"):
         assert webdataset.expand_shards(spec, allow_missing=True) == all_shards[5:7]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2 of 4 shards are missing" in warnings[0].getMessage()
@@ -139,7 +141,7 @@ def test_iter_tar_samples_groups_members_by_key(all_shards):
 
 def test_broken_shards_stop_with_a_warning_and_are_counted(all_shards, tmp_path, caplog):
     stats = webdataset.ReadStats()
-    with caplog.at_level(logging.WARNING, logger="jclip.data.webdataset"):
+    with caplog.at_level(logging.WARNING, logger="jclip.data.sources.webdataset"):
         samples = list(webdataset.iter_tar_samples(all_shards[6], stats))
     assert [s["key"] for s in samples] == [f"00006{i:04d}" for i in range(3)]
     assert stats.broken_shards == [all_shards[6]] and "broken shard" in caplog.text

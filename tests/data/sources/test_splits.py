@@ -1,4 +1,4 @@
-"""Tests of jclip.data.splits: TFDS-style slices over a seeded permutation, bounds, views, errors."""
+"""Tests of jclip.data.sources.splits: TFDS-style slices over a seeded permutation, bounds, views, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from jclip.data import splits
+from jclip.data.sources import splits
 
 
 class Numbers:

@@ -2,7 +2,7 @@
 
 `CaptionsFromLabels(source, class_names, ("a photo of a {}.", "a blurry photo of a {}."))` returns each of
 the source's examples with `caption` replaced by the list of templates filled with the example's class
-name; training (`SafePreprocessor`) picks one of them at random per visit. A caption the source already
+name; training (the `choose_caption` op) picks one of them at random per visit. A caption the source already
 had is replaced. Underscores in class names become spaces (`maple_tree` -> "a photo of a maple tree.").
 """
 

@@ -1,4 +1,4 @@
-"""`jclip_scenes`: the embedded dataset, a TFDS builder over `jclip.data.scenes`, stored as ArrayRecord.
+"""`jclip_scenes`: the embedded dataset, a TFDS builder over `jclip.data.sources.scenes`, stored as ArrayRecord.
 
 Every jclip config defaults to it: it needs no download, the `default` config (44k images, ~290 MB) builds in
 about 30 s on 2 CPU cores (the `small` one in a few seconds), and it carries the annotations for zero-shot
@@ -38,7 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from jclip.data import scenes
+from jclip.data.sources import scenes
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
@@ -108,7 +108,7 @@ def _generate_in_subprocesses(seed: int, split: str, num_examples: int, image_si
     re-imports the caller's `__main__`, which hangs or recurses for unguarded scripts and stdin.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    command = ("import sys; from jclip.data import embedded; "
+    command = ("import sys; from jclip.data.sources import embedded; "
                "embedded._worker_main(int(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:]))")
     workers = [
         subprocess.Popen([sys.executable, "-c", command, str(seed), split, str(num_examples), str(image_size),

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from configs import clip
-from jclip.data import robust, sources
+from jclip.data import configured, robust
 from jclip_testing import REPO_ROOT, micro_run_flags
 
 # Bad samples of each shard, by the reason they must be counted under.
@@ -101,16 +101,16 @@ def test_missing_shards_and_datasets_fail_at_start_up(tmp_path):
 
 
 def test_specs_and_mixture_validation():
-    assert sources.SourceSpec.parse("tfds:coco_captions/2017") == sources.SourceSpec("tfds", "coco_captions/2017")
-    assert sources.SourceSpec.parse("embedded") == sources.SourceSpec("embedded", None)
+    assert configured.SourceSpec.parse("tfds:coco_captions/2017") == configured.SourceSpec("tfds", "coco_captions/2017")
+    assert configured.SourceSpec.parse("embedded") == configured.SourceSpec("embedded", None)
     with pytest.raises(ValueError, match="unknown data source"):
-        sources.SourceSpec.parse("s3:bucket")
+        configured.SourceSpec.parse("s3:bucket")
     with pytest.raises(ValueError, match="needs an argument"):
-        sources.SourceSpec.parse("wds")
+        configured.SourceSpec.parse("wds")
     config = clip.get_config()
     config.data.mixture = {"a": {"source": "embedded", "weight": 0.0}}
     with pytest.raises(ValueError, match="weight must be positive"):
-        sources.validate_data_config(config.data)
+        configured.validate_data_config(config.data)
 
 
 def test_mixture_of_embedded_and_tar_shards_yields_both(tmp_path, scenes_data_dir):
@@ -122,7 +122,7 @@ def test_mixture_of_embedded_and_tar_shards_yields_both(tmp_path, scenes_data_di
     config.data.num_threads = 1
     config.data.shuffle_buffer = 8
     config.data.mixture = {"scenes": {"source": "embedded", "weight": 1.0}, "web": {"source": spec, "weight": 1.0}}
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     from jclip.data.pipeline import HostShard
 
     iterator = iter(data.training_dataset(seed=0, shard=HostShard(0, 1)))
@@ -204,7 +204,7 @@ def data_config(source: str, **fields):
 
 def test_class_folder_splits_are_permuted_disjoint_slices(tmp_path):
     config = data_config(write_class_folders(tmp_path))
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     keys = lambda source: [source[i]["key"] for i in range(len(source))]  # noqa: E731
     everything = keys(data.source("validation"))  # a split name alone selects the whole folder
     assert sorted(everything) == sorted(f"{c}/{i}.png" for c in CLASS_COLOURS for i in range(PER_CLASS))
@@ -223,7 +223,7 @@ def test_caption_templates_caption_training_batches_from_class_names(tmp_path):
 
     templates = ("a photo of a {}.", "a blurry photo of a {}.")
     config = data_config(write_class_folders(tmp_path), caption_templates=templates)
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     data.prepare(set())
     tokenizer = ClipTokenizer(config.model.text.context_length)
     expected = {  # by the colour channel that is high
@@ -246,22 +246,22 @@ def test_caption_templates_caption_training_batches_from_class_names(tmp_path):
 def test_caption_templates_need_labelled_training_sources(tmp_path):
     (tmp_path / "captions.jsonl").write_text(json.dumps({"path": "a.png", "caption": "x"}) + "\n")
     config = data_config(f"folder:{tmp_path}/captions.jsonl", caption_templates=("a photo of a {}.",))
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     with pytest.raises(ValueError, match=r"training source 'folder:.*captions.jsonl' \(data.source\) has no class names"):
         data.prepare(set())
     config = data_config(f"wds:{tmp_path}/{{00000..00001}}.tar", caption_templates=("a photo of a {}.",))
     with pytest.raises(ValueError, match=r"'wds:.*' \(data.source\) has no class names"):
-        sources.ConfiguredData(config.data, config.model).prepare(set())
+        configured.ConfiguredData(config.data, config.model).prepare(set())
     config = data_config("embedded", caption_templates=("a photo of a {} {}.",))
     with pytest.raises(ValueError, match="exactly one"):
-        sources.ConfiguredData(config.data, config.model)
+        configured.ConfiguredData(config.data, config.model)
 
 
 def test_field_overrides_and_extra_fields_per_source(scenes_data_dir):
-    from jclip.data import embedded
+    from jclip.data.sources import embedded
 
     config = data_config("embedded", embedded_config="small", data_dir=str(scenes_data_dir))
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     probes = data.source("validation", caption_field="probe_caption",
                          extra_fields=(("negative_captions", "negative_captions"),))
     plain = data.source("validation")
@@ -286,8 +286,8 @@ def test_docci_through_the_config(tmp_path):
                 "description": f"{split} description {i}"} for split in ("train", "test") for i in (1, 2, 3)]
     (tmp_path / "docci_descriptions.jsonlines").write_text("".join(json.dumps(e) + "\n" for e in entries))
     config = data_config("embedded")
-    data = sources.ConfiguredData(config.data, config.model)
+    data = configured.ConfiguredData(config.data, config.model)
     source = data.source("test[1:]", f"docci:{tmp_path}/docci_descriptions.jsonlines")
     assert [source[i]["caption"] for i in range(len(source))] == ["test description 2", "test description 3"]
     assert source[0]["image"] == (tmp_path / "images" / "test_00002.png").read_bytes() and source[1]["image"] is None
-    assert sources.SourceSpec.parse("docci:/x.jsonlines") == sources.SourceSpec("docci", "/x.jsonlines")
+    assert configured.SourceSpec.parse("docci:/x.jsonlines") == configured.SourceSpec("docci", "/x.jsonlines")

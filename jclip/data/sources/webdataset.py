@@ -10,7 +10,7 @@ being consecutive. This module gives:
   A truncated or corrupt shard ends early with a warning and is counted in `ReadStats`; it never stops a run.
 - `webdataset_training_dataset`: the infinite, host-sharded, buffer-shuffled training stream as a Grain
   `IterDataset` whose iterator state (checkpointed with the model) resumes to the exact sample.
-- `ArrayRecordSource`: random access to the output of `python -m jclip.data.convert_webdataset`, for the
+- `ArrayRecordSource`: random access to the output of `python -m jclip.data.sources.convert_webdataset`, for the
   random-access pipeline of `jclip.data.pipeline` with its exact global shuffle.
 
 Streaming order. Epoch e permutes the shard list with a key derived from (seed, e); process p of P reads

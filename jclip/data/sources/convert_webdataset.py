@@ -1,15 +1,15 @@
 """Convert WebDataset tar shards (img2dataset output) to ArrayRecord files for exact global shuffling.
 
-    python -m jclip.data.convert_webdataset --shards='cc3m/{00000..00331}.tar' --output=cc3m_ar \\
+    python -m jclip.data.sources.convert_webdataset --shards='cc3m/{00000..00331}.tar' --output=cc3m_ar \\
         --num_output_shards=64 [--num_workers=2] [--allow_missing] [--keep_incomplete]
 
-Each record is one raw example serialised by `jclip.data.webdataset.encode_example` (msgpack; no pickle).
+Each record is one raw example serialised by `jclip.data.sources.webdataset.encode_example` (msgpack; no pickle).
 Output file j holds the samples of a contiguous block of input shards, so record i of the directory (files
 in order) is the i-th sample of the input in listed order: the output is deterministic and independent of
 the worker count. Samples lacking an image or a caption are counted and left out unless `--keep_incomplete`;
 truncated shards contribute the samples before the damage and are listed. `dataset.json` (written last, so a
 directory without it is an unfinished conversion) records the count, the files and the source shards.
-Read the result with `jclip.data.webdataset.ArrayRecordSource(output)`.
+Read the result with `jclip.data.sources.webdataset.ArrayRecordSource(output)`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jclip.data import webdataset
+from jclip.data.sources import webdataset
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def summary_text(info: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jclip.data.convert_webdataset", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jclip.data.sources.convert_webdataset", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="shard spec: 'dir/{00000..00099}.tar', glob, or @list.txt")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--num_output_shards", type=int, default=1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jclip.data import embedded, scenes
+from jclip.data.sources import embedded, scenes
 
 SPLIT_SIZES = {"train": 128, "validation": 32, "test": 32}  # the `tiny` config
 

@@ -16,7 +16,7 @@ background. From a scene this module derives everything the embedded dataset sto
   geometry, under the loosest reading of the relation (any positive offset), and regenerated otherwise.
 
 Everything is pure Python/NumPy/PIL and deterministic given a `np.random.Generator`, so the TFDS builder in
-`jclip.data.embedded` can derive each example from (seed, split, index) alone.
+`jclip.data.sources.embedded` can derive each example from (seed, split, index) alone.
 """
 
 from __future__ import annotations

@@ -1,0 +1,38 @@
+"""Preprocessing as a configured list of named ops (`config.data.preprocess`), big_vision style.
+
+Syntax: op names separated by `|`, each optionally called with keyword arguments that are Python literals:
+
+    choose_caption|decode_image|crop_image(scale=(0.9, 1.0))|normalise_image|tokenize(field='caption', out='token_ids')
+
+Each op reads and writes fields of the example dict; the batch holds every field an op writes that no later
+op consumes, and each must be a NumPy array of one shape for all examples. Built-in ops (see their modules):
+
+| op | module | reads -> writes |
+|---|---|---|
+| `choose_caption(field='caption')` | captions | one of several captions (random in training, else the first) |
+| `keep(fields=('label',))` | captions | raw fields passed into the batch as arrays |
+| `decode_image(field='image', max_pixels=, max_aspect_ratio=, alpha_background=)` | image | checked RGB image |
+| `crop_image(field='image', size=None, scale=None)` | image | centre crop, or RandomResizedCrop in training |
+| `normalise_image(field='image', out='images')` | image | float32 [H, W, 3], CLIP-normalised |
+| `tokenize(field='caption', out='token_ids', max_count=None, mask=None, count_truncated=None)` | text | ids |
+| `guidance(dir=..., modalities=('image', 'text'), key_field='key')` | guidance | guidance feature rows |
+
+A new op: `from jclip.data.ops import register_op` and decorate a factory `(context, **kwargs) -> op`
+anywhere that is imported before the config is read (a test, a method's module); nothing in jclip changes.
+"""
+
+from jclip.data.ops.registry import (
+    Op,
+    OpContext,
+    Preprocess,
+    batch_fields,
+    known_ops,
+    make_op,
+    make_ops,
+    parse_ops,
+    register_op,
+)
+from jclip.data.ops import captions, guidance, image, text  # the built-in ops register themselves
+
+__all__ = ["Op", "OpContext", "Preprocess", "batch_fields", "known_ops", "make_op", "make_ops", "parse_ops",
+           "register_op", "captions", "guidance", "image", "text"]
