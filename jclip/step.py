@@ -1,7 +1,8 @@
 """The jitted train step: pure `(state, batch) -> (state, metrics)`, with exact gradient accumulation.
 
 Loss of the configured terms over the model's outputs (shared/ARCHITECTURE.md, principle 1), gradients
-(whole-batch, or accumulated over micro-batches by the GradCache scheme), the optimizer update and CLIP's
+with respect to the trainable parameters only (whole-batch, or accumulated over micro-batches by the
+GradCache scheme; frozen parameters are constants, jclip.param_rules), the optimizer update and CLIP's
 logit-scale clamp. `compile_train_step` jits it with the set-up's declared shardings and a donated state.
 """
 
@@ -30,7 +31,7 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def _accumulated_gradients(
-    setup: TrainSetup, params: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
+    setup: TrainSetup, params: Params, frozen: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
 ) -> tuple[jax.Array, Any, Params]:
     """Whole-batch gradients in `accum_steps` micro-batches, exact (the GradCache scheme).
 
@@ -38,13 +39,14 @@ def _accumulated_gradients(
     would change the objective. Instead: (1) embed every micro-batch without gradients, (2) differentiate
     the loss of the whole batch with respect to the embeddings, (3) re-run each micro-batch and pull those
     embedding gradients back to the parameters. Activation memory is that of one micro-batch.
+    `params` are the trainable parameters (the gradients' tree); `frozen` the rest, closed over as constants.
     """
     micro_images = _split_micro(batch["images"], accum_steps)
     micro_tokens = _split_micro(batch["token_ids"], accum_steps)
     micro_size = batch["images"].shape[0] // accum_steps
 
     def forward(p, images, token_ids):
-        return setup.functions.apply(p, images, token_ids)
+        return setup.functions.apply(setup.partition.merge(p, frozen), images, token_ids)
 
     stacked = jax.lax.map(lambda xs: forward(params, *xs), (micro_images, micro_tokens))
     per_example = {name: value.ndim >= 2 and value.shape[1] == micro_size for name, value in stacked.items()}
@@ -77,8 +79,8 @@ def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
 
 def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, dict]]:
     """The pure train step `(state, batch, teacher_params) -> (state, metrics)`: loss of the configured
-    terms (with a frozen teacher's embeddings among the outputs when there is one), gradients, AdamW
-    update, logit-scale clamp."""
+    terms (with a frozen teacher's embeddings among the outputs when there is one), gradients of the
+    trainable parameters, AdamW update, logit-scale clamp."""
     config = setup.config
     accum_steps = int(config.optim.accum_steps)
     schedule = optim.learning_rate_schedule(config, int(config.total_steps))
@@ -98,18 +100,21 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
         def loss_from_outputs(outputs):
             return losses.total_loss_with_state({**outputs, **teacher_outputs}, batch, ctx, config.losses)
 
+        trainable, frozen = setup.partition.split(state["params"])  # gradients and updates: trainable only
         if accum_steps == 1:
             def loss_from_params(params):
+                params = setup.partition.merge(params, frozen)
                 return loss_from_outputs(setup.functions.apply(params, batch["images"], batch["token_ids"]))
 
-            (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
+            (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(trainable)
         else:
             loss, (metrics, loss_state), grads = _accumulated_gradients(
-                setup, state["params"], batch, loss_from_outputs, accum_steps
+                setup, trainable, frozen, batch, loss_from_outputs, accum_steps
             )
-        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params = _clamp_logit_scale(params, float(config.optim.max_log_logit_scale))
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        trainable = _clamp_logit_scale(trainable, float(config.optim.max_log_logit_scale))  # a frozen one stays put
+        params = setup.partition.merge(trainable, frozen)
         metrics = dict(metrics)
         metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/learning_rate"] = schedule(step)
