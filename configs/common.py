@@ -111,6 +111,16 @@ def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collect
     config.optim.grad_clip_norm = 1.0  # 0 disables clipping.
     config.optim.accum_steps = 1  # micro-batches per step; the loss still sees the whole global batch.
     config.optim.max_log_logit_scale = 4.605170185988092  # ln 100: CLIP's clamp of the logit scale.
+    # Parameter rules (jclip/param_rules.py): ordered (regex, action) pairs; the first regex that fully matches a
+    # parameter's path ('visual/transformer/blocks/3/attn/in_kernel') gives its action: "trainable", "frozen"
+    # (no optimizer state, no gradient) or a learning-rate multiplier such as 0.1. Every parameter must match.
+    config.optim.param_rules = [[".*", "trainable"]]
+    # Tower locks (OpenCLIP's --lock-image / --lock-text): "frozen" rules placed before the table; the top
+    # `unlocked_layers` blocks and what follows them stay out of the lock, and so do the locked part's
+    # LayerNorms when `freeze_layer_norm` is False.
+    config.optim.tower_locks = ml_collections.ConfigDict({
+        tower: {"enabled": False, "unlocked_layers": 0, "freeze_layer_norm": True} for tower in ("vision", "text")
+    })
 
     # Start from earlier weights (fine-tuning): a params export (python -m jclip.convert params|import) or a
     # jclip training checkpoint. Only the parameters are taken, and only on a fresh start (see jclip/init_from.py).

@@ -19,7 +19,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jclip import losses, models, optim, parallel
+from jclip import losses, models, optim, parallel, param_rules
 from jclip.data.configured import ConfiguredData
 from jclip.errors import ConfigError
 from jclip.evals.common import Encoders
@@ -27,7 +27,8 @@ from jclip.evals.common import Encoders
 Params = dict[str, Any]
 #: Outputs a frozen teacher adds to the model's (jclip.teacher), which the student model does not produce.
 TEACHER_OUTPUTS = ("teacher_image_embeddings", "teacher_text_embeddings")
-# {"step": int32 [], "params": Params, "opt_state": optax state, "loss_state": stateful terms' states (if any)}
+# {"step": int32 [], "params": Params, "opt_state": optax state of the trainable params (jclip.param_rules),
+#  "loss_state": stateful terms' states (if any)}
 TrainState = dict[str, Any]
 
 
@@ -89,23 +90,25 @@ class TrainSetup:
     mesh: Mesh
     rules: tuple
     functions: ModelFunctions
-    optimizer: optax.GradientTransformation
+    optimizer: optax.GradientTransformation  # over the trainable parameters only: `partition.trainable(params)`
     state_shardings: TrainState
+    partition: param_rules.Partition  # which parameters train, which are frozen, learning-rate multipliers
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "TrainSetup":
         rules = parallel.rules_from_config(config.sharding_rules)
         functions = ModelFunctions.create(config.model, config.seed, model_outputs(config.losses))
-        optimizer = optim.make_optimizer(config)
         params_sharding = functions.param_shardings(mesh, rules)
         abstract_params = nnx.to_pure_dict(functions.abstract_state)
-        abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+        partition = param_rules.Partition.create(config, abstract_params)
+        optimizer = optim.make_optimizer(config, partition.lr_multipliers())
+        abstract_opt_state = jax.eval_shape(optimizer.init, partition.trainable(abstract_params))
         replicated = NamedSharding(mesh, PartitionSpec())
         opt_sharding = optax.tree_map_params(
             optimizer,
             lambda _, sharding: sharding,
             abstract_opt_state,
-            params_sharding,
+            partition.trainable(params_sharding),
             transform_non_params=lambda _: replicated,
         )
         state_shardings = {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}
@@ -115,7 +118,7 @@ class TrainSetup:
             raise ConfigError(f"losses: {error}") from error
         if loss_state:
             state_shardings["loss_state"] = jax.tree.map(lambda _: replicated, loss_state)
-        return cls(config, mesh, rules, functions, optimizer, state_shardings)
+        return cls(config, mesh, rules, functions, optimizer, state_shardings, partition)
 
     def abstract_state(self) -> TrainState:
         abstract = jax.eval_shape(self._init_state)
@@ -127,7 +130,8 @@ class TrainSetup:
 
     def _init_state(self) -> TrainState:
         params = self.functions.init_params()
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.optimizer.init(params)}
+        opt_state = self.optimizer.init(self.partition.trainable(params))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         loss_state = initial_loss_state(self.config, self.functions, params)
         if loss_state:
             state["loss_state"] = loss_state

@@ -63,6 +63,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     accum = int(opt.accum_steps)
     _require(accum >= 1, f"optim.accum_steps must be >= 1, got {accum}")
     _require(batch % accum == 0, f"data.batch_size ({batch}) must be divisible by optim.accum_steps ({accum})")
+    from jclip import param_rules
+
+    param_rules.compile_rules(config)  # a bad regex, action or lock; unmatched paths are checked at set-up
 
     try:
         losses.validate_terms_config(config.losses)

@@ -1,6 +1,7 @@
 """The optimizer of every config: AdamW with linear warm-up then cosine decay, global-norm clipping.
 
 No weight decay on norms, biases, embeddings and the logit scale/bias (only on matrices and kernels).
+Per-parameter learning-rate multipliers (jclip.param_rules) scale the final updates.
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
     )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
+    """Multiplies each update by its parameter's multiplier (a tree like the updates). After AdamW's
+    learning-rate scaling this is a learning rate of multiplier x lr, decoupled decay included (to rounding;
+    exactly for a power of two)."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, multipliers))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, lr_multipliers: Any = None) -> optax.GradientTransformation:
+    """The optimizer of the trainable parameters; `lr_multipliers` (a tree like them, or None for all 1)
+    comes from `param_rules.Partition.lr_multipliers`."""
     optim = config.optim
     adamw = optax.adamw(
         learning_rate_schedule(config, int(config.total_steps)),
@@ -59,6 +69,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         weight_decay=float(optim.weight_decay),
         mask=decay_mask,
     )
+    if lr_multipliers is not None:
+        adamw = optax.chain(adamw, scale_by_multipliers(lr_multipliers))
     if float(optim.grad_clip_norm) > 0:
         return optax.chain(optax.clip_by_global_norm(float(optim.grad_clip_norm)), adamw)
     return adamw

@@ -1,7 +1,8 @@
 """The jitted train step: pure `(state, batch) -> (state, metrics)`, with exact gradient accumulation.
 
 Loss of the configured terms over the model's outputs (shared/ARCHITECTURE.md, principle 1), gradients
-(whole-batch, or accumulated over micro-batches by the GradCache scheme), the optimizer update and CLIP's
+with respect to the trainable parameters only (whole-batch, or accumulated over micro-batches by the
+GradCache scheme; frozen parameters are constants, jclip.param_rules), the optimizer update and CLIP's
 logit-scale clamp. `compile_train_step` jits it with the set-up's declared shardings and a donated state.
 """
 
@@ -30,7 +31,7 @@ def _merge_micro(x: jax.Array) -> jax.Array:
 
 
 def _accumulated_gradients(
-    setup: TrainSetup, params: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
+    setup: TrainSetup, params: Params, frozen: Params, batch: dict[str, jax.Array], loss_fn: Callable, accum_steps: int
 ) -> tuple[jax.Array, Any, Params]:
     """Whole-batch gradients in `accum_steps` micro-batches, exact (the GradCache scheme).
 
@@ -40,11 +41,15 @@ def _accumulated_gradients(
     those output gradients back to the parameters. Activation memory is that of one micro-batch. Every
     batch field is split on its first axis ([B, K, L] fields too); outputs that are not floating point
     (masks) carry no gradient.
+    `params` are the trainable parameters (the gradients' tree); `frozen` the rest, closed over as constants.
     """
     micro_batches = {name: _split_micro(value, accum_steps) for name, value in batch.items()}
     micro_size = next(iter(batch.values())).shape[0] // accum_steps
 
-    stacked = jax.lax.map(lambda micro: setup.functions.apply(params, micro), micro_batches)
+    def forward(p, micro):
+        return setup.functions.apply(setup.partition.merge(p, frozen), micro)
+
+    stacked = jax.lax.map(lambda micro: forward(params, micro), micro_batches)
     per_example = {name: value.ndim >= 2 and value.shape[1] == micro_size for name, value in stacked.items()}
     outputs = {name: _merge_micro(v) if per_example[name] else v[0] for name, v in stacked.items()}
     differentiable = {name for name, value in outputs.items() if jnp.issubdtype(value.dtype, jnp.inexact)}
@@ -65,7 +70,7 @@ def _accumulated_gradients(
     def accumulate(grads, xs):
         micro, cotangent = xs
         _, pullback = jax.vjp(
-            lambda p: {name: value for name, value in setup.functions.apply(p, micro).items() if name in differentiable},
+            lambda p: {name: value for name, value in forward(p, micro).items() if name in differentiable},
             params,
         )
         (micro_grads,) = pullback(cotangent)
@@ -85,8 +90,8 @@ def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
 
 def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, dict]]:
     """The pure train step `(state, batch, teacher_params) -> (state, metrics)`: loss of the configured
-    terms (with a frozen teacher's embeddings among the outputs when there is one), gradients, AdamW
-    update, logit-scale clamp."""
+    terms (with a frozen teacher's embeddings among the outputs when there is one), gradients of the
+    trainable parameters, AdamW update, logit-scale clamp."""
     config = setup.config
     accum_steps = int(config.optim.accum_steps)
     schedule = optim.learning_rate_schedule(config, int(config.total_steps))
@@ -106,18 +111,21 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
         def loss_from_outputs(outputs):
             return losses.total_loss_with_state({**outputs, **teacher_outputs}, batch, ctx, config.losses)
 
+        trainable, frozen = setup.partition.split(state["params"])  # gradients and updates: trainable only
         if accum_steps == 1:
             def loss_from_params(params):
+                params = setup.partition.merge(params, frozen)
                 return loss_from_outputs(setup.functions.apply(params, batch))
 
-            (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(state["params"])
+            (loss, (metrics, loss_state)), grads = jax.value_and_grad(loss_from_params, has_aux=True)(trainable)
         else:
             loss, (metrics, loss_state), grads = _accumulated_gradients(
-                setup, state["params"], batch, loss_from_outputs, accum_steps
+                setup, trainable, frozen, batch, loss_from_outputs, accum_steps
             )
-        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params = _clamp_logit_scale(params, float(config.optim.max_log_logit_scale))
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        trainable = _clamp_logit_scale(trainable, float(config.optim.max_log_logit_scale))  # a frozen one stays put
+        params = setup.partition.merge(trainable, frozen)
         metrics = dict(metrics)
         metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/learning_rate"] = schedule(step)

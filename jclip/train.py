@@ -113,9 +113,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     total_steps = int(config.total_steps)
     progress = Progress(total_steps, int(config.data.batch_size), enabled=is_main)
     if is_main:
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+        n_trainable, n_params = setup.partition.counts(state["params"])
         print(
-            f"jclip: {n_params:,} parameters, mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
+            f"jclip: {n_params:,} parameters ({n_trainable:,} trainable), mesh {dict(mesh.shape)}, {jax.process_count()} process(es), "
             f"global batch {config.data.batch_size}, steps {start_step}->{total_steps}, workdir {workdir}",
             flush=True,
         )
