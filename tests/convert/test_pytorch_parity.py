@@ -35,7 +35,7 @@ def exported(request, tmp_path_factory) -> tuple[params_io.HostModel, pathlib.Pa
     tokenizer = make_tokenizer("clip", context)
     inputs = {"images": np.random.default_rng(0).standard_normal((3, 3, size, size)).astype(np.float32),
               "token_ids": np.stack([tokenizer(caption) for caption in CAPTIONS])}
-    outputs = jax.jit(lambda i, t: module(i, t))(jnp.asarray(inputs["images"].transpose(0, 2, 3, 1)),
+    outputs = jax.jit(lambda i, t: module({"images": i, "token_ids": t}))(jnp.asarray(inputs["images"].transpose(0, 2, 3, 1)),
                                                  jnp.asarray(inputs["token_ids"]))
     folder = tmp_path_factory.mktemp("parity")
     np.savez(folder / "inputs.npz", **inputs)
