@@ -10,7 +10,7 @@ import pytest
 from jclip_testing import micro_config, random_batch
 
 
-def one_step(config, mesh_shape):
+def one_step(config, mesh_shape, host_batch=None):
     from jclip import parallel
     from jclip.build import TrainSetup
     from jclip.step import compile_train_step
@@ -19,7 +19,7 @@ def one_step(config, mesh_shape):
     mesh = parallel.make_mesh(mesh_shape, devices=jax.devices()[:size])
     setup = TrainSetup.create(config, mesh)
     state = setup.init_state()
-    batch = parallel.host_batch_to_global(random_batch(config), mesh)
+    batch = parallel.host_batch_to_global(random_batch(config) if host_batch is None else host_batch, mesh)
     step = compile_train_step(setup, batch)
     new_state, metrics = step(state, batch)
     return jax.device_get(new_state["params"]), jax.device_get(metrics)
@@ -37,6 +37,34 @@ def test_gradient_accumulation_equals_whole_batch(loss):
     accum_params, accum_metrics = one_step(accumulated, {"data": 2, "fsdp": 2})
     np.testing.assert_allclose(accum_metrics["loss/total"], whole_metrics["loss/total"], rtol=1e-5)
     np.testing.assert_allclose(accum_metrics["train/grad_norm"], whole_metrics["train/grad_norm"], rtol=1e-4)
+    for got, want in zip(jax.tree.leaves(accum_params), jax.tree.leaves(whole_params)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_is_exact_for_extra_fields_and_token_outputs():
+    """GradCache splits every batch field, [B, K, L] ones too, and pulls back the gradients of token-level
+    outputs and of embeddings of extra captions (the toy method's term reads both; tests/toy_method)."""
+    from toy_method import loss  # registers the toy_hard_negatives term
+
+    assert loss.toy_hard_negatives
+    terms = {"clip": {"weight": 1.0}, "toy_hard_negatives": {"weight": 0.5}}
+    host_batch = random_batch(micro_config())
+    rng = np.random.default_rng(1)
+    shuffled = np.repeat(host_batch["token_ids"][:, None], 3, axis=1)
+    for row in shuffled.reshape(-1, shuffled.shape[-1]):
+        row[:-1] = rng.permutation(row[:-1])  # the end token (last) stays in place
+    host_batch["shuffled_token_ids"] = shuffled
+    results = []
+    for accum_steps, mesh in ((1, {"data": 1}), (4, {"data": 2, "fsdp": 2})):
+        config = micro_config(losses=terms)
+        config.optim.grad_clip_norm = 0.0
+        config.optim.accum_steps = accum_steps
+        results.append(one_step(config, mesh, dict(host_batch)))
+    (whole_params, whole), (accum_params, accum) = results
+    assert 0.0 < whole["loss/toy_hard_negatives"] and whole["toy/negatives_used"] > 0.5
+    np.testing.assert_allclose(accum["loss/toy_hard_negatives"], whole["loss/toy_hard_negatives"], rtol=1e-5)
+    np.testing.assert_allclose(accum["loss/total"], whole["loss/total"], rtol=1e-5)
+    np.testing.assert_allclose(accum["train/grad_norm"], whole["train/grad_norm"], rtol=1e-4)
     for got, want in zip(jax.tree.leaves(accum_params), jax.tree.leaves(whole_params)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, normal
-from jclip.models.towers import Tower, register_tower, require_positive
+from jclip.models.towers import Tower, TowerModule, register_tower, require_positive
 from jclip.parallel import constrain
 
 
-class TextTransformer(nnx.Module):
+class TextTransformer(TowerModule):
     """Text tower (kind `clip`): token ids [batch, length] -> projected text features [batch, output_dim]."""
 
     def __init__(self, *, context_length: int, vocab_size: int, width: int, heads: int, layers: int,
@@ -58,19 +58,12 @@ class TextTransformer(nnx.Module):
         pooled = jnp.take_along_axis(hidden, end_positions[:, None, None], axis=1)[:, 0]
         pooled = self.ln_final(pooled)  # per-token LayerNorm: pooling first equals OpenCLIP's order
         pooled = constrain(pooled, ("batch", "act_embed"))
-        outputs = {"features": self._project(pooled)}
+        outputs = {"features": self.project(pooled)}
         if tokens:
             every = constrain(self.ln_final(hidden), ("batch", "length", "act_embed"))
-            outputs["tokens"] = self._project(every)
+            outputs["tokens"] = self.project(every)
             outputs["token_mask"] = jnp.arange(length)[None, :] <= end_positions[:, None]
         return outputs
-
-    def _project(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(jnp.float32), self.projection[...].astype(jnp.float32))
-
-    def __call__(self, token_ids: jax.Array) -> jax.Array:
-        """Projected (not normalised) text features [batch, output_dim] in float32."""
-        return self.encode(token_ids)["features"]
 
 
 def _check_clip_text(config: dict[str, Any]) -> None:

@@ -19,10 +19,28 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 MODALITIES = ("vision", "text")
+
+
+class TowerModule(nnx.Module):
+    """What every tower module shares: `tower(inputs)` is `encode(inputs)["features"]`, and `project` maps
+    hidden states onto the shared embedding space with the tower's `projection` (in float32)."""
+
+    projection: nnx.Param
+
+    def encode(self, inputs: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        return jnp.dot(hidden.astype(jnp.float32), self.projection[...].astype(jnp.float32))
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Projected (not normalised) pooled features [batch, output_dim] in float32."""
+        return self.encode(inputs)["features"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, normal, num_heads_for
-from jclip.models.towers import Tower, register_tower, require_positive
+from jclip.models.towers import Tower, TowerModule, register_tower, require_positive
 from jclip.parallel import constrain
 
 
@@ -27,7 +27,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-class VisionTransformer(nnx.Module):
+class VisionTransformer(TowerModule):
     """ViT image tower: images [batch, H, W, C] -> projected image features [batch, output_dim] (float32)."""
 
     def __init__(self, *, image_size: int | Sequence[int], patch_size: int, width: int, layers: int,
@@ -85,18 +85,11 @@ class VisionTransformer(nnx.Module):
         hidden = self.transformer(hidden)
         pooled = self.ln_post(hidden[:, 0])  # OpenCLIP applies ln_post to all tokens, then takes the class token
         pooled = constrain(pooled, ("batch", "act_embed"))
-        outputs = {"features": self._project(pooled)}
+        outputs = {"features": self.project(pooled)}
         if tokens:
             patches = constrain(self.ln_post(hidden[:, 1:]), ("batch", "length", "act_embed"))
-            outputs["tokens"] = self._project(patches)
+            outputs["tokens"] = self.project(patches)
         return outputs
-
-    def _project(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(jnp.float32), self.projection[...].astype(jnp.float32))
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """Projected (not normalised) image features [batch, output_dim] in float32."""
-        return self.encode(images)["features"]
 
 
 def _check_vit(config: dict[str, Any]) -> None:
