@@ -33,16 +33,6 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size of the 
 PROGRESS_EVERY = 10_000
 
 
-def configured_data(config: Any, image_size: int, context_length: int) -> Any:
-    """`config.data` made concrete for the guiding model's image size and context length."""
-    import ml_collections
-
-    from jclip.data.configured import ConfiguredData
-
-    model = ml_collections.ConfigDict({"vision": {"image_size": image_size}, "text": {"context_length": context_length}})
-    return ConfiguredData(config.data, model)
-
-
 def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, step: int | None = None,
                    batch_size: int = 256) -> pathlib.Path:
     """Embeds every training example with the checkpoint's model and writes the guidance folder."""
@@ -51,6 +41,7 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
 
     from jclip import parallel
     from jclip.data import robust
+    from jclip.data.configured import ConfiguredData
     from jclip.data.ops import guidance
     from jclip.data.ops.captions import caption_candidates
     from jclip.evals.common import ImagesOnly, embed_split, embed_texts
@@ -60,7 +51,7 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
 
     setup, params, saved = restore_run(checkpoint, step, config, mesh)
     encoders = setup.encoders()
-    data = configured_data(config, int(saved.model.vision.image_size), int(saved.model.text.context_length))
+    data = ConfiguredData(config.data, saved.model)  # the guiding model's image size, context and tokenizer
     keys, images, texts = [], [], []
     for name, raw in data.random_access_training_sources():
         started = time.perf_counter()
