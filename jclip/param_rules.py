@@ -17,9 +17,10 @@ The tower locks of `config.optim.tower_locks.<tower>` (`vision`: paths under `vi
 after OpenCLIP's --lock-image / --lock-text, compile to "frozen" rules placed BEFORE the table:
 
 - `enabled`: lock the tower;
-- `unlocked_layers = k`: leave its top k transformer blocks (`<tower>/transformer/blocks/<i>/` with
-  i >= layers - k) and the parts after the last block (vision `ln_post`, `projection`; text `ln_final`,
-  `projection`) out of the lock when k > 0 (OpenCLIP's --lock-text-unlocked-layers; for the image tower
+- `unlocked_layers = k`: leave its top k blocks (`<tower>/<blocks>/<i>/` with i >= layers - k) and the parts
+  after the last block out of the lock (each tower declares both, `jclip.models.towers.Tower`: for `vit`
+  `transformer/blocks` then `ln_post`, `projection`; for `clip` text `transformer/blocks` then `ln_final`,
+  `projection`) when k > 0 (OpenCLIP's --lock-text-unlocked-layers; for the image tower
   OpenCLIP counts groups, where the projection alone is the first group: here k counts blocks for both);
 - `freeze_layer_norm = False`: leave the LayerNorms of the locked part out of the lock too (OpenCLIP's
   --lock-text-freeze-layer-norm, inverted: True, the default, freezes them with the rest).
@@ -38,6 +39,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jclip import models
 from jclip.errors import ConfigError
 from jclip.optim import path_name
 
@@ -46,9 +48,8 @@ FROZEN = "frozen"
 Action = str | float
 DEFAULT_TABLE = ((".*", TRAINABLE),)
 
-# The shorthands' towers: config.model key -> parameter prefix, and the parts after the last block.
-TOWER_PREFIXES = {"vision": "visual", "text": "text"}
-AFTER_BLOCKS = {"vision": ("ln_post", "projection"), "text": ("ln_final", "projection")}
+# The shorthands' towers: config.model key -> parameter prefix (the tower says where its blocks are).
+TOWER_PREFIXES = models.TOWER_ATTRIBUTES
 LOCK_KEYS = ("enabled", "unlocked_layers", "freeze_layer_norm")
 # A path with a LayerNorm module among its parts (`ln_1/scale`, `ln_post/bias`, `.../LayerNorm/...`).
 _NORM_PATH = r"(?:[^/]+/)*(?:ln_[^/]*|[^/]*[Nn]orm[^/]*)/"
@@ -103,7 +104,8 @@ def lock_rules(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
             raise ConfigError(f"optim.tower_locks.{tower}: unknown key(s) {unknown}; known: {list(LOCK_KEYS)}")
         if not entry.get("enabled", False):
             continue
-        layers = int(config.model[tower].layers)
+        spec = models.tower_for(config.model, tower)
+        layers = int(spec.settings(config.model[tower])[spec.layers_key])
         unlocked = entry.get("unlocked_layers", 0)
         if isinstance(unlocked, bool) or not isinstance(unlocked, int) or not 0 <= unlocked <= layers:
             raise ConfigError(
@@ -113,8 +115,8 @@ def lock_rules(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
         left_out = []  # what the lock leaves to the table: a negative lookahead after the tower's prefix
         if unlocked:
             blocks = "|".join(str(index) for index in range(layers - unlocked, layers))
-            left_out.append(f"transformer/blocks/(?:{blocks})/")
-            left_out += [f"{name}(?:/|$)" for name in AFTER_BLOCKS[tower]]
+            left_out.append(f"{spec.blocks}/(?:{blocks})/")
+            left_out += [f"{name}(?:/|$)" for name in spec.after_blocks]
         if not entry.get("freeze_layer_norm", True):
             left_out.append(_NORM_PATH)
         lookahead = f"(?!{'|'.join(left_out)})" if left_out else ""

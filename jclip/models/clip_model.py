@@ -30,6 +30,8 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
               "dtype", "param_dtype", "remat", "prototype_heads", "embedding"}
+#: The model's attribute (and parameter-path prefix) of each modality's tower.
+TOWER_ATTRIBUTES = {"vision": "visual", "text": "text"}
 #: The towers jclip ships (importing their modules registers them): OpenCLIP's ViT and causal text Transformer.
 BUILT_IN_TOWERS = (VIT, CLIP_TEXT)
 #: What `encode_image`/`encode_text` return, the space evaluations and teachers compare in.

@@ -87,4 +87,5 @@ CLIP_TEXT = register_tower(Tower(
     non_architecture=frozenset({"tokenizer"}),
     tokenizer=lambda config: str(config["tokenizer"]),
     weight_formats=("openclip", "hf"),
+    after_blocks=("ln_final", "projection"),
 ))

@@ -62,6 +62,11 @@ class Tower:
     tokenizer: Callable[[Mapping[str, Any]], str] | None = None
     #: `jclip.convert` formats that hold this tower's weights ("openclip", "hf").
     weight_formats: tuple[str, ...] = ()
+    #: Where the tower's numbered blocks are (`<blocks>/<i>/...` under the tower's parameters), the config key
+    #: counting them, and the parts after the last block: what "lock all but the top k blocks" reads.
+    blocks: str = "transformer/blocks"
+    layers_key: str = "layers"
+    after_blocks: tuple[str, ...] = ()
 
     @property
     def keys(self) -> frozenset[str]:

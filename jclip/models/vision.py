@@ -113,4 +113,5 @@ VIT = register_tower(Tower(
     defaults={"head_width": 64, "mlp_ratio": 4.0, "in_channels": 3},
     check=_check_vit,
     weight_formats=("openclip", "hf"),
+    after_blocks=("ln_post", "projection"),
 ))
