@@ -106,6 +106,11 @@ class CLIPModel(nnx.Module):
         `encode`), and `<prefix>_text_embeddings` [batch, ..., embed_dim] for a batch field
         `<prefix>_token_ids` [batch, ..., length]. Only what is asked for is computed.
         """
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"the model takes a batch mapping ({{'images': ..., 'token_ids': ...}}), got "
+                            f"{type(batch).__name__}")
+        if isinstance(outputs, str) or not (outputs is None or isinstance(outputs, Collection)):
+            raise TypeError(f"outputs must be a collection of output names, got {type(outputs).__name__}")
         wanted = set(self.default_outputs() if outputs is None else outputs)
         unknown = sorted(wanted - self.output_names(batch))
         if unknown:

@@ -22,7 +22,8 @@ from jclip.models import build_model, get_preset
 
 def features(model: params_io.HostModel, io: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """jclip's projected image and text features of the reference inputs for an imported model."""
-    outputs = params_io.build(model)(jnp.asarray(io["images"].transpose(0, 2, 3, 1)), jnp.asarray(io["token_ids"]))
+    batch = {"images": jnp.asarray(io["images"].transpose(0, 2, 3, 1)), "token_ids": jnp.asarray(io["token_ids"])}
+    outputs = params_io.build(model)(batch)
     return np.asarray(outputs["image_features"]), np.asarray(outputs["text_features"])
 
 

@@ -38,7 +38,7 @@ def test_reproduces_transformers_features(hf_tiny) -> None:
     assert model_config["quick_gelu"] and model_config["vision"]["head_width"] == 32
     model = build_model(model_config, nnx.Rngs(0))
     load_openclip_state_dict(openclip_state_dict_from_hf(state, model_config), model)
-    outputs = nnx.jit(lambda m, i, t: m(i, t))(
+    outputs = nnx.jit(lambda m, i, t: m({"images": i, "token_ids": t}))(
         model, jnp.asarray(io["images"].transpose(0, 2, 3, 1)), jnp.asarray(io["token_ids"]))
     np.testing.assert_allclose(outputs["image_features"], io["image_features"], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(outputs["text_features"], io["text_features"], atol=1e-5, rtol=1e-5)

@@ -47,7 +47,7 @@ def test_reproduces_openclip_features(reference_dir: pathlib.Path, name: str) ->
     model = load_openclip_state_dict(state, build_model(model_config, nnx.Rngs(0)))
 
     images = jnp.asarray(io["images"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
-    outputs = nnx.jit(lambda m, i, t: m(i, t))(model, images, jnp.asarray(io["token_ids"]))
+    outputs = nnx.jit(lambda m, i, t: m({"images": i, "token_ids": t}))(model, images, jnp.asarray(io["token_ids"]))
     np.testing.assert_allclose(outputs["image_features"], io["image_features"], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(outputs["text_features"], io["text_features"], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(outputs["logit_scale"], io["logit_scale"], rtol=1e-6)
