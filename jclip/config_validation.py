@@ -152,6 +152,7 @@ def _check_contract(config: ml_collections.ConfigDict) -> None:
             _require(output in outputs, f"losses: term {term!r} reads the model output {output!r}, which "
                                         f"{_output_hint(output)}")
         read.update(declared.batch)
+        read.update(models.extra_fields_read([o for o in declared.outputs if o not in TEACHER_OUTPUTS]))
     unread = sorted(set(fields) - read)
     _require(not unread, f"the preprocessing writes {unread} ({', '.join(sorted({fields[f] for f in unread}))}), which "
                          "no loss term or tower reads: remove the op, or configure the term that reads it")

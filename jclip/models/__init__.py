@@ -10,6 +10,7 @@ from jclip.models.clip_model import (
     abstract_model,
     build_model,
     count_params,
+    extra_fields_read,
     input_fields,
     model_output_names,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "build_model",
     "count_params",
     "get_preset",
+    "extra_fields_read",
     "input_fields",
     "known_kinds",
     "model_output_names",

@@ -159,6 +159,12 @@ def output_names(default_outputs: Collection[str], batch_fields: Collection[str]
     return set(default_outputs) | {"image_tokens", "text_tokens", "text_token_mask"} | extra
 
 
+def extra_fields_read(outputs: Collection[str]) -> set[str]:
+    """The batch fields, beyond the towers' own, that the model reads to produce `outputs`."""
+    return {name.removesuffix(EXTRA_EMBEDDINGS_SUFFIX) + EXTRA_CAPTIONS_SUFFIX
+            for name in outputs if name.endswith(EXTRA_EMBEDDINGS_SUFFIX)}
+
+
 def model_output_names(model_config: Mapping[str, Any], batch_fields: Collection[str]) -> set[str]:
     """`CLIPModel.output_names` from a model config alone (for start-up validation; nothing built)."""
     config = _as_dict(model_config)

@@ -1,0 +1,54 @@
+"""Start-up validation of the model contract: every field a term or tower reads is written by the ops or
+produced by the model (or a teacher), and every field the ops write is read; messages name term and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import clip
+from jclip.config_validation import validate_config
+from jclip.errors import ConfigError
+from jclip.losses import Reads, register_term
+
+
+@register_term("probe_negatives", reads=Reads(outputs=("negative_text_embeddings", "text_tokens"),
+                                              batch=("negative_mask",)))
+def probe_negatives(outputs, batch, ctx):
+    raise AssertionError("validation never runs a term")
+
+
+def config_with(**terms):
+    config = clip.get_config()
+    config.losses = {"clip": {"weight": 1.0}, **terms}
+    return config
+
+
+def test_an_output_of_an_extra_caption_field_needs_the_op_that_writes_the_field():
+    config = config_with(probe_negatives={"weight": 1.0})
+    with pytest.raises(ConfigError, match="losses: term 'probe_negatives' reads the batch field 'negative_mask', "
+                                          "which no preprocessing op writes; the pipeline writes: images"):
+        validate_config(config)
+    config.data.preprocess += "|tokenize(field='negative_captions', out='negative_token_ids', max_count=3)"
+    validate_config(config)  # the op writes negative_token_ids and negative_mask; the model embeds the former
+
+
+def test_missing_outputs_say_what_would_provide_them():
+    config = config_with(siglip={"weight": 1.0})
+    with pytest.raises(ConfigError, match="term 'siglip' reads the model output 'logit_bias', which only a model "
+                                          "with a logit bias produces: set model.init_logit_bias"):
+        validate_config(config)
+    config.model.init_logit_bias = -10.0
+    validate_config(config)
+
+    config = config_with(softclip={"weight": 1.0, "guidance": "outputs"})
+    with pytest.raises(ConfigError, match="term 'softclip' reads the model output 'teacher_image_embeddings', which "
+                                          "only a frozen teacher provides: set teacher.checkpoint"):
+        validate_config(config)
+
+
+def test_a_field_nothing_reads_is_refused():
+    config = config_with()
+    config.data.preprocess += "|tokenize(field='negative_captions', out='negative_token_ids', max_count=3)"
+    with pytest.raises(ConfigError, match=r"the preprocessing writes \['negative_mask', 'negative_token_ids'\] "
+                                          r"\(tokenize\), which no loss term or tower reads"):
+        validate_config(config)
