@@ -129,17 +129,17 @@ def _check_contract(config: ml_collections.ConfigDict) -> None:
     the teacher), and every field the pipeline writes is read: checked before anything is compiled."""
     from jclip import losses, models
     from jclip.build import TEACHER_OUTPUTS
+    from jclip.data.robust import TRUNCATED_FIELD
 
     fields = batch_fields(config)
     written = ", ".join(f"{name} ({op})" for name, op in fields.items())
     has_teacher = bool((config.get("teacher") or {}).get("checkpoint"))
     outputs = models.model_output_names(config.model, fields) | (set(TEACHER_OUTPUTS) if has_teacher else set())
-    from jclip.data.robust import TRUNCATED_FIELD
-
     read = set(models.input_fields(config.model)) | {TRUNCATED_FIELD}  # the loop's skip counter reads it
-    for field, tower in models.input_fields(config.model).items():
-        _require(field in fields, f"{tower} (kind {models.tower_for(config.model, tower.split('.')[1]).kind!r}) reads the "
-                                  f"batch field {field!r}, which no preprocessing op writes; the pipeline writes: {written}")
+    for field, modality in models.input_fields(config.model).items():
+        kind = models.tower_for(config.model, modality).kind
+        _require(field in fields, f"model.{modality} (kind {kind!r}) reads the batch field {field!r}, which no "
+                                  f"preprocessing op writes; the pipeline writes: {written}")
     try:
         reads = losses.term_reads(config.losses)
     except ValueError as error:
@@ -149,24 +149,12 @@ def _check_contract(config: ml_collections.ConfigDict) -> None:
             _require(field in fields, f"losses: term {term!r} reads the batch field {field!r}, which no preprocessing op "
                                       f"writes; the pipeline writes: {written}")
         for output in declared.outputs:
-            _require(output in outputs, f"losses: term {term!r} reads the model output {output!r}, which "
-                                        f"{_output_hint(output)}")
+            hint = ("only a frozen teacher provides: set teacher.checkpoint (a finished jclip run)"
+                    if output in TEACHER_OUTPUTS else models.missing_output_hint(output))
+            _require(output in outputs, f"losses: term {term!r} reads the model output {output!r}, which {hint}")
         read.update(declared.batch)
         read.update(models.extra_fields_read([o for o in declared.outputs if o not in TEACHER_OUTPUTS]))
     unread = sorted(set(fields) - read)
     _require(not unread, f"the preprocessing writes {unread} ({', '.join(sorted({fields[f] for f in unread}))}), which "
                          "no loss term or tower reads: remove the op, or configure the term that reads it")
 
-
-def _output_hint(output: str) -> str:
-    """Why a model output is not available, and what would provide it."""
-    if output.startswith("teacher_"):
-        return "only a frozen teacher provides: set teacher.checkpoint (a finished jclip run)"
-    if output.endswith("_prototype_logits"):
-        return "only a model with prototype heads produces: set model.prototype_heads"
-    if output == "logit_bias":
-        return "only a model with a logit bias produces: set model.init_logit_bias (SigLIP uses -10)"
-    if output.endswith("_text_embeddings"):
-        field = output.removesuffix("_text_embeddings") + "_token_ids"
-        return f"the model embeds from the batch field {field!r}, which no preprocessing op writes"
-    return "this model does not produce"

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from jclip.build import TEACHER_OUTPUTS as TEACHER_KEYS
+from jclip.build import TEACHER_OUTPUTS
 from jclip.errors import ConfigError
 from jclip.restore import restore_run
 
@@ -35,7 +35,7 @@ class Teacher:
         """The teacher's stop-gradient embeddings of the batch."""
         images = self.functions.encode_images(params, batch["images"])
         texts = self.functions.encode_texts(params, batch["token_ids"])
-        return {TEACHER_KEYS[0]: jax.lax.stop_gradient(images), TEACHER_KEYS[1]: jax.lax.stop_gradient(texts)}
+        return dict(zip(TEACHER_OUTPUTS, (jax.lax.stop_gradient(images), jax.lax.stop_gradient(texts))))
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> Teacher | None:

@@ -12,6 +12,7 @@ from jclip.models.clip_model import (
     count_params,
     extra_fields_read,
     input_fields,
+    missing_output_hint,
     model_output_names,
 )
 from jclip.models.towers import Tower, known_kinds, register_tower, tokenizer_spec, tower_for
@@ -36,6 +37,7 @@ __all__ = [
     "get_preset",
     "extra_fields_read",
     "input_fields",
+    "missing_output_hint",
     "known_kinds",
     "model_output_names",
     "register_tower",

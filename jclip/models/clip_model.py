@@ -143,9 +143,7 @@ class CLIPModel(nnx.Module):
 
     def default_outputs(self) -> tuple[str, ...]:
         """What `__call__` returns when not told: `BASE_OUTPUTS` and the bias and prototype logits if any."""
-        extra = (("logit_bias",) if self.logit_bias is not None else ()) + (
-            ("image_prototype_logits", "text_prototype_logits") if self.image_head is not None else ())
-        return BASE_OUTPUTS + extra
+        return default_outputs(self.logit_bias is not None, self.image_head is not None)
 
     def output_names(self, batch_fields: Collection[str]) -> set[str]:
         """Every output this model can produce from a batch with `batch_fields`."""
@@ -165,17 +163,34 @@ def extra_fields_read(outputs: Collection[str]) -> set[str]:
             for name in outputs if name.endswith(EXTRA_EMBEDDINGS_SUFFIX)}
 
 
+def default_outputs(has_logit_bias: bool, has_prototype_heads: bool) -> tuple[str, ...]:
+    """`BASE_OUTPUTS`, plus `logit_bias` and the prototype logits for a model that has them."""
+    return BASE_OUTPUTS + (("logit_bias",) if has_logit_bias else ()) + (
+        ("image_prototype_logits", "text_prototype_logits") if has_prototype_heads else ())
+
+
 def model_output_names(model_config: Mapping[str, Any], batch_fields: Collection[str]) -> set[str]:
     """`CLIPModel.output_names` from a model config alone (for start-up validation; nothing built)."""
     config = _as_dict(model_config)
-    default = BASE_OUTPUTS + (("logit_bias",) if config.get("init_logit_bias") is not None else ()) + (
-        ("image_prototype_logits", "text_prototype_logits") if config.get("prototype_heads") else ())
-    return output_names(default, batch_fields)
+    return output_names(default_outputs(config.get("init_logit_bias") is not None, bool(config.get("prototype_heads"))),
+                        batch_fields)
+
+
+def missing_output_hint(name: str) -> str:
+    """Why a model may lack the output `name`, and what in the model config would produce it."""
+    if name.endswith("_prototype_logits"):
+        return "only a model with prototype heads produces: set model.prototype_heads"
+    if name == "logit_bias":
+        return "only a model with a logit bias produces: set model.init_logit_bias (SigLIP uses -10)"
+    if name.endswith(EXTRA_EMBEDDINGS_SUFFIX):
+        field = name.removesuffix(EXTRA_EMBEDDINGS_SUFFIX) + EXTRA_CAPTIONS_SUFFIX
+        return f"the model embeds from the batch field {field!r}, which no preprocessing op writes"
+    return "this model does not produce"
 
 
 def input_fields(model_config: Mapping[str, Any]) -> dict[str, str]:
-    """The batch fields the towers read: {field: "model.vision" / "model.text"}."""
-    return {towers.tower_for(model_config, modality).input_field: f"model.{modality}" for modality in towers.MODALITIES}
+    """The batch fields the towers read: {field: modality} ("vision", "text")."""
+    return {towers.tower_for(model_config, modality).input_field: modality for modality in towers.MODALITIES}
 
 
 def abstract_batch(model_config: Mapping[str, Any], batch: int) -> dict[str, jax.ShapeDtypeStruct]:

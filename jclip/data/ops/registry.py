@@ -191,13 +191,15 @@ class Preprocess:
         return {field: self._checked(field, writer, current, example) for field, writer in self.fields.items()}
 
     def _checked(self, field: str, writer: str, current: Mapping[str, Any], example: Mapping[str, Any]) -> Any:
-        key = robust.example_key(example, self.key_field)
+        def key() -> str | None:  # for messages only: not computed for good examples
+            return robust.example_key(example, self.key_field)
+
         if field not in current:
-            raise ValueError(f"op {writer!r} declares that it writes {field!r}, but example {key!r} has no {field!r}")
+            raise ValueError(f"op {writer!r} declares that it writes {field!r}, but example {key()!r} has no {field!r}")
         value = current[field]
         if not isinstance(value, (np.ndarray, np.generic)):
             raise ValueError(
-                f"op {writer!r} wrote {field!r} as {type(value).__name__} (example {key!r}): every field of a "
+                f"op {writer!r} wrote {field!r} as {type(value).__name__} (example {key()!r}): every field of a "
                 f"batch must be a NumPy array of one shape; end the op list with ops that make arrays "
                 f"(e.g. normalise_image after crop_image, tokenize after choose_caption)")
         shape = np.shape(value)
@@ -206,6 +208,6 @@ class Preprocess:
             with self._lock:
                 first = self._shapes.setdefault(field, shape)
         if first != shape:
-            raise ValueError(f"op {writer!r} wrote {field!r} of shape {shape} for example {key!r}, but of shape "
+            raise ValueError(f"op {writer!r} wrote {field!r} of shape {shape} for example {key()!r}, but of shape "
                              f"{first} before: every field of a batch must have one shape for all examples")
         return value
