@@ -39,9 +39,23 @@ EMBEDDINGS = ("projection", "prototypes")
 #: Outputs the model returns unless asked for fewer (the pooled features, their embeddings, the scale).
 BASE_OUTPUTS = ("image_features", "text_features", "image_embeddings", "text_embeddings", "logit_scale")
 #: A batch field `<prefix>_token_ids` [batch, ..., length] (extra captions, e.g. hard negatives) can be
-#: embedded by the text tower as the output `<prefix>_text_embeddings` [batch, ..., embed_dim].
+#: embedded by the text tower as the output `<prefix>_text_embeddings` [batch, ..., embed_dim], with its
+#: token outputs `<prefix>_text_tokens` [batch, ..., length, embed_dim] and `<prefix>_text_token_mask`.
 EXTRA_CAPTIONS_SUFFIX = "_token_ids"
 EXTRA_EMBEDDINGS_SUFFIX = "_text_embeddings"
+EXTRA_TOKENS_SUFFIX = "_text_tokens"
+EXTRA_TOKEN_MASK_SUFFIX = "_text_token_mask"
+EXTRA_OUTPUT_SUFFIXES = (EXTRA_EMBEDDINGS_SUFFIX, EXTRA_TOKENS_SUFFIX, EXTRA_TOKEN_MASK_SUFFIX)
+
+
+def extra_caption_field(output: str) -> str | None:
+    """The batch field `<prefix>_token_ids` an extra-caption output (`<prefix>_text_embeddings`, `..._tokens`,
+    `..._token_mask`) is computed from; None for any other output (the towers' own `text_*` included)."""
+    for suffix in EXTRA_OUTPUT_SUFFIXES:
+        prefix = output.removesuffix(suffix)
+        if prefix != output and prefix and prefix != "text" and not prefix.endswith("_text"):
+            return prefix + EXTRA_CAPTIONS_SUFFIX
+    return None
 
 
 def check_embedding(embedding: str, prototype_heads: Any) -> None:
@@ -103,8 +117,10 @@ class CLIPModel(nnx.Module):
         (L2-normalised), `logit_scale` (the raw log value), `logit_bias`, `image_prototype_logits`/
         `text_prototype_logits` [batch, K]; on request only: `image_tokens` [batch, patches, embed_dim],
         `text_tokens` [batch, length, embed_dim] with `text_token_mask` [batch, length] (see the towers'
-        `encode`), and `<prefix>_text_embeddings` [batch, ..., embed_dim] for a batch field
-        `<prefix>_token_ids` [batch, ..., length]. Only what is asked for is computed.
+        `encode`), and for a batch field `<prefix>_token_ids` [batch, ..., length] `<prefix>_text_embeddings`
+        [batch, ..., embed_dim], `<prefix>_text_tokens` [batch, ..., length, embed_dim] and
+        `<prefix>_text_token_mask` [batch, ..., length] (each caption field through the text tower once).
+        Only what is asked for is computed.
         """
         if not isinstance(batch, Mapping):
             raise TypeError(f"the model takes a batch mapping ({{'images': ..., 'token_ids': ...}}), got "
@@ -134,12 +150,25 @@ class CLIPModel(nnx.Module):
         if self.image_head is not None and wanted & {"image_prototype_logits", "text_prototype_logits"}:
             result["image_prototype_logits"] = self.image_head(image["features"])
             result["text_prototype_logits"] = self.text_head(text["features"])
-        for name in sorted(wanted):
-            if name.endswith(EXTRA_EMBEDDINGS_SUFFIX) and name not in result:
-                token_ids = batch[name.removesuffix(EXTRA_EMBEDDINGS_SUFFIX) + EXTRA_CAPTIONS_SUFFIX]
-                flat = self.text(token_ids.reshape(-1, token_ids.shape[-1]))
-                result[name] = l2_normalize(flat).reshape(*token_ids.shape[:-1], flat.shape[-1])
+        extra_fields: dict[str, set[str]] = {}
+        for name in wanted:
+            field = extra_caption_field(name)
+            if field is not None:
+                extra_fields.setdefault(field, set()).add(name)
+        for field, names in sorted(extra_fields.items()):
+            result.update(self._encode_extra_captions(batch[field], field.removesuffix(EXTRA_CAPTIONS_SUFFIX), names))
         return {name: result[name] for name in sorted(wanted)}
+
+    def _encode_extra_captions(self, token_ids: jax.Array, prefix: str, names: set[str]) -> dict[str, jax.Array]:
+        """The `<prefix>_text_*` outputs in `names` for extra captions [batch, ..., length], in one text pass."""
+        lead, length = token_ids.shape[:-1], token_ids.shape[-1]
+        with_tokens = bool({prefix + EXTRA_TOKENS_SUFFIX, prefix + EXTRA_TOKEN_MASK_SUFFIX} & names)
+        text = self.text.encode(token_ids.reshape(-1, length), tokens=with_tokens)
+        out = {prefix + EXTRA_EMBEDDINGS_SUFFIX: l2_normalize(text["features"]).reshape(*lead, -1)}
+        if with_tokens:
+            out[prefix + EXTRA_TOKENS_SUFFIX] = text["tokens"].reshape(*lead, length, -1)
+            out[prefix + EXTRA_TOKEN_MASK_SUFFIX] = text["token_mask"].reshape(*lead, length)
+        return {name: value for name, value in out.items() if name in names}
 
     def default_outputs(self) -> tuple[str, ...]:
         """What `__call__` returns when not told: `BASE_OUTPUTS` and the bias and prototype logits if any."""
@@ -151,16 +180,16 @@ class CLIPModel(nnx.Module):
 
 
 def output_names(default_outputs: Collection[str], batch_fields: Collection[str]) -> set[str]:
-    """The model's default outputs, the token-level ones, and `<prefix>_text_embeddings` per extra caption field."""
-    extra = {field.removesuffix(EXTRA_CAPTIONS_SUFFIX) + EXTRA_EMBEDDINGS_SUFFIX
-             for field in batch_fields if field.endswith(EXTRA_CAPTIONS_SUFFIX) and field != "token_ids"}
+    """The model's default outputs, the token-level ones, and the `<prefix>_text_*` outputs per extra caption field."""
+    extra = {field.removesuffix(EXTRA_CAPTIONS_SUFFIX) + suffix
+             for field in batch_fields if field.endswith(EXTRA_CAPTIONS_SUFFIX) and field != "token_ids"
+             for suffix in EXTRA_OUTPUT_SUFFIXES}
     return set(default_outputs) | {"image_tokens", "text_tokens", "text_token_mask"} | extra
 
 
 def extra_fields_read(outputs: Collection[str]) -> set[str]:
     """The batch fields, beyond the towers' own, that the model reads to produce `outputs`."""
-    return {name.removesuffix(EXTRA_EMBEDDINGS_SUFFIX) + EXTRA_CAPTIONS_SUFFIX
-            for name in outputs if name.endswith(EXTRA_EMBEDDINGS_SUFFIX)}
+    return {field for field in map(extra_caption_field, outputs) if field is not None}
 
 
 def default_outputs(has_logit_bias: bool, has_prototype_heads: bool) -> tuple[str, ...]:
@@ -182,8 +211,8 @@ def missing_output_hint(name: str) -> str:
         return "only a model with prototype heads produces: set model.prototype_heads"
     if name == "logit_bias":
         return "only a model with a logit bias produces: set model.init_logit_bias (SigLIP uses -10)"
-    if name.endswith(EXTRA_EMBEDDINGS_SUFFIX):
-        field = name.removesuffix(EXTRA_EMBEDDINGS_SUFFIX) + EXTRA_CAPTIONS_SUFFIX
+    field = extra_caption_field(name)
+    if field is not None:
         return f"the model embeds from the batch field {field!r}, which no preprocessing op writes"
     return "this model does not produce"
 

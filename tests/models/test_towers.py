@@ -139,3 +139,30 @@ def test_token_outputs_follow_the_towers_final_norm_and_projection():
     np.testing.assert_allclose(out["image_tokens"], expected[:, 1:], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["image_features"], expected[:, 0], rtol=1e-5, atol=1e-5)
     assert set(model(batch)) == {"image_features", "text_features", "image_embeddings", "text_embeddings", "logit_scale"}
+
+
+def test_extra_captions_give_embeddings_tokens_and_masks_as_the_text_tower_does_alone():
+    """`negative_token_ids` [B, K, L] -> `negative_text_embeddings` [B, K, d], `negative_text_tokens`
+    [B, K, L, d] and `negative_text_token_mask` [B, K, L]: each caption as if it were the batch's own text."""
+    config = get_preset("tiny")
+    model = build_model(config, nnx.Rngs(2))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    token_ids = jnp.asarray([[49406, 320, 49407] + [0] * 29, [49406, 49407] + [0] * 30], jnp.int32)
+    negatives = jnp.stack([token_ids[::-1], jnp.zeros_like(token_ids), token_ids], axis=1)  # [2, 3, 32]
+    batch = {"images": images, "token_ids": token_ids, "negative_token_ids": negatives}
+    names = ["negative_text_embeddings", "negative_text_tokens", "negative_text_token_mask"]
+    out = model(batch, names)
+    assert sorted(out) == sorted(names)
+    assert out["negative_text_tokens"].shape == (2, 3, 32, 128) and out["negative_text_token_mask"].shape == (2, 3, 32)
+    for k in range(3):
+        alone = model({"images": images, "token_ids": negatives[:, k]}, ["text_embeddings", "text_tokens", "text_token_mask"])
+        np.testing.assert_allclose(out["negative_text_embeddings"][:, k], alone["text_embeddings"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["negative_text_tokens"][:, k], alone["text_tokens"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out["negative_text_token_mask"][:, k], alone["text_token_mask"])
+    np.testing.assert_array_equal(out["negative_text_token_mask"][1, 0], [True] * 3 + [False] * 29)
+    # Only what is asked for: the embeddings alone come without token outputs.
+    assert list(model(batch, ["negative_text_embeddings"])) == ["negative_text_embeddings"]
+    from jclip.models.clip_model import extra_fields_read, model_output_names
+
+    assert extra_fields_read(["negative_text_tokens", "text_tokens", "teacher_image_embeddings"]) == {"negative_token_ids"}
+    assert set(names) <= model_output_names(config, ["images", "token_ids", "negative_token_ids"])
