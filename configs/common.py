@@ -40,6 +40,16 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return parsed
 
 
+def split_arg(arg: str | None, **defaults: Any) -> tuple[ml_collections.ConfigDict, str]:
+    """A method config's own args (the keys of `defaults`, parsed over them) and the rest of `arg`, for
+    `base_config`: `configs/fscclip.py:variant=negclip,steps=300` -> ({variant: negclip, ...}, "steps=300")."""
+    own, rest = [], []
+    for item in (arg or "").split(","):
+        if item.strip():
+            (own if item.partition("=")[0].strip() in defaults else rest).append(item)
+    return parse_arg(",".join(own), **defaults), ",".join(rest)
+
+
 def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict:
     """A model preset by name (`tiny`, `B/32`, `B/16`, `L/14`) as a ConfigDict, with compute options."""
     model = ml_collections.ConfigDict(presets.get_preset(name))
@@ -50,12 +60,13 @@ def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict
     return model
 
 
-def base_config(arg: str | None = None, *, data: str = "embedded") -> ml_collections.ConfigDict:
+def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 1200) -> ml_collections.ConfigDict:
     """Defaults that run anywhere: the tiny model on the embedded dataset, one CPU, a few minutes.
 
-    `data` is the default of the `data=` arg (a config for another dataset passes its own).
+    `data` and `steps` are the defaults of the `data=` and `steps=` args (a config for another dataset or a
+    fine-tuning recipe passes its own).
     """
-    args = parse_arg(arg, model="tiny", steps=1200, batch=128, data=data, dtype="float32")
+    args = parse_arg(arg, model="tiny", steps=steps, batch=128, data=data, dtype="float32")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = args.steps

@@ -34,3 +34,13 @@ def test_compare_trains_each_method_and_seed_and_tabulates(tmp_path, scenes_data
     assert clip_row.split(" | ")[4] == expected
     assert finals[0] != finals[1]
     assert json.loads((tmp_path / "comparison.json").read_text())["runs"]["siglip"]["1"]
+
+
+def test_a_method_may_carry_one_config_arg_joined_with_the_shared_ones():
+    from jclip.tools import compare
+
+    flag = compare.config_flag("fscclip:variant=negclip", "init=/w/pre,negatives=/w/neg")
+    assert flag == f"--config={compare.CONFIGS_DIR / 'fscclip.py'}:variant=negclip,init=/w/pre,negatives=/w/neg"
+    assert compare.config_flag("clip", "") == f"--config={compare.CONFIGS_DIR / 'clip.py'}"
+    assert compare.config_flag("clip", "steps=5") == f"--config={compare.CONFIGS_DIR / 'clip.py'}:steps=5"
+    assert compare.run_dir("fscclip:variant=negclip") == "fscclip-variant-negclip"

@@ -1,0 +1,49 @@
+"""configs/fscclip.py: the variants' loss terms and the recipe's optimiser settings (Oh et al. 2024, the
+official code's defaults as shared/METHODS.md section 4 gives them)."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import common, fscclip
+
+
+def test_split_arg_separates_a_configs_own_args_from_the_common_ones():
+    own, rest = common.split_arg("variant=negclip,steps=20,lora,init=/w/run", variant="fsc", lora=False, init="")
+    assert (own.variant, own.lora, own.init) == ("negclip", True, "/w/run")
+    assert rest == "steps=20"
+    own, rest = common.split_arg(None, variant="fsc")
+    assert own.variant == "fsc" and rest == ""
+
+
+def test_the_method_is_clip_plus_both_hard_negative_terms_with_scr_at_the_official_weights():
+    config = fscclip.get_config("init=/w/pretrain,negatives=/w/negatives")
+    terms = config.losses.to_dict()
+    assert terms == {
+        "clip": {"weight": 1.0},
+        "global_hn": {"weight": 0.5, "gamma": 2.0, "beta": 0.02},
+        "local_hn": {"weight": 0.2, "gamma": 2.0, "beta": 0.02},
+    }
+    assert config.init_from == "/w/pretrain" and config.data.hard_negatives == "/w/negatives"
+    assert config.optim.learning_rate == 5e-6 and config.optim.warmup_steps == 50
+    assert config.optim.weight_decay == 0.1 and config.total_steps == 300
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("clip", {"clip"}),
+    ("negclip", {"negclip"}),
+    ("fsc_global", {"clip", "global_hn"}),
+    ("fsc_no_scr", {"clip", "global_hn", "local_hn"}),
+])
+def test_each_variant_is_one_switch(variant, expected):
+    config = fscclip.get_config(f"variant={variant},negatives=/w/negatives,steps=40")
+    assert set(config.losses) == expected and config.total_steps == 40
+    if variant == "fsc_no_scr":
+        assert all(config.losses[t].gamma == 0.0 and config.losses[t].beta == 0.0 for t in ("global_hn", "local_hn"))
+    # Plain fine-tuning reads no negatives, so it prepares none (an unread batch field is refused).
+    assert config.data.hard_negatives == (None if variant == "clip" else "/w/negatives")
+
+
+def test_an_unknown_variant_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown FSC-CLIP variant 'fcs'.*fsc, fsc_global"):
+        fscclip.get_config("variant=fcs")
