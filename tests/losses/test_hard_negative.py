@@ -495,3 +495,42 @@ def test_bad_knobs_are_refused():
         TERMS["local_hn"](outputs, batch, LossContext(), gamma=-1.0)
     with pytest.raises(ValueError, match="attention"):
         TERMS["local_hn"](outputs, batch, LossContext(), attention="max")
+
+
+# --- (g) per-device memory --------------------------------------------------------------------------
+
+
+def _hn_temp_bytes(kind: str, devices: int, n: int, k: int = 3, patches: int = 16, length: int = 12,
+                   d: int = 32) -> int:
+    """XLA's per-device temp bytes of the jitted fwd+bwd of a term on n rows per device (float32)."""
+    from jax.sharding import NamedSharding
+
+    from jclip.parallel import batch_spec
+
+    mesh = make_mesh({"data": devices}, devices=jax.devices()[:devices])
+    big_n = n * devices
+
+    def spec(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, batch_spec(len(shape))))
+
+    shapes = {"images": (big_n, d), "texts": (big_n, d), "negatives": (big_n, k, d),
+              "image_tokens": (big_n, patches, d), "text_tokens": (big_n, length, d),
+              "negative_tokens": (big_n, k, length, d)}
+    inp = {"negative_mask": np.ones((big_n, k), bool), "text_token_mask": np.ones((big_n, length), bool),
+           "negative_token_mask": np.ones((big_n, k, length), bool)}
+    loss = jax_loss(kind, inp, mesh=mesh)
+    args = [spec(shapes[name]) for name in DIFFERENTIABLE[:-1]] + [jax.ShapeDtypeStruct((), jnp.float32)]
+    grad = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
+    return int(jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def test_per_device_memory():
+    """At a fixed n per device: global_hn and local_hn do not grow with N (no cross-device term);
+    negclip grows at most linearly in N (O(n·N·(1+K)), not O(N²))."""
+    n = 16
+    temps = {(kind, devices): _hn_temp_bytes(kind, devices, n)
+             for kind in ("global_hn", "local_hn", "negclip") for devices in (2, 8)}
+    print("\nper-device temp bytes of fwd+bwd, n=16 rows per device:", temps)
+    for kind in ("global_hn", "local_hn"):
+        assert temps[kind, 8] <= 1.1 * temps[kind, 2] + 4096, kind
+    assert temps["negclip", 8] <= 1.25 * 4 * temps["negclip", 2]
