@@ -198,8 +198,10 @@ def global_hn_loss(*args: Any, **kwargs: Any) -> jax.Array:
 def _token_attention(similarity: jax.Array, normaliser: str) -> jax.Array:
     """Weights over patches (last axis) from token–patch similarities (constants here).
 
-    "minmax" (official default): (a − min)/(max − min), divided by its sum; "softmax": softmax over p.
-    A token with equal similarity to every patch (max = min) gets uniform weights.
+    "minmax" (official default): (a − min)/(max − min), divided by its sum, with no ε in either division
+    (as the official code; the reference values pin it); "softmax": softmax over p (the official
+    alternative). A token with equal similarity to every patch (max = min, NaN in the official code) gets
+    uniform weights. The official `sim_sparsify` option (off by default there) is not implemented.
     """
     if normaliser == "softmax":
         return jax.nn.softmax(similarity, axis=-1)
