@@ -43,7 +43,7 @@ from jclip.parallel import BATCH_MESH_AXES
 # ---------------------------------------------------------------------------------------------------
 
 
-def _softmax_ce_sum(
+def softmax_ce_sum(
     logits: jax.Array, positives: jax.Array, row_mask: jax.Array, col_mask: jax.Array
 ) -> jax.Array:
     """Σ over valid rows of −log softmax(row over valid columns)[positive column].
@@ -80,8 +80,8 @@ def _clip_block(
 ) -> jax.Array:
     """CLIP partial sum of both directions for the owned rows: images→all texts and texts→all images."""
     positives = positive_pairs(image_rows.shape[0], text_all.shape[0], row_offset, 0)
-    image_to_text = _softmax_ce_sum(pair_logits(image_rows, text_all, scale), positives, row_mask, all_mask)
-    text_to_image = _softmax_ce_sum(pair_logits(text_rows, image_all, scale), positives, row_mask, all_mask)
+    image_to_text = softmax_ce_sum(pair_logits(image_rows, text_all, scale), positives, row_mask, all_mask)
+    text_to_image = softmax_ce_sum(pair_logits(text_rows, image_all, scale), positives, row_mask, all_mask)
     return image_to_text + text_to_image
 
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jclip.losses.contrastive import _softmax_ce_sum
+from jclip.losses.contrastive import softmax_ce_sum
 from jclip.losses.sharded import (
     batch_mask,
     batch_shards,
@@ -319,8 +319,8 @@ def _negclip_block(
     )
     columns = jnp.concatenate([all_mask, negatives_valid])
     targets = jnp.concatenate([positives, jnp.zeros((n, negatives_all.shape[0]), bool)], axis=1)
-    image_to_text = _softmax_ce_sum(logits, targets, row_mask, columns)
-    text_to_image = _softmax_ce_sum(pair_logits(text_rows, image_all, scale), positives, row_mask, all_mask)
+    image_to_text = softmax_ce_sum(logits, targets, row_mask, columns)
+    text_to_image = softmax_ce_sum(pair_logits(text_rows, image_all, scale), positives, row_mask, all_mask)
     return image_to_text + text_to_image
 
 
