@@ -146,3 +146,94 @@ def test_negatives_are_fresh_across_epochs(pools_dir):
             seen[key].add(batch["negative_token_ids"][row].tobytes())
     rich = [negatives for (value, _), negatives in seen.items() if len(negatives) > 1]
     assert rich, "the same example and caption gets different negatives in different epochs"
+
+
+# ----- the config shorthand data.hard_negatives=DIR -------------------------------------------------------
+
+from configs import clip  # noqa: E402
+from jclip.config_validation import validate_config  # noqa: E402
+from jclip.data import configured  # noqa: E402
+from jclip.errors import ConfigError  # noqa: E402
+from jclip.losses import Reads, register_term  # noqa: E402
+
+
+@register_term("test_reads_hard_negatives", reads=Reads(batch=("negative_token_ids", "negative_mask")))
+def reads_hard_negatives(outputs, batch, ctx):
+    """A stand-in for FSC-CLIP's terms: it only declares that it reads the negatives."""
+    return 0.0, {}
+
+
+def test_the_shorthand_inserts_the_op_after_choose_caption_and_tokenizes_the_negatives(pools_dir):
+    config = clip.get_config()
+    config.data.hard_negatives = pools_dir
+    data = configured.ConfiguredData(config.data, config.model)
+    assert data.preprocess_spec() == (
+        f"choose_caption|hard_negatives(dir={pools_dir!r})|decode_image|crop_image|normalise_image|"
+        "tokenize(field='caption', out='token_ids')|"
+        "tokenize(field='negative_captions', out='negative_token_ids', max_count=3)")
+    fields = data.batch_fields()
+    assert fields["negative_token_ids"] == fields["negative_mask"] == "tokenize"
+    assert "negative_captions" not in fields and "caption" not in fields
+
+
+def test_the_shorthand_keeps_a_preprocess_that_draws_negatives_itself(pools_dir):
+    config = clip.get_config()
+    config.data.hard_negatives = pools_dir
+    own = (f"choose_caption|hard_negatives(dir={pools_dir!r}, kinds=('swap',))|decode_image|crop_image|"
+           "normalise_image|tokenize|tokenize(field='negative_captions', out='negative_token_ids', max_count=1)")
+    config.data.preprocess = own
+    assert configured.ConfiguredData(config.data, config.model).preprocess_spec() == own
+    config.data.preprocess = "decode_image|crop_image(scale=(0.9, 1.0))|normalise_image|tokenize"  # no choose_caption
+    assert configured.ConfiguredData(config.data, config.model).preprocess_spec() == (
+        f"hard_negatives(dir={pools_dir!r})|decode_image|crop_image(scale=(0.9, 1.0))|normalise_image|tokenize|"
+        "tokenize(field='negative_captions', out='negative_token_ids', max_count=3)")
+
+
+def test_a_missing_pools_folder_is_a_start_up_error(tmp_path):
+    config = clip.get_config()
+    config.data.hard_negatives = str(tmp_path / "absent")
+    config.losses = {"clip": {"weight": 1.0}, "test_reads_hard_negatives": {"weight": 1.0}}
+    with pytest.raises(ConfigError, match=r"data.hard_negatives: negative pools: no folder .*absent; make it with "
+                                          r"python -m jclip.make_negatives"):
+        validate_config(config)
+
+
+def test_the_negatives_must_be_read_by_a_term(pools_dir):
+    config = clip.get_config()
+    config.data.hard_negatives = pools_dir
+    with pytest.raises(ConfigError, match=r"the preprocessing writes \['negative_mask', 'negative_token_ids'\] "
+                                          r"\(tokenize\), which no loss term or tower reads"):
+        validate_config(config)
+    config.losses = {"clip": {"weight": 1.0}, "test_reads_hard_negatives": {"weight": 1.0}}
+    validate_config(config)
+
+
+def test_training_batches_carry_each_captions_own_negatives(tmp_path, scenes_data_dir):
+    config = clip.get_config()
+    config.data.embedded_config, config.data.data_dir = "small", str(scenes_data_dir)
+    config.data.batch_size, config.data.num_threads = 8, 1
+    config.model.text.context_length = 32
+    raw = configured.ConfiguredData(config.data, config.model).source("train")
+    captions = {raw[i]["caption"] for i in range(len(raw))}
+    # Pools that name their caption: "<caption> swapped" (one candidate), a replace only for every other
+    # caption, no shuffle at all.
+    results = [Result(c, {"swap": (f"{c} swapped",), "replace": (f"{c} replaced",) if n % 2 else (), "shuffle": ()})
+               for n, c in enumerate(sorted(captions))]
+    config.data.hard_negatives = str(negative_pools.write_pools(tmp_path / "pools", results, backend="fake", seed=0))
+    config.losses = {"clip": {"weight": 1.0}, "test_reads_hard_negatives": {"weight": 1.0}}
+    validate_config(config)
+    data = configured.ConfiguredData(config.data, config.model)
+    data.prepare(set())
+    tokenizer = data.train_ops()[-1].tokenizer
+    replaced = {c for n, c in enumerate(sorted(captions)) if n % 2}
+    iterator = iter(data.training_dataset(seed=0, shard=pipeline.HostShard(0, 1)))
+    for _ in range(2):
+        batch = next(iterator)
+        assert batch["negative_token_ids"].shape == (8, 3, 32) and batch["negative_mask"].shape == (8, 3)
+        for row in range(8):
+            (caption,) = [c for c in captions if np.array_equal(tokenizer(c), batch["token_ids"][row])]
+            expected = [f"{caption} swapped"] + ([f"{caption} replaced"] if caption in replaced else [])
+            assert batch["negative_mask"][row].tolist() == [True] * len(expected) + [False] * (3 - len(expected))
+            for k, text in enumerate(expected):
+                np.testing.assert_array_equal(batch["negative_token_ids"][row, k], tokenizer(text))
+            assert not batch["negative_token_ids"][row, len(expected):].any()
