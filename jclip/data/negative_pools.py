@@ -57,7 +57,8 @@ class PackedTexts(Sequence[str]):
     """A read-only sequence of strings stored as UTF-8 bytes end to end plus [n+1] bounds."""
 
     def __init__(self, data: np.ndarray, bounds: np.ndarray):
-        self.data, self.bounds = data, bounds
+        # Plain ndarray views of memory maps: still mapped, but slicing skips np.memmap's per-slice overhead.
+        self.data, self.bounds = data.view(np.ndarray), bounds.view(np.ndarray)
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -65,9 +66,29 @@ class PackedTexts(Sequence[str]):
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        return self.encoded(index).decode("utf-8")
+
+    def encoded(self, index: int) -> bytes:
+        """The UTF-8 bytes of one string."""
         index = range(len(self))[index]  # negative indices, IndexError
-        start, end = int(self.bounds[index]), int(self.bounds[index + 1])
-        return bytes(self.data[start:end]).decode("utf-8")
+        return self.data[self.bounds[index]:self.bounds[index + 1]].tobytes()
+
+    def window(self, start: int, stop: int) -> "PackedTexts":
+        """Strings start..stop-1 as a lazy view (nothing decoded until read)."""
+        return PackedTexts(self.data, self.bounds[start:stop + 1])
+
+
+class _EncodedView(Sequence[bytes]):
+    """The UTF-8 bytes of packed texts: sorted like the texts (UTF-8 keeps code-point order), cheaper to compare."""
+
+    def __init__(self, texts: PackedTexts):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.texts.encoded(index)
 
 
 def pack_texts(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,13 +223,18 @@ class NegativePools:
 
     def row(self, caption: str) -> int | None:
         """The caption's row (exact text), or None."""
-        row = bisect.bisect_left(self.captions, caption)
-        return row if row < len(self.captions) and self.captions[row] == caption else None
+        try:
+            encoded = caption.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: never written
+            return None
+        view = _EncodedView(self.captions)
+        row = bisect.bisect_left(view, encoded)
+        return row if row < len(view) and view[row] == encoded else None
 
     def candidates(self, row: int, kind: str) -> Sequence[str]:
         """The candidates of one kind of the caption in `row` (decoded on access)."""
         offsets = self._offsets[kind]
-        return self._texts[kind][int(offsets[row]):int(offsets[row + 1])]
+        return self._texts[kind].window(int(offsets[row]), int(offsets[row + 1]))
 
     def lookup(self, caption: str) -> dict[str, tuple[str, ...]] | None:
         """kind -> the caption's candidates (possibly none), or None for a caption the folder does not hold."""

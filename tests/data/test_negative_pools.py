@@ -53,7 +53,7 @@ def test_round_trip_gives_each_captions_exact_candidates(tmp_path):
 
 def test_arrays_are_memory_mapped_and_pickle_as_their_path(tmp_path):
     pools = negative_pools.NegativePools(write(tmp_path / "p"))
-    assert isinstance(pools.captions.data, np.memmap)
+    assert isinstance(pools.captions.data.base, np.memmap), "a view of the memory map, not a copy"
     clone = pickle.loads(pickle.dumps(pools))  # a Grain worker process
     assert clone.lookup("two dogs") == {"swap": (), "replace": (), "shuffle": ()}
     assert len(pickle.dumps(pools)) < 1000
@@ -99,3 +99,13 @@ def test_bad_results_are_refused(tmp_path, results, message):
 def test_a_kind_outside_the_named_kinds_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"kinds \['replace', 'swap'\] that are not among \['shuffle'\]"):
         write(tmp_path / "p", RESULTS[:1], kinds=("shuffle",))
+
+
+def test_candidates_are_a_lazy_view_of_one_captions_candidates(tmp_path):
+    pools = negative_pools.NegativePools(write(tmp_path / "p"))
+    row = pools.row("a red cube left of a blue ball")
+    swap = pools.candidates(row, "swap")
+    assert len(swap) == 2 and swap[-1] == "a red ball left of a blue cube" and list(swap) == list(RESULTS[0].pools["swap"])
+    with pytest.raises(IndexError):
+        swap[2]
+    assert pools.row("\ud800") is None  # a lone surrogate cannot be stored, so it is never found
