@@ -103,7 +103,7 @@ def pool_coverage(results: Sequence[CaptionNegativesLike], kinds: Sequence[str])
     """kind -> share of captions with at least one candidate of that kind, plus "any" and "all"."""
     if not results:
         return {**{kind: 0.0 for kind in kinds}, "any": 0.0, "all": 0.0}
-    has = np.array([[bool(result.pools.get(kind)) for kind in kinds] for result in results], bool).reshape(len(results), len(kinds))
+    has = np.array([[bool(result.pools.get(kind)) for kind in kinds] for result in results], bool)
     shares = {kind: float(has[:, k].mean()) for k, kind in enumerate(kinds)}
     return {**shares, "any": float(has.any(axis=1).mean()), "all": float(has.all(axis=1).mean())}
 
