@@ -145,6 +145,7 @@ def write_pools(
     ordered = [by_caption[caption] for caption in sorted(by_caption)]
 
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)  # written last: a folder left half-rewritten does not open
     arrays: dict[str, np.ndarray] = {}
     arrays["captions_utf8"], arrays["captions_bounds"] = pack_texts(result.caption for result in ordered)
     counts = {"captions": len(ordered)}

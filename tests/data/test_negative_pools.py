@@ -109,3 +109,11 @@ def test_candidates_are_a_lazy_view_of_one_captions_candidates(tmp_path):
     with pytest.raises(IndexError):
         swap[2]
     assert pools.row("\ud800") is None  # a lone surrogate cannot be stored, so it is never found
+
+
+def test_rewriting_a_folder_replaces_its_pools(tmp_path):
+    write(tmp_path / "p")
+    write(tmp_path / "p", [Result("two dogs", {"replace": ("two cats",)})])
+    pools = negative_pools.NegativePools(tmp_path / "p")
+    assert pools.kinds == ("replace",) and pools.lookup("two dogs") == {"replace": ("two cats",)}
+    assert pools.lookup("an apple on a table") is None
