@@ -82,6 +82,8 @@ def test_every_caption_of_an_example_and_bad_caption_fields_counted(tmp_path):
     (tmp_path / "images" / "captions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     config = clip.get_config()
     config.data.source = f"folder:{tmp_path / 'images' / 'captions.jsonl'}"
+    config.data.hard_negatives = str(tmp_path / "pools")  # the training config names the folder still to be made
+    config.lock()
     summary = make_negatives.make_negatives(config, tmp_path / "pools", generator=FakeGenerator(), log=lambda _: None)
     pools = negative_pools.NegativePools(tmp_path / "pools")
     assert sorted(pools.captions) == ["a red cube", "dog", "the cube"]
