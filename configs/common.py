@@ -98,6 +98,11 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
     # guidance="batch" reads; written by `python -m jclip.write_guidance` (see jclip/data/ops/guidance.py).
     # Shorthand: appends the op guidance(dir=DIR) to data.preprocess.
     config.data.guidance_features = config_dict.placeholder(str)
+    # A folder of hard-negative candidate pools (swap, replace, shuffle per caption) that FSC-CLIP's terms
+    # train with; written by `python -m jclip.make_negatives` (see jclip/data/negative_pools.py). Shorthand:
+    # inserts hard_negatives(dir=DIR) after choose_caption and appends tokenize(field='negative_captions',
+    # out='negative_token_ids', max_count=3), which write negative_token_ids [K, L] and negative_mask [K].
+    config.data.hard_negatives = config_dict.placeholder(str)
     config.data.shuffle_buffer = 10_000  # tar shards only: examples mixed across shards.
     config.data.allow_missing_shards = False
     config.data.max_skip_rate = 0.1  # stop when more than this fraction of examples read are bad...

@@ -14,7 +14,8 @@ A source spec is a string `<kind>[:<argument>]`:
 
 Every source (`jclip.data.sources`) yields *raw examples* `{"image", "caption", "label"?, "key"}`; training
 preprocessing comes after: `data.preprocess`, a list of named ops (`jclip.data.ops`), which skip and count
-bad examples. `data.guidance_features=DIR` is a shorthand that appends `guidance(dir=DIR)` to that list.
+bad examples. `data.guidance_features=DIR` is a shorthand that appends `guidance(dir=DIR)` to that list;
+`data.hard_negatives=DIR` one that adds FSC-CLIP's hard-negative captions (`with_hard_negatives`).
 Evaluation preprocessing is fixed (`eval_preprocess`: centre crop; the evaluators take the first caption).
 `data.mixture` (name -> {source, weight}) trains on several sources at once, weighted.
 
@@ -84,6 +85,13 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     ops.parse_ops(data_config.get("preprocess") or DEFAULT_PREPROCESS)
     if data_config.get("caption_templates") is not None:
         label_captions.check_templates(data_config.caption_templates)
+    if data_config.get("hard_negatives"):
+        from jclip.data.negative_pools import NegativePools
+
+        try:
+            NegativePools(data_config.hard_negatives)  # a missing or broken folder fails at start-up
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"data.hard_negatives: {error}") from None
     mixture = data_config.get("mixture") or {}
     for name, entry in mixture.items():
         if "source" not in entry:
@@ -278,9 +286,11 @@ class ConfiguredData:
     # ----- preprocessing ----------------------------------------------------------------------------
 
     def preprocess_spec(self) -> str:
-        """`data.preprocess` (default `DEFAULT_PREPROCESS`), with `data.guidance_features=DIR` appending
-        `guidance(dir=DIR)`."""
+        """`data.preprocess` (default `DEFAULT_PREPROCESS`), with `data.hard_negatives=DIR` adding the
+        hard-negative ops (`with_hard_negatives`) and `data.guidance_features=DIR` appending `guidance(dir=DIR)`."""
         spec = str(self.config.get("preprocess") or DEFAULT_PREPROCESS)
+        if self.config.get("hard_negatives"):
+            spec = with_hard_negatives(spec, str(self.config.hard_negatives), self.op_context)
         if self.config.get("guidance_features"):
             spec += f"|guidance(dir={str(self.config.guidance_features)!r})"
         return spec
@@ -308,6 +318,37 @@ class ConfiguredData:
             random_crop_scale=None,
             tokenizer_spec=self.tokenizer_spec,
         )
+
+
+def with_hard_negatives(spec: str, directory: str, context: ops.OpContext) -> str:
+    """`spec` with FSC-CLIP's hard negatives drawn from the pools in `directory`, unless it draws them already.
+
+    `hard_negatives(dir=DIR)` goes right after the last op that writes `caption` (choose_caption) before an op
+    consumes it (or first, if none writes it), and `tokenize(field='negative_captions',
+    out='negative_token_ids', max_count=<kinds>)` is appended, which writes `negative_token_ids` [K, L] and
+    `negative_mask` [K].
+    """
+    from jclip.data.ops.hard_negatives import DEFAULT_KINDS
+
+    parsed = ops.parse_ops(spec)
+    if any(name == "hard_negatives" for name, _ in parsed):
+        return spec
+    position = 0
+    for index, op in enumerate(ops.make_ops(spec, context)):
+        if "caption" in getattr(op, "consumes", ()):
+            break
+        if "caption" in op.writes:
+            position = index + 1
+    parsed.insert(position, ("hard_negatives", {"dir": directory}))
+    parsed.append(("tokenize", {"field": "negative_captions", "out": "negative_token_ids", "max_count": len(DEFAULT_KINDS)}))
+    return "|".join(_op_text(name, kwargs) for name, kwargs in parsed)
+
+
+def _op_text(name: str, kwargs: dict[str, Any]) -> str:
+    """One parsed op written back in the op-list syntax."""
+    if not kwargs:
+        return name
+    return f"{name}({', '.join(f'{key}={value!r}' for key, value in kwargs.items())})"
 
 
 def _spec_text(spec: SourceSpec) -> str:

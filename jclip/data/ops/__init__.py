@@ -16,6 +16,7 @@ op consumes, and each must be a NumPy array of one shape for all examples. Built
 | `normalise_image(field='image', out='images')` | image | float32 [H, W, 3], CLIP-normalised |
 | `tokenize(field='caption', out='token_ids', max_count=None, mask=None, count_truncated=None)` | text | ids |
 | `guidance(dir=..., modalities=('image', 'text'), key_field='key')` | guidance | guidance feature rows |
+| `hard_negatives(dir=..., field='caption', out='negative_captions', kinds=('swap', 'replace', 'shuffle'))` | hard_negatives | one stored hard negative per kind |
 
 A new op: `from jclip.data.ops import register_op` and decorate a factory `(context, **kwargs) -> op`
 anywhere that is imported before the config is read (a test, a method's module); nothing in jclip changes.
@@ -32,7 +33,7 @@ from jclip.data.ops.registry import (
     parse_ops,
     register_op,
 )
-from jclip.data.ops import captions, guidance, image, text  # the built-in ops register themselves
+from jclip.data.ops import captions, guidance, hard_negatives, image, text  # the built-in ops register themselves
 
 __all__ = ["Op", "OpContext", "Preprocess", "batch_fields", "known_ops", "make_op", "make_ops", "parse_ops",
-           "register_op", "captions", "guidance", "image", "text"]
+           "register_op", "captions", "guidance", "hard_negatives", "image", "text"]

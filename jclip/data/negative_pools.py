@@ -1,0 +1,256 @@
+"""Hard-negative candidate pools stored beside a dataset: per caption and kind, every candidate a generator made.
+
+FSC-CLIP (Oh et al., EMNLP 2024) draws fresh hard-negative captions every step. Parsing captions is too slow
+for the input pipeline (about 0.6 s of CPU per batch of 256), so `python -m jclip.make_negatives` parses every
+training caption once and writes all its candidates here; the `hard_negatives` op then draws one candidate per
+kind per example with the example's seeded RNG, which keeps negatives fresh and resume exact.
+
+A pools folder holds:
+
+    meta.json                  backend, kinds, seed, counts, coverage, problems, jclip version, date, source
+    captions_utf8.npy  [B]     uint8   the captions, sorted and unique, UTF-8 bytes end to end
+    captions_bounds.npy [M+1]  int64   caption m is captions_utf8[bounds[m]:bounds[m+1]]
+    <kind>_offsets.npy [M+1]   int64   caption m's candidates of that kind are texts offsets[m]:offsets[m+1]
+    <kind>_utf8.npy    [B_k]   uint8   the candidate texts of that kind, UTF-8 bytes end to end
+    <kind>_bounds.npy  [T_k+1] int64   candidate t is <kind>_utf8[bounds[t]:bounds[t+1]]
+
+Texts are packed as UTF-8 with bounds rather than as fixed-width unicode arrays: a unicode array pads every
+entry to the longest at 4 bytes a character, which for COCO's 500K captions with 48 candidates each would be
+about 20 GB instead of about 1.3 GB. The arrays are memory-mapped, so Grain worker processes share the pages;
+a caption is found by binary search over the sorted captions, decoding about log2(M) of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import datetime
+import json
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+META_FILE = "meta.json"
+FORMAT = 1
+#: What makes a pools folder (named in every error about a missing or broken one).
+MAKE_COMMAND = "python -m jclip.make_negatives --config=<the training config> --output=<folder>"
+
+
+class CaptionNegativesLike(Protocol):
+    """One caption's generator result (`jclip.data.negatives.CaptionNegatives` has this shape)."""
+
+    caption: str
+    pools: Mapping[str, Sequence[str]]
+    problem: str | None
+
+
+class MissingNegativesError(KeyError):
+    """A training caption that is not in the pools folder."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PackedTexts(Sequence[str]):
+    """A read-only sequence of strings stored as UTF-8 bytes end to end plus [n+1] bounds."""
+
+    def __init__(self, data: np.ndarray, bounds: np.ndarray):
+        # Plain ndarray views of memory maps: still mapped, but slicing skips np.memmap's per-slice overhead.
+        self.data, self.bounds = data.view(np.ndarray), bounds.view(np.ndarray)
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.encoded(index).decode("utf-8")
+
+    def encoded(self, index: int) -> bytes:
+        """The UTF-8 bytes of one string."""
+        index = range(len(self))[index]  # negative indices, IndexError
+        return self.data[self.bounds[index]:self.bounds[index + 1]].tobytes()
+
+    def window(self, start: int, stop: int) -> "PackedTexts":
+        """Strings start..stop-1 as a lazy view (nothing decoded until read)."""
+        return PackedTexts(self.data, self.bounds[start:stop + 1])
+
+
+class _EncodedView(Sequence[bytes]):
+    """The UTF-8 bytes of packed texts: sorted like the texts (UTF-8 keeps code-point order), cheaper to compare."""
+
+    def __init__(self, texts: PackedTexts):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.texts.encoded(index)
+
+
+def pack_texts(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 UTF-8 bytes end to end, int64 [n+1] bounds) of `texts`."""
+    encoded = [text.encode("utf-8") for text in texts]
+    bounds = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(item) for item in encoded], out=bounds[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8), bounds
+
+
+def pool_coverage(results: Sequence[CaptionNegativesLike], kinds: Sequence[str]) -> dict[str, float]:
+    """kind -> share of captions with at least one candidate of that kind, plus "any" and "all"."""
+    if not results:
+        return {**{kind: 0.0 for kind in kinds}, "any": 0.0, "all": 0.0}
+    has = np.array([[bool(result.pools.get(kind)) for kind in kinds] for result in results], bool)
+    shares = {kind: float(has[:, k].mean()) for k, kind in enumerate(kinds)}
+    return {**shares, "any": float(has.any(axis=1).mean()), "all": float(has.all(axis=1).mean())}
+
+
+def problem_counts(results: Sequence[CaptionNegativesLike], kinds: Sequence[str]) -> dict[str, int]:
+    """Among captions without any candidate: how many per reported problem ("no candidates" when none given)."""
+    counts = collections.Counter(
+        result.problem or "no candidates" for result in results if not any(result.pools.get(kind) for kind in kinds))
+    return dict(counts.most_common())
+
+
+def write_pools(
+    directory: str | pathlib.Path, results: Sequence[CaptionNegativesLike], *, backend: str, seed: int,
+    source: Any = None, kinds: Sequence[str] | None = None, extra_meta: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Writes a pools folder (see the module) from one generator result per caption.
+
+    `kinds` defaults to every kind the results name, in the order first seen. Captions must be unique;
+    `source` (e.g. the config's data sources) and `extra_meta` are recorded in meta.json as given.
+    """
+    directory = pathlib.Path(directory)
+    if kinds is None:
+        kinds = list(dict.fromkeys(kind for result in results for kind in result.pools))
+    kinds = [str(kind) for kind in kinds]
+    if not kinds or any(not kind.isidentifier() for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"negative pools {directory}: kinds must be distinct identifiers, got {kinds}")
+    by_caption = {}
+    for result in results:
+        if not isinstance(result.caption, str) or not result.caption:
+            raise ValueError(f"negative pools {directory}: a caption must be a non-empty str, got {result.caption!r}")
+        if result.caption in by_caption:
+            raise ValueError(f"negative pools {directory}: caption {result.caption!r} appears twice; de-duplicate "
+                             f"the captions before generating")
+        unknown = set(result.pools) - set(kinds)
+        if unknown:
+            raise ValueError(f"negative pools {directory}: caption {result.caption!r} has kinds {sorted(unknown)} "
+                             f"that are not among {kinds}")
+        by_caption[result.caption] = result
+    ordered = [by_caption[caption] for caption in sorted(by_caption)]
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)  # written last: a folder left half-rewritten does not open
+    arrays: dict[str, np.ndarray] = {}
+    arrays["captions_utf8"], arrays["captions_bounds"] = pack_texts(result.caption for result in ordered)
+    counts = {"captions": len(ordered)}
+    for kind in kinds:
+        per_caption = [[str(text) for text in result.pools.get(kind, ())] for result in ordered]
+        offsets = np.zeros(len(ordered) + 1, np.int64)
+        np.cumsum([len(texts) for texts in per_caption], out=offsets[1:])
+        arrays[f"{kind}_offsets"] = offsets
+        arrays[f"{kind}_utf8"], arrays[f"{kind}_bounds"] = pack_texts(text for texts in per_caption for text in texts)
+        counts[kind] = int(offsets[-1])
+    for name, array in arrays.items():
+        np.save(directory / f"{name}.npy", array)
+    from jclip import __version__
+
+    meta = {
+        "format": FORMAT, "backend": str(backend), "kinds": kinds, "seed": int(seed), "counts": counts,
+        "coverage": pool_coverage(ordered, kinds), "problems": problem_counts(ordered, kinds),
+        "jclip_version": __version__, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source, **dict(extra_meta or {}),
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return directory
+
+
+class NegativePools:
+    """A pools folder opened for look-up by caption text (arrays memory-mapped; pickles as its path)."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"negative pools: no folder {self.directory}; make it with {MAKE_COMMAND}")
+        meta_path = self.directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"negative pools: no {META_FILE} in {self.directory}; make the folder with {MAKE_COMMAND}")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.kinds = tuple(str(kind) for kind in self.meta["kinds"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"negative pools: {meta_path} is not a pools meta file ({type(error).__name__}: {error}); "
+                             f"remake the folder with {MAKE_COMMAND}") from None
+        self.captions = PackedTexts(self._load("captions_utf8"), self._load("captions_bounds"))
+        self._check_bounds("captions", self.captions)
+        self._offsets, self._texts = {}, {}
+        for kind in self.kinds:
+            offsets = self._load(f"{kind}_offsets")
+            texts = PackedTexts(self._load(f"{kind}_utf8"), self._load(f"{kind}_bounds"))
+            self._check_bounds(kind, texts)
+            if offsets.shape != (len(self.captions) + 1,) or offsets[0] != 0 or offsets[-1] != len(texts):
+                self._corrupt(f"{kind}_offsets.npy", f"shape {offsets.shape}, expected [{len(self.captions) + 1}] "
+                                                     f"from 0 to {len(texts)}")
+            self._offsets[kind], self._texts[kind] = offsets, texts
+
+    def _load(self, name: str) -> np.ndarray:
+        path = self.directory / f"{name}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"negative pools: no {path.name} in {self.directory}; remake the folder with {MAKE_COMMAND}")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as error:
+            self._corrupt(path.name, f"{type(error).__name__}: {error}")
+        expected = np.uint8 if name.endswith("_utf8") else np.int64
+        if array.ndim != 1 or array.dtype != expected:
+            self._corrupt(path.name, f"a {array.ndim}-D {array.dtype} array, expected 1-D {np.dtype(expected)}")
+        return array
+
+    def _check_bounds(self, what: str, texts: PackedTexts) -> None:
+        bounds = texts.bounds
+        if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != len(texts.data):
+            self._corrupt(f"{what}_bounds.npy", f"bounds must run from 0 to {len(texts.data)} (the bytes in {what}_utf8.npy)")
+
+    def _corrupt(self, name: str, detail: str) -> None:
+        raise ValueError(f"negative pools: {self.directory / name} is corrupt ({detail}); remake the folder with {MAKE_COMMAND}")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def row(self, caption: str) -> int | None:
+        """The caption's row (exact text), or None."""
+        try:
+            encoded = caption.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: never written
+            return None
+        view = _EncodedView(self.captions)
+        row = bisect.bisect_left(view, encoded)
+        return row if row < len(view) and view[row] == encoded else None
+
+    def candidates(self, row: int, kind: str) -> Sequence[str]:
+        """The candidates of one kind of the caption in `row` (decoded on access)."""
+        offsets = self._offsets[kind]
+        return self._texts[kind].window(int(offsets[row]), int(offsets[row + 1]))
+
+    def lookup(self, caption: str) -> dict[str, tuple[str, ...]] | None:
+        """kind -> the caption's candidates (possibly none), or None for a caption the folder does not hold."""
+        row = self.row(caption)
+        return None if row is None else {kind: tuple(self.candidates(row, kind)) for kind in self.kinds}
+
+    def missing(self, caption: str) -> MissingNegativesError:
+        """The error for a caption the folder lacks, naming it and the command that makes the folder."""
+        return MissingNegativesError(
+            f"caption {caption!r} is not in the negative pools {self.directory} ({len(self)} captions, made by "
+            f"backend {self.meta.get('backend')!r} from {self.meta.get('source')!r}); remake them for this "
+            f"config's training data ({MAKE_COMMAND}), or unset data.hard_negatives")
+
+    def __getstate__(self) -> dict[str, Any]:  # Grain worker processes re-open the memory maps.
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])
