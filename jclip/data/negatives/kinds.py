@@ -84,7 +84,8 @@ def _pairs(tokens: tuple[Token, ...]) -> list[str]:
 
 
 def shuffle(tokens: tuple[Token, ...], rng: np.random.Generator, count: int, tries: int = 10) -> list[str]:
-    """Up to `count` distinct bigram shuffles that differ from the caption, `tries` draws per wanted shuffle.
+    """Up to `count` distinct bigram shuffles that differ from the caption; stops after `tries` draws in a row
+    that bring nothing new (FSC-CLIP tries 10 times to differ from the caption).
 
     A final ".", "!" or "?" is held out and put back at a random place between the pairs, as in FSC-CLIP.
     """
@@ -94,7 +95,8 @@ def shuffle(tokens: tuple[Token, ...], rng: np.random.Generator, count: int, tri
         tokens, final = tokens[:-1], tokens[-1].text
     pairs = _pairs(tokens)
     out: dict[str, str] = {}
-    for _ in range(count * tries):
+    misses = 0
+    while len(out) < count and misses < tries:
         items = [pairs[i] for i in rng.permutation(len(pairs))]
         if final is not None:
             items.insert(int(rng.integers(len(items) + 1)), final)
@@ -102,6 +104,7 @@ def shuffle(tokens: tuple[Token, ...], rng: np.random.Generator, count: int, tri
         key = normalise(text)
         if key != caption and key not in out:
             out[key] = text
-            if len(out) >= count:
-                break
+            misses = 0
+        else:
+            misses += 1
     return list(out.values())
