@@ -76,7 +76,7 @@ CLASSES: tuple[WordClass, ...] = (
              "heart", "arrow", "crescent", ("diamond", "rhombus"), ("oval", "ellipse")),
     _singles("animal", "noun", "dog", "cat", "horse", "cow", "sheep", "bird", "elephant", "giraffe", "zebra",
              "bear", "duck", "rabbit"),
-    _singles("vehicle", "noun", "car", ("bus",), ("truck", "lorry"), "train", ("bicycle", "bike"),
+    _singles("vehicle", "noun", "car", "bus", ("truck", "lorry"), "train", "bicycle",
              ("motorcycle", "motorbike"), "boat", ("airplane", "aeroplane", "plane")),
     _singles("furniture", "noun", "table", "chair", "bed", ("sofa", "couch"), "desk", "bench", "shelf"),
     _singles("food", "noun", "apple", "banana", "pizza", "cake", "sandwich", "bread", "carrot", "broccoli",
