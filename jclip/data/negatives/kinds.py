@@ -10,7 +10,6 @@ the generator removes those and subsamples.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import numpy as np
@@ -22,7 +21,8 @@ _FINAL_PUNCTUATION = (".", "!", "?")
 
 def _with_space(segment: list[Token], space: str) -> list[Token]:
     """A segment moved elsewhere takes the whitespace that followed the segment it replaces."""
-    return segment[:-1] + [dataclasses.replace(segment[-1], space=space)]
+    last = segment[-1]
+    return segment[:-1] + [Token(last.text, space, last.pos)]
 
 
 def _sentence_case(first: Token) -> bool:
@@ -33,7 +33,7 @@ def _sentence_case(first: Token) -> bool:
 def _recase(segment: list[Token], upper: bool) -> list[Token]:
     head = segment[0].text
     head = head[:1].upper() + head[1:] if upper else head[:1].lower() + head[1:]
-    return [dataclasses.replace(segment[0], text=head)] + segment[1:]
+    return [Token(head, segment[0].space, segment[0].pos)] + segment[1:]
 
 
 def swap_pair(tokens: tuple[Token, ...], a: tuple[int, int], b: tuple[int, int]) -> str:
@@ -48,7 +48,8 @@ def swap_pair(tokens: tuple[Token, ...], a: tuple[int, int], b: tuple[int, int])
         + _with_space(seg_a, tokens[b[1] - 1].space)
         + list(tokens[b[1] :])
     )
-    return render(fix_articles(new))
+    second = a[0] + len(seg_b) + (b[0] - a[1])  # where seg_a lands in `new`
+    return render(fix_articles(new, (a[0] - 1, second - 1)))
 
 
 def swap(parsed: Parsed) -> list[str]:
@@ -71,7 +72,7 @@ def replace(parsed: Parsed) -> list[str]:
     for slot in parsed.slots:
         for alternative in slot.alternatives:
             new = list(tokens[: slot.start]) + [Token(alternative, tokens[slot.end - 1].space)] + list(tokens[slot.end :])
-            out.append(render(fix_articles(new)))
+            out.append(render(fix_articles(new, (slot.start - 1,))))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -87,14 +88,16 @@ def _article_for(word: str) -> str:
     return "a"
 
 
-def fix_articles(tokens: list[Token]) -> list[Token]:
-    """Make every "a"/"an" agree with the next word, since a swap or replace can change it ("an orange" -> "a red")."""
-    fixed = list(tokens)
-    for i, token in enumerate(fixed[:-1]):
-        nxt = fixed[i + 1].text
-        if token.text.lower() in ("a", "an") and token.space and nxt[:1].isalpha():
-            fixed[i] = dataclasses.replace(token, text=match_case(token.text, _article_for(nxt)))
-    return fixed
+def fix_articles(tokens: list[Token], before: Sequence[int]) -> list[Token]:
+    """Make "a"/"an" at the given indices agree with the next word, since an edit after them can change it
+    ("an orange" -> "a red"); indices out of range or not articles are ignored. Returns a new list."""
+    tokens = list(tokens)
+    for i in before:
+        if 0 <= i < len(tokens) - 1:
+            token, nxt = tokens[i], tokens[i + 1].text
+            if token.text.lower() in ("a", "an") and token.space and nxt[:1].isalpha():
+                tokens[i] = Token(match_case(token.text, _article_for(nxt)), token.space, token.pos)
+    return tokens
 
 
 def caption_problem(caption: str, max_words: int) -> str | None:

@@ -38,8 +38,10 @@ def test_match_case(template, word, expected):
 
 def test_fix_articles_agrees_with_next_word():
     tokens = [Token("An"), Token("green"), Token("cross"), Token("and"), Token("a"), Token("orange"), Token("star", "")]
-    assert render(fix_articles(tokens)) == "A green cross and an orange star"
-    assert render(fix_articles([Token("an"), Token("unicorn"), Token("a"), Token("hour", "")])) == "a unicorn an hour"
+    assert render(fix_articles(tokens, range(len(tokens)))) == "A green cross and an orange star"
+    assert render(fix_articles(tokens, [0])) == "A green cross and a orange star"  # only where asked
+    tokens = [Token("an"), Token("unicorn"), Token("a"), Token("hour", "")]
+    assert render(fix_articles(tokens, [-1, 0, 2, 3, 9])) == "a unicorn an hour"
 
 
 @pytest.mark.parametrize(
