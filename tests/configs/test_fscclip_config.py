@@ -3,6 +3,7 @@ official code's defaults as shared/METHODS.md section 4 gives them)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from configs import common, fscclip
@@ -47,3 +48,30 @@ def test_each_variant_is_one_switch(variant, expected):
 def test_an_unknown_variant_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown FSC-CLIP variant 'fcs'.*fsc, fsc_global"):
         fscclip.get_config("variant=fcs")
+
+
+@pytest.mark.slow
+def test_fine_tunes_a_pretrained_run_on_pools_made_by_the_generator(tmp_path, scenes_data_dir, micro_clip_run):
+    """The user's path end to end: pools from `make_negatives` (the built-in lexicon backend, which needs no
+    parser), then configs/fscclip.py from a finished CLIP run: all three terms train, on negatives the op drew."""
+    import json
+
+    from jclip import make_negatives
+    from jclip_testing import micro_run_flags, run_jclip_main
+
+    config = fscclip.get_config()
+    config.data.embedded_config, config.data.data_dir = "small", str(scenes_data_dir)
+    summary = make_negatives.make_negatives(config, tmp_path / "pools", backend="lexicon", log=lambda *_: None)
+    assert summary["backend"].startswith("lexicon") and summary["coverage"]["swap"] > 0.5
+    workdir = tmp_path / "fsc"
+    stdout = run_jclip_main(workdir, f"configs/fscclip.py:init={micro_clip_run},negatives={tmp_path / 'pools'}",
+                            micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2))
+    assert f"initialised the parameters from {micro_clip_run}" in stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss/total" in r]
+    assert [r["step"] for r in trained] == [1, 2]
+    for record in trained:
+        for term in ("clip", "global_hn", "local_hn"):
+            assert np.isfinite(record[f"loss/{term}"]) and record[f"loss/{term}"] > 0, term
+        # Most rows have a valid negative: the batch carried the op's negatives, tokenized with their mask.
+        assert record["global_hn/valid_rows"] >= 8
