@@ -121,6 +121,8 @@ def test_deterministic_and_independent_of_the_batch():
     assert reordered[:40][::-1] == first
     alone = make_generator("lexicon", seed=3, max_per_kind=4).generate([captions[7]])
     assert alone[0] == first[7]
+    twice = make_generator("lexicon", seed=3, max_per_kind=4).generate([captions[7], captions[2], captions[7]])
+    assert twice == [first[7], first[2], first[7]]
 
 
 def test_different_seeds_differ_somewhere():

@@ -6,6 +6,12 @@ WordNet tests, Debian's wordnet-base and wordnet-sense-index; they skip, saying 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -133,6 +139,28 @@ def test_never_the_caption_no_duplicates_and_batch_independent():
     assert make_generator("spacy", seed=6, max_per_kind=4).generate(captions) != results
     shares = coverage(results)
     assert shares["all"] > 0.9, shares
+
+
+def test_spacy_without_nltk_uses_the_lexicon():
+    """Where nltk cannot be imported, "auto" is spaCy + lexicon, and replace still changes colours and shapes."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["nltk"] = None
+        from jclip.data.negatives import make_generator
+        generator = make_generator("auto", max_per_kind=1000)
+        [result] = generator.generate(["picture of a blue diamond above a red triangle"])
+        print(generator.backend)
+        print("picture of a blue diamond below a red triangle" in result.pools["replace"])
+        print("picture of a blue diamond above a red circle" in result.pools["replace"])
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    backend, below, circle = done.stdout.splitlines()
+    assert backend.startswith("spacy ") and backend.endswith("+ lemminflect + lexicon (no WordNet)")
+    assert below == circle == "True"
 
 
 @pytest.mark.parametrize(
