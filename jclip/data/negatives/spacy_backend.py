@@ -1,7 +1,8 @@
 """The spaCy parser: POS tags and noun chunks for swap, WordNet (or the lexicon) for replace.
 
 Swap types follow FSC-CLIP (Oh et al., EMNLP 2024): noun chunks (of two tokens or more; single nouns are the
-NN/NNS types), verb phrases (a verb with its particles), singular nouns, plural nouns, adjectives, adverbs.
+NN/NNS types), verb phrases (a verb with its particles), singular nouns, plural nouns, adjectives, adverbs;
+the lexicon's types (two colours, two relations, ...) are added.
 Replace slots: spatial relations from the lexicon ("next to" as one unit; never "of" or "for"); lexicon words
 (colours, sizes, numbers, shapes, animals, ...) by the other words of their class, since those curated lists
 beat WordNet on them ("circle" -> "society" is a WordNet sibling); other nouns, adjectives and verbs by WordNet
@@ -93,7 +94,7 @@ class SpacyParser:
             # A one-word relation must be a preposition here ("on" in "turned on" is a particle, RP).
             if not (_is_relation(m) and m.end - m.start == 1 and doc[m.start].tag_ != "IN")
         ]
-        _, lexicon_slots = parse_tokens(tokens, matches)
+        lexicon_spans, lexicon_slots = parse_tokens(tokens, matches)
         covered = {i for m in matches for i in range(m.start, m.end)}
         slots = list(lexicon_slots)
         if self.wordnet is not None:
@@ -103,7 +104,9 @@ class SpacyParser:
                     if slot is not None:
                         slots.append(slot)
         slots.sort(key=lambda s: s.start)
-        spans = {k: tuple(v) for k, v in _swap_spans(doc).items()}
+        # The lexicon's types (colour, size, relation, ...) are kept too: a tagger's slip ("cross" as a verb)
+        # then costs no swap. Their names never clash with spaCy's (NN, ADJ, noun_chunk, ...).
+        spans = {**lexicon_spans, **{k: tuple(v) for k, v in _swap_spans(doc).items()}}
         return Parsed(tokens, spans, tuple(slots))
 
     def _wordnet_slot(self, token) -> Slot | None:

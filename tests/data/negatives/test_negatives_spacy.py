@@ -85,6 +85,8 @@ def test_swap_examples(full):
     swaps = _pools(full, "A man riding a horse and a woman walking a dog")["swap"]
     assert "A man walking a horse and a woman riding a dog" in swaps  # verb phrases
     assert "A woman riding a horse and a man walking a dog" in swaps  # nouns, sentence case kept
+    swaps = _pools(full, "a cat on a table next to a dog")["swap"]
+    assert "a cat next to a table on a dog" in swaps  # the lexicon's relation type
 
 
 def test_replace_examples(full):
