@@ -13,6 +13,7 @@ all three kinds for most short captions. Nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 from jclip.data.negatives import wordnet as _wordnet
@@ -30,7 +31,7 @@ def _spacy_parser(required: bool):
 
     try:
         nlp = spacy_backend.load_pipeline()
-        import lemminflect  # noqa: F401
+        importlib.import_module("lemminflect")
     except ImportError as error:
         if required:
             raise ImportError(f"{error} (install: {spacy_backend.INSTALL_HINT})") from error

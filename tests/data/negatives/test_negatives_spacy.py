@@ -6,6 +6,7 @@ WordNet tests, Debian's wordnet-base and wordnet-sense-index; they skip, saying 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,11 +34,7 @@ EXAMPLES = (
 
 
 def _has_wordnet() -> bool:
-    try:
-        import nltk  # noqa: F401
-    except ImportError:
-        return False
-    return wordnet_module.available()
+    return importlib.util.find_spec("nltk") is not None and wordnet_module.available()
 
 
 needs_wordnet = pytest.mark.skipif(
