@@ -88,6 +88,9 @@ def test_replace_examples(full):
 
 
 def test_replace_never_proposes_a_synonym(full):
+    replaces = _pools(full, "a cat on a table")["replace"]
+    assert "a cat under a table" in replaces and "a dog on a table" in replaces and "a cat on a chair" in replaces
+    assert not {"a cat on top of a table", "a cat atop a table", "a cat on a table"} & set(replaces)
     replaces = _pools(full, "a big cat on a sofa near a grey bike")["replace"]
     for synonym in ("large cat", "huge cat", "on top of a sofa", "on a couch", "beside a", "gray bike", "grey bicycle"):
         assert not any(synonym in r for r in replaces), synonym
