@@ -13,6 +13,9 @@ all three kinds for most short captions. Nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 from jclip.data.negatives import wordnet as _wordnet
 from jclip.data.negatives.generator import KINDS, CaptionNegatives, NegativeGenerator, coverage
 from jclip.data.negatives.lexicon_parser import LexiconParser
@@ -28,17 +31,19 @@ def _spacy_parser(required: bool):
 
     try:
         nlp = spacy_backend.load_pipeline()
-        import lemminflect  # noqa: F401
+        importlib.import_module("lemminflect")
     except ImportError as error:
         if required:
-            raise ImportError(f"{error}; install with: {spacy_backend.INSTALL_HINT}") from error
+            raise ImportError(f"{error} (install: {spacy_backend.INSTALL_HINT})") from error
         return None
     alternatives = None
     if _wordnet.available():
         try:
             alternatives = _wordnet.WordNetAlternatives(_wordnet.load())
-        except ImportError:  # nltk missing: the lexicon still replaces colours, shapes, relations, ...
-            alternatives = None
+        except ImportError:  # no nltk: the lexicon still replaces colours, shapes, relations, ...
+            pass
+        except OSError as error:  # e.g. an unwritable cache folder
+            warnings.warn(f"WordNet is installed but could not be prepared ({error}); using the lexicon", stacklevel=3)
     return spacy_backend.SpacyParser(nlp, alternatives)
 
 

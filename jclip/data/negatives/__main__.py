@@ -41,7 +41,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     print(f"backend: {generator.backend} (set-up {set_up:.1f} s)")
-    print(f"{len(captions)} captions ({len(set(captions))} distinct) in {seconds:.2f} s: {len(captions) / seconds:.0f} captions/s")
+    rate = len(captions) / seconds
+    print(f"{len(captions)} captions ({len(set(captions))} distinct) in {seconds:.2f} s: {rate:.0f} captions/s")
     shares = coverage(results)
     print("coverage: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
     sizes = {k: np.mean([len(r.pools[k]) for r in results]) for k in KINDS}

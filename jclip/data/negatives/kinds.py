@@ -71,7 +71,7 @@ def replace(parsed: Parsed) -> list[str]:
     tokens = parsed.tokens
     for slot in parsed.slots:
         for alternative in slot.alternatives:
-            new = list(tokens[: slot.start]) + [Token(alternative, tokens[slot.end - 1].space)] + list(tokens[slot.end :])
+            new = [*tokens[: slot.start], Token(alternative, tokens[slot.end - 1].space), *tokens[slot.end :]]
             out.append(render(fix_articles(new, (slot.start - 1,))))
     return out
 

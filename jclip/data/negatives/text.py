@@ -58,7 +58,7 @@ def tokenize(text: str) -> tuple[Token, ...]:
 
 def normalise(text: str) -> str:
     """The comparison form: lower case, tokens joined by one space ("A  b ,c" == "a b, c")."""
-    return " ".join(m.group() for m in _TOKEN_RE.finditer(text.lower()))
+    return " ".join(_TOKEN_RE.findall(text.lower()))
 
 
 def render(tokens: tuple[Token, ...] | list[Token]) -> str:

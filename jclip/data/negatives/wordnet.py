@@ -7,9 +7,9 @@ path sandbox refuses symlinks out of the root and hard links); `index.sense` is 
 exists, which Debian does not ship, so it is written here from the 45 lexicographer file names of WordNet 3.0.
 The copies go to a writable cache (~/.cache/jclip/nltk_data), never into dpkg's folder.
 
-Replacements are antonyms and sibling co-hyponyms of a word's first senses, never synonyms (any lemma sharing
-a synset with the word is dropped), and siblings must be attested in the sense-tagged corpus (count >= 1),
-which removes most odd words; cousins (siblings of hypernyms) are not used, as they bring the oddest ones.
+Replacements are antonyms, then co-hyponyms (siblings) and cousins of a word's first sense, then siblings of
+its second and third senses; never synonyms (any word sharing a synset with the word is dropped). Siblings and
+cousins must be attested in the sense-tagged corpus (count >= 1), which removes most odd words.
 """
 
 from __future__ import annotations

@@ -88,6 +88,9 @@ def test_replace_examples(full):
 
 
 def test_replace_never_proposes_a_synonym(full):
+    replaces = _pools(full, "a cat on a table")["replace"]
+    assert "a cat under a table" in replaces and "a dog on a table" in replaces and "a cat on a chair" in replaces
+    assert not {"a cat on top of a table", "a cat atop a table", "a cat on a table"} & set(replaces)
     replaces = _pools(full, "a big cat on a sofa near a grey bike")["replace"]
     for synonym in ("large cat", "huge cat", "on top of a sofa", "on a couch", "beside a", "gray bike", "grey bicycle"):
         assert not any(synonym in r for r in replaces), synonym
@@ -121,6 +124,8 @@ def test_deterministic_and_independent_of_the_batch():
     assert reordered[:40][::-1] == first
     alone = make_generator("lexicon", seed=3, max_per_kind=4).generate([captions[7]])
     assert alone[0] == first[7]
+    twice = make_generator("lexicon", seed=3, max_per_kind=4).generate([captions[7], captions[2], captions[7]])
+    assert twice == [first[7], first[2], first[7]]
 
 
 def test_different_seeds_differ_somewhere():

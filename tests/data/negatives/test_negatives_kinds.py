@@ -7,7 +7,7 @@ import collections
 import numpy as np
 
 from jclip.data.negatives import kinds
-from jclip.data.negatives.text import Parsed, Slot, Token, normalise, tokenize
+from jclip.data.negatives.text import Parsed, Slot, normalise, tokenize
 
 
 def _parsed(text: str, spans=None, slots=()) -> Parsed:

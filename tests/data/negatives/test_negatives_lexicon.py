@@ -49,7 +49,10 @@ def test_nouns_keep_number_and_case():
     assert "Three" in alternatives["Two"] and "One" not in alternatives["Two"]
 
 
-@pytest.mark.parametrize("noun, expected", [("cross", "crosses"), ("bus", "buses"), ("man", "men"), ("shelf", "shelves"), ("circle", "circles")])
+@pytest.mark.parametrize(
+    "noun, expected",
+    [("cross", "crosses"), ("bus", "buses"), ("man", "men"), ("shelf", "shelves"), ("circle", "circles")],
+)
 def test_plural(noun, expected):
     assert lexicon.plural(noun) == expected
 

@@ -6,6 +6,13 @@ WordNet tests, Debian's wordnet-base and wordnet-sense-index; they skip, saying 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -27,11 +34,7 @@ EXAMPLES = (
 
 
 def _has_wordnet() -> bool:
-    try:
-        import nltk  # noqa: F401
-    except ImportError:
-        return False
-    return wordnet_module.available()
+    return importlib.util.find_spec("nltk") is not None and wordnet_module.available()
 
 
 needs_wordnet = pytest.mark.skipif(
@@ -79,6 +82,8 @@ def test_swap_examples(full):
     swaps = _pools(full, "A man riding a horse and a woman walking a dog")["swap"]
     assert "A man walking a horse and a woman riding a dog" in swaps  # verb phrases
     assert "A woman riding a horse and a man walking a dog" in swaps  # nouns, sentence case kept
+    swaps = _pools(full, "a cat on a table next to a dog")["swap"]
+    assert "a cat next to a table on a dog" in swaps  # the lexicon's relation type
 
 
 def test_replace_examples(full):
@@ -107,14 +112,19 @@ def test_wordnet_replaces_words_outside_the_lexicon(full):
 @needs_wordnet
 def test_wordnet_replace_never_proposes_a_synonym(full):
     wn = full.parser.wordnet.wn
-    caption = "A small child is holding a large cup near the old house"
-    original = caption.split()
-    for negative in _pools(full, caption)["replace"]:
-        new = negative.split()
-        if len(new) != len(original):
-            continue  # a multi-word relation came in: no single word to compare
-        [(old_word, new_word)] = [(a, b) for a, b in zip(original, new) if a != b]
-        assert not set(wn.synsets(old_word.lower())) & set(wn.synsets(new_word.lower())), (old_word, new_word)
+    for caption in ("a cat on a table", "A small child is holding a large cup near the old house",
+                    "a woman riding a horse on a beach", "two boys eating pizza in a kitchen"):
+        original = caption.split()
+        compared = 0
+        for negative in _pools(full, caption)["replace"]:
+            new = negative.split()
+            if len(new) != len(original):
+                continue  # a multi-word relation came in: no single word to compare
+            changed = [(a, b) for a, b in zip(original, new) if a != b and {a, b} != {"a", "an"}]
+            [(old_word, new_word)] = changed  # one word, besides its article
+            assert not set(wn.synsets(old_word.lower())) & set(wn.synsets(new_word.lower())), (old_word, new_word)
+            compared += 1
+        assert compared >= 5, caption
 
 
 def test_never_the_caption_no_duplicates_and_batch_independent():
@@ -133,6 +143,28 @@ def test_never_the_caption_no_duplicates_and_batch_independent():
     assert make_generator("spacy", seed=6, max_per_kind=4).generate(captions) != results
     shares = coverage(results)
     assert shares["all"] > 0.9, shares
+
+
+def test_spacy_without_nltk_uses_the_lexicon():
+    """Where nltk cannot be imported, "auto" is spaCy + lexicon, and replace still changes colours and shapes."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["nltk"] = None
+        from jclip.data.negatives import make_generator
+        generator = make_generator("auto", max_per_kind=1000)
+        [result] = generator.generate(["picture of a blue diamond above a red triangle"])
+        print(generator.backend)
+        print("picture of a blue diamond below a red triangle" in result.pools["replace"])
+        print("picture of a blue diamond above a red circle" in result.pools["replace"])
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    backend, below, circle = done.stdout.splitlines()
+    assert backend.startswith("spacy ") and backend.endswith("+ lemminflect + lexicon (no WordNet)")
+    assert below == circle == "True"
 
 
 @pytest.mark.parametrize(
