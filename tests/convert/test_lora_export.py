@@ -169,3 +169,32 @@ def test_init_from_a_lora_checkpoint(lora_run) -> None:
             np.testing.assert_allclose(np.asarray(flat[path]), value, rtol=1e-6, atol=1e-7, err_msg=f"{lora} {path}")
             assert flat[path].sharding == params_io.flatten(fresh)[path].sharding
         assert kept == sorted("/".join(map(str, p)) for p in set(params_io.flatten(fresh)) - set(expect))
+
+
+def test_evaluation_runs_the_adapted_model_and_the_merged_export_alike(lora_run, scenes_data_dir, tmp_path) -> None:
+    """`python -m jclip.evaluate` on the LoRA checkpoint reproduces the run's own final evaluation (the
+    adapted model, unmerged); on the merged params export it gives the same numbers."""
+    import subprocess
+    import sys
+
+    from jclip_testing import REPO_ROOT, read_final_evaluation
+
+    def evaluate(checkpoint, output, *flags):
+        result = subprocess.run([sys.executable, "-m", "jclip.evaluate", f"--checkpoint={checkpoint}",
+                                 f"--output={output}", *flags], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(pathlib.Path(output).read_text())
+
+    expected = read_final_evaluation(lora_run["run"])
+    assert expected, "the LoRA run logged no evaluation"
+    assert convert_main(["params", f"--checkpoint={lora_run['run']}", f"--output={tmp_path / 'export'}"]) == 0
+    flags = [f for f in micro_run_flags(scenes_data_dir, total_steps=3) if not f.startswith("--config.model.")]
+    reports = {
+        "checkpoint": evaluate(lora_run["run"], tmp_path / "checkpoint.json"),
+        "export": evaluate(tmp_path / "export", tmp_path / "export.json", "--config=configs/clip.py", *flags),
+    }
+    for key, value in expected.items():
+        _, name, metric = key.split("/", 2)
+        assert reports["checkpoint"]["evaluators"][name][metric] == pytest.approx(value, abs=1e-9), key
+        assert reports["export"]["evaluators"][name][metric] == pytest.approx(value, abs=1e-6), key
