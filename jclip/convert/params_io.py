@@ -133,9 +133,7 @@ def build(model: HostModel) -> clip_model.CLIPModel:
 
 def without_lora(model: HostModel) -> HostModel:
     """`model` with its LoRA adapters merged into the kernels (W + scale·A·B, `jclip.models.lora.merge_lora`)
-    and a model config without `lora`; a model without adapters is returned as it is."""
-    if plain_lora_config(model.model_config) is None and "lora" not in model.model_config:
-        return model
+    and a model config without `lora`. ValueError for adapters that the model config does not announce."""
     params, model_config = merge_lora(unflatten(model.params), model.model_config)
     return HostModel(model_config, flatten(params), model.preprocessing)
 

@@ -271,3 +271,14 @@ def test_adapters_map_to_valid_mesh_specs_and_count() -> None:
     want = 12 * 64 * 768 + 12 * 64 * 512 + 96 * 128 + 128 * 768 * 32
     assert adapters == want == 4_141_056
     assert count_params(config) == 151_277_313 + want
+
+
+def test_adapters_take_weight_decay_like_fscclips() -> None:
+    """FSC-CLIP (OpenCLIP's trainer) decays every parameter of 2 or more dimensions that is not a norm, bias
+    or the logit scale: its lora_A/lora_B matrices included. jclip's decay mask does the same for the adapters."""
+    from jclip.optim import decay_mask, path_name
+
+    params = nnx.to_pure_dict(nnx.state(build_model(lora_config(), nnx.Rngs(0)), nnx.Param))
+    decays = {path_name(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    adapters = {path: flag for path, flag in decays.items() if "lora_" in path}
+    assert len(adapters) == 2 * 2 * 8 + 2 and all(adapters.values())
