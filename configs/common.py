@@ -74,6 +74,10 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
     config.model = model_config(args.model, args.dtype)
     config.model.init_logit_scale = 2.659260036932778  # ln(1 / 0.07), CLIP's initial temperature.
     config.model.init_logit_bias = config_dict.placeholder(float)  # None: no bias (SigLIP sets -10).
+    # LoRA adapters (jclip/models/lora.py; Hu et al. 2021, as FSC-CLIP fine-tunes): rank 0 is off. alpha 1 gives
+    # scale 1/rank (FSC-CLIP's); targets from ("attention", "mlp", "patch_embedding"). Train the adapters alone
+    # with optim.param_rules = jclip.param_rules.lora_only_rules(). Exports merge them into the weights.
+    config.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 1.0, "targets": ("attention", "mlp")})
 
     config.data = ml_collections.ConfigDict()
     # `embedded` (the generated jclip_scenes), `tfds:NAME`, `wds:SHARDS`, `arrayrecord:DIR`,

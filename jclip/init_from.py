@@ -6,12 +6,18 @@ parameters are taken: the optimizer state, step and data position start fresh. T
 must equal `config.model`'s (shapes and activation), and every source parameter must find its place; the
 run's parameters the source lacks (a SigLIP logit bias, nCLIP prototype heads) keep their initialisation,
 and the run says which. Only on a fresh start: resuming a run always reads its own checkpoint.
+
+LoRA (`model.lora`, jclip.models.lora) is no architecture difference: a plain source fills a LoRA model's base
+weights and its adapters keep their initialisation (B = 0, so the run starts from the source's function). A
+source trained with other LoRA settings than the run's (or with LoRA, into a model without) has its adapters
+merged into its kernels first; a source with the run's own settings gives its adapters too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -19,6 +25,7 @@ from jclip import checkpoint
 from jclip.errors import ConfigError
 from jclip.restore import restore_export, restore_run
 from jclip.models.clip_model import architecture_differences
+from jclip.models.lora import lora_settings, merge_lora
 
 
 def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -> tuple[Any, list[str]]:
@@ -37,6 +44,9 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
     if differences:
         raise ConfigError(f"init_from: {path} has another architecture than config.model (source vs config): "
                           + "; ".join(differences))
+    source_lora = lora_settings(model_config)
+    if source_lora is not None and source_lora != lora_settings(config.model):
+        loaded, model_config = merge_lora(loaded, model_config)
     fresh, source = flatten_dict(params), flatten_dict(loaded)
     unplaced = sorted("/".join(map(str, p)) for p in set(source) - set(fresh))
     if unplaced:
@@ -46,4 +56,7 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
         if value.shape != fresh[key].shape or value.dtype != fresh[key].dtype:
             raise ConfigError(f"init_from: {'/'.join(map(str, key))} is {value.dtype}{list(value.shape)} in {path}, "
                               f"{fresh[key].dtype}{list(fresh[key].shape)} in the model")
+        sharding = getattr(fresh[key], "sharding", None)
+        if sharding is not None and getattr(value, "sharding", sharding) != sharding:  # a merged kernel
+            source[key] = jax.device_put(value, sharding)
     return unflatten_dict({**fresh, **source}), kept

@@ -26,6 +26,11 @@ after OpenCLIP's --lock-image / --lock-text, compile to "frozen" rules placed BE
   --lock-text-freeze-layer-norm, inverted: True, the default, freezes them with the rest).
 
 What a lock leaves out falls through to the table (so a table rule may give it a multiplier).
+
+LoRA fine-tuning (FSC-CLIP; `model.lora`, jclip.models.lora) trains the adapters alone: the table
+`LORA_ONLY` = `[[".*lora_.*", "trainable"], [".*", "frozen"]]` (`lora_only_rules()` gives it as a config
+value). As in the official FSC-CLIP code, which trains only parameters named `lora_`, the logit scale stays
+frozen too.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ TRAINABLE = "trainable"
 FROZEN = "frozen"
 Action = str | float
 DEFAULT_TABLE = ((".*", TRAINABLE),)
+#: Only the LoRA adapters train (their names hold `lora_`); the rest, the logit scale included, stays frozen.
+LORA_ONLY = ((".*lora_.*", TRAINABLE), (".*", FROZEN))
 
 # The shorthands' towers: config.model key -> parameter prefix (the tower says where its blocks are).
 TOWER_PREFIXES = models.TOWER_ATTRIBUTES
@@ -88,6 +95,11 @@ def _rule(entry: Any, where: str) -> Rule:
     except re.error as error:
         raise ConfigError(f"{where}: bad regex {regex!r}: {error}") from error
     return Rule(regex, _action(action, where), pattern)
+
+
+def lora_only_rules() -> list[list[str]]:
+    """`LORA_ONLY` as a fresh `config.optim.param_rules` value: train the LoRA adapters alone."""
+    return [list(rule) for rule in LORA_ONLY]
 
 
 def lock_rules(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -196,7 +208,10 @@ class Partition:
     def create(cls, config: ml_collections.ConfigDict, params: Any) -> "Partition":
         partition = cls(leaf_actions(config, params))
         if not jax.tree.leaves(partition.trainable(params)):
-            raise ConfigError("optim.param_rules / optim.tower_locks freeze every parameter: nothing would train")
+            hint = ""
+            if any("lora" in rule.regex for rule in compile_rules(config)):
+                hint = " (rules that train LoRA adapters need model.lora.rank > 0)"
+            raise ConfigError(f"optim.param_rules / optim.tower_locks freeze every parameter: nothing would train{hint}")
         return partition
 
     @property

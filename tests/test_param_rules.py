@@ -208,3 +208,31 @@ def test_a_config_without_rules_or_locks_trains_everything():
     del config.optim["param_rules"]
     del config.optim["tower_locks"]
     assert set(actions_by_path(config).values()) == {"trainable"}
+
+
+def test_the_lora_only_table_trains_the_adapters_alone():
+    """`param_rules.lora_only_rules()` (FSC-CLIP's LoRA fine-tuning): the adapters train, everything else,
+    the logit scale included, stays frozen; the counts are the adapters' sizes worked out by hand."""
+    from jclip import param_rules
+    from jclip.build import ModelFunctions
+    from jclip.errors import ConfigError
+
+    assert param_rules.lora_only_rules() == [[".*lora_.*", "trainable"], [".*", "frozen"]]
+    config = config_with(param_rules.lora_only_rules())
+    config.model.lora = {"rank": 2, "alpha": 1.0, "targets": ("attention", "mlp")}
+    actions = actions_by_path(config)
+    adapters = ("attn/in_lora_a", "attn/in_lora_b", "attn/out_lora_a", "attn/out_lora_b",
+                "mlp/c_fc/lora_a", "mlp/c_fc/lora_b", "mlp/c_proj/lora_a", "mlp/c_proj/lora_b")
+    want = blocks("visual", range(VISION_LAYERS), adapters) | blocks("text", range(TEXT_LAYERS), adapters)
+    assert {path for path, action in actions.items() if action == "trainable"} == want
+    assert {path for path, action in actions.items() if action == "frozen"} == ALL
+    abstract = jax.eval_shape(ModelFunctions.create(config.model, 0).init_params)
+    trainable, total = param_rules.Partition.create(config, abstract).counts(abstract)
+    # rank 2, both towers 16 wide: in (16 + 48)·2, out (16 + 16)·2, c_fc (16 + 64)·2, c_proj (64 + 16)·2 per block
+    per_block = 2 * (64 + 32 + 80 + 80)
+    assert trainable == (VISION_LAYERS + TEXT_LAYERS) * per_block == 2560
+    config.model.lora.rank = 0
+    abstract = jax.eval_shape(ModelFunctions.create(config.model, 0).init_params)
+    assert total - trainable == sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract))
+    with pytest.raises(ConfigError, match="nothing would train .*need model.lora.rank > 0"):
+        param_rules.Partition.create(config, abstract)

@@ -5,7 +5,8 @@
   hf        a training checkpoint or params export -> a transformers CLIPModel folder
   import    an OpenCLIP/OpenAI state dict or folder, or a transformers CLIPModel folder -> a params export
 
-Runs on the CPU; PyTorch is not needed for any of it.
+Runs on the CPU; PyTorch is not needed for any of it. LoRA adapters (jclip.models.lora) are merged into the
+weights by every export: the exported model config has no `model.lora`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = params_io.read(args.checkpoint, args.step)
             print(f"read {args.checkpoint}: {_describe(model)}", flush=True)
+            lora = model.model_config.get("lora")
+            if lora:
+                model = params_io.without_lora(model)
+                print(f"merged the LoRA adapters (rank {lora['rank']}, alpha {lora['alpha']}, "
+                      f"{'/'.join(lora['targets'])}) into the weights: {_describe(model)}", flush=True)
             if args.command == "params":
                 written = params_io.write(args.output, model, {"checkpoint": str(pathlib.Path(args.checkpoint).absolute()),
                                                                "step": args.step})

@@ -7,7 +7,7 @@
   `CLIPImageProcessor`'s preprocessor_config.json.
 - Imports also take bare state-dict files (.safetensors, .pt, .bin, .pth) in OpenCLIP/OpenAI key names.
 Each folder also gets `jclip_preprocessing.json`: the tokenizer and image preprocessing that reproduce
-jclip's embeddings.
+jclip's embeddings. A model with LoRA adapters is exported with them merged into its kernels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jclip.convert import huggingface, openclip, torch_files
-from jclip.convert.params_io import HostModel, abstract_params, flatten, preprocessing_spec
+from jclip.convert.params_io import HostModel, abstract_params, flatten, preprocessing_spec, without_lora
 from jclip.data import tokenizer
 from jclip.models import presets, towers
 
@@ -67,6 +67,7 @@ def check_weight_format(model_config: Mapping[str, Any], weight_format: str) -> 
 
 
 def _openclip_state_dict(model: HostModel, drop_prototype_heads: bool) -> dict[str, np.ndarray]:
+    model = without_lora(model)
     check_weight_format(model.model_config, "openclip")
     return openclip.openclip_state_dict_from_flat_params(model.params, model.model_config,
                                                          drop_prototype_heads=drop_prototype_heads)
@@ -77,6 +78,7 @@ def export_openclip(model: HostModel, output: str | pathlib.Path, *, weights: st
     """Writes an OpenCLIP folder (weights as `weights`: "safetensors" or "pt"); returns the weights file."""
     if weights not in OPENCLIP_WEIGHTS:
         raise ValueError(f"weights must be one of {sorted(OPENCLIP_WEIGHTS)}, got {weights!r}")
+    model = without_lora(model)
     state_dict = _openclip_state_dict(model, drop_prototype_heads)
     output = _new_folder(output)
     path = output / OPENCLIP_WEIGHTS[weights]
@@ -102,6 +104,7 @@ def export_hf(model: HostModel, output: str | pathlib.Path, *, drop_logit_bias: 
     models) has no place in CLIPModel: it stops the export unless `drop_logit_bias`, and is then kept in
     jclip_preprocessing.json as `dropped_logit_bias`."""
     check_weight_format(model.model_config, "hf")
+    model = without_lora(model)
     state_dict = _openclip_state_dict(model, drop_prototype_heads)
     config = dict(model.model_config)
     spec = dict(model.preprocessing)

@@ -1,6 +1,7 @@
 """A jclip model's parameters on the host, with its model config and preprocessing: what every converter
 reads and writes. Sources are params-only exports (`jclip.checkpoint.save_params`) and training checkpoints
-(a workdir, its checkpoints/ folder or a step folder)."""
+(a workdir, its checkpoints/ folder or a step folder). A model with LoRA adapters (jclip.models.lora) is read
+as it is and merged (`without_lora`) by every writer: exports are plain models."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from jclip import checkpoint
 from jclip.data.tokenizer import START_OF_TEXT, VOCAB_SIZE
 from jclip.data.ops.image import CLIP_MEAN, CLIP_STD
 from jclip.models import clip_model, towers
+from jclip.models.lora import merge_lora, plain_lora_config
 
 ParamPath = tuple[Any, ...]
 
@@ -40,6 +42,10 @@ def plain_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     config["vision"]["image_size"] = int(size) if isinstance(size, (int, np.integer)) else [int(s) for s in size]
     if config.get("prototype_heads"):
         config["prototype_heads"] = dict(config["prototype_heads"])
+    config.pop("lora", None)
+    lora = plain_lora_config(model_config)  # absent when off (rank 0)
+    if lora is not None:
+        config["lora"] = lora
     return config
 
 
@@ -125,9 +131,17 @@ def build(model: HostModel) -> clip_model.CLIPModel:
     return module
 
 
+def without_lora(model: HostModel) -> HostModel:
+    """`model` with its LoRA adapters merged into the kernels (W + scale·A·B, `jclip.models.lora.merge_lora`)
+    and a model config without `lora`. ValueError for adapters that the model config does not announce."""
+    params, model_config = merge_lora(unflatten(model.params), model.model_config)
+    return HostModel(model_config, flatten(params), model.preprocessing)
+
+
 def write(directory: str | pathlib.Path, model: HostModel, source: Mapping[str, Any]) -> pathlib.Path:
     """Saves `model` as a params export (loadable by `read` and by `config.init_from`); `source` says where
-    the parameters came from (JSON)."""
+    the parameters came from (JSON). LoRA adapters are merged into the kernels first (`without_lora`)."""
+    model = without_lora(model)
     info = {"model": plain_model_config(model.model_config), "preprocessing": dict(model.preprocessing),
             "source": dict(source)}
     return checkpoint.save_params(directory, unflatten(model.params), info)

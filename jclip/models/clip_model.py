@@ -29,7 +29,7 @@ SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al. 2023
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
-              "dtype", "param_dtype", "remat", "prototype_heads", "embedding"}
+              "dtype", "param_dtype", "remat", "prototype_heads", "embedding", "lora"}
 #: The model's attribute (and parameter-path prefix) of each modality's tower.
 TOWER_ATTRIBUTES = {"vision": "visual", "text": "text"}
 #: The towers jclip ships (importing their modules registers them): OpenCLIP's ViT and causal text Transformer.
@@ -74,7 +74,7 @@ class CLIPModel(nnx.Module):
                  init_logit_bias: float | None = None, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, remat: bool = False,
                  prototype_heads: Mapping[str, int] | None = None, embedding: str = "projection",
-                 rngs: nnx.Rngs) -> None:
+                 lora: Mapping[str, Any] | None = None, rngs: nnx.Rngs) -> None:
         check_embedding(embedding, prototype_heads)
         self.embedding = embedding
         common = dict(output_dim=embed_dim, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
@@ -82,8 +82,13 @@ class CLIPModel(nnx.Module):
         self.embed_dim = embed_dim
         self.vision_tower = towers.tower_for({"vision": vision}, "vision")
         self.text_tower = towers.tower_for({"text": text}, "text")
-        self.visual = self.vision_tower.module(**self.vision_tower.build_args(vision), **common)
-        self.text = self.text_tower.module(**self.text_tower.build_args(text), **common)
+        # LoRA adapters (jclip.models.lora), passed only when on so that towers without them still build.
+        adapters = {modality: towers.tower_lora({"lora": lora, modality: config}, modality)
+                    for modality, config in (("vision", vision), ("text", text))}
+        self.visual = self.vision_tower.module(**self.vision_tower.build_args(vision), **common,
+                                               **({"lora": adapters["vision"]} if adapters["vision"] else {}))
+        self.text = self.text_tower.module(**self.text_tower.build_args(text), **common,
+                                           **({"lora": adapters["text"]} if adapters["text"] else {}))
         self.logit_scale = logical_param(rngs, nnx.initializers.constant(init_logit_scale), (), (), param_dtype)
         self.logit_bias = (
             None if init_logit_bias is None
@@ -255,7 +260,8 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
     `init_logit_bias` (None: no bias), `dtype` (compute dtype, "float32"), `param_dtype` ("float32"),
     `remat` (False), `prototype_heads` (None, or {num_prototypes, hidden_dim, bottleneck_dim, layers}
     for nCLIP/xCLIP: see `jclip.models.heads`), `embedding` ("projection", or "prototypes": evaluations
-    and teachers compare the heads' prototype logits, for nCLIP alone), `name` (ignored).
+    and teachers compare the heads' prototype logits, for nCLIP alone), `lora` (None, or {rank, alpha,
+    targets}: LoRA adapters, see `jclip.models.lora`; rank 0 is off), `name` (ignored).
     """
     config = _as_dict(model_config)
     _check_keys(config, MODEL_KEYS, "model")
@@ -273,6 +279,7 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
         remat=bool(config.get("remat", False)),
         prototype_heads=head_config(config.get("prototype_heads")),
         embedding=str(config.get("embedding") or "projection"),
+        lora=config.get("lora"),
         rngs=rngs,
     )
 
@@ -280,7 +287,7 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
 def architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """What fixes the meaning of a model's weights: each tower's kind and shapes, the activation and the
     embedding width (not compute options, initial values, tokenizers, or optional parameters such as the
-    logit bias and the prototype heads, which weight loading compares by name)."""
+    logit bias, the prototype heads and LoRA adapters, which weight loading compares by name)."""
     config = _as_dict(model_config)
     result: dict[str, Any] = {"embed_dim": int(config["embed_dim"]), "quick_gelu": bool(config.get("quick_gelu", False))}
     for modality in towers.MODALITIES:

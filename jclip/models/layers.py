@@ -11,6 +11,9 @@ jitted initialiser's `out_shardings` (shared/ARCHITECTURE.md, principle 3).
 
 Mixed precision: parameters are stored in `param_dtype` (float32) and cast to the compute `dtype` where used;
 LayerNorm statistics and attention softmax are computed in float32.
+
+Optional LoRA adapters (`jclip.models.lora`, Hu et al. 2021, as FSC-CLIP uses them) sit beside the attention
+and MLP kernels: a low-rank path `scale * (x A) B` added to the kernel's output, B zero at the start.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jclip.models.lora import LoraSettings
 from jclip.parallel import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
@@ -58,6 +62,25 @@ zeros: Initializer = nnx.initializers.zeros
 ones: Initializer = nnx.initializers.ones
 
 
+def lora_a_init(fan_in: int) -> Initializer:
+    """A LoRA A factor's draw: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), what loralib's kaiming_uniform_(a=sqrt(5))
+    gives (the init FSC-CLIP's adapters use; B starts at zero)."""
+    bound = fan_in ** -0.5
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
+
+    return init
+
+
+def low_rank_update(x: jax.Array, a: nnx.Param, b: nnx.Param, scale: float, dtype: Any,
+                    contract_in: str, out: str) -> jax.Array:
+    """scale * (x A) B of a LoRA adapter: `contract_in` is the einsum of x with A (ending in the rank axis r),
+    `out` that of the rank-r activations with B."""
+    low = jnp.einsum(contract_in, x, a[...].astype(dtype)) * jnp.asarray(scale, dtype)
+    return jnp.einsum(out, low, b[...].astype(dtype))
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
     """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x) (OpenCLIP `QuickGELU`)."""
     return x * jax.nn.sigmoid(1.702 * x)
@@ -92,18 +115,31 @@ class LayerNorm(nnx.Module):
 
 
 class Dense(nnx.Module):
-    """Linear layer y = x @ kernel + bias with kernel [in, out] (the transpose of torch's `weight`)."""
+    """Linear layer y = x @ kernel + bias with kernel [in, out] (the transpose of torch's `weight`).
+
+    With `lora`, also y += scale * (x @ lora_a) @ lora_b: lora_a [in, r], lora_b [r, out] (zero at the start).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, logical_axes: tuple[str, str],
                  stddev: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None) -> None:
+                 lora: LoraSettings | None = None, rngs: nnx.Rngs | None = None) -> None:
         self.dtype = dtype
         self.kernel = logical_param(rngs, normal(stddev), (in_features, out_features), logical_axes, param_dtype)
         self.bias = logical_param(rngs, zeros, (out_features,), (logical_axes[1],), param_dtype)
+        self.lora_scale = lora.scale if lora else 0.0
+        self.lora_a = None if not lora else logical_param(
+            rngs, lora_a_init(in_features), (in_features, lora.rank), (logical_axes[0], None), param_dtype)
+        self.lora_b = None if not lora else logical_param(
+            rngs, zeros, (lora.rank, out_features), (None, logical_axes[1]), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        return jnp.dot(x.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+        y = jnp.dot(x, kernel) + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            y = y + low_rank_update(x, self.lora_a, self.lora_b, self.lora_scale, self.dtype, "...i,ir->...r",
+                                    "...r,ro->...o")
+        return y
 
 
 class MultiHeadSelfAttention(nnx.Module):
@@ -112,10 +148,14 @@ class MultiHeadSelfAttention(nnx.Module):
     `in_proj.kernel` [embed, 3, heads, head_dim] is `in_proj_weight` [3*width, width] transposed and
     reshaped; `out_proj.kernel` [heads, head_dim, embed] is `out_proj.weight` transposed and reshaped.
     Keeping heads as their own axis lets the `heads` logical name shard them (tensor parallelism).
+
+    With `lora`, two adapters: `in_lora_a` [embed, r] (one A for q, k and v, as FSC-CLIP's fused
+    `in_proj_weight_lora_A`) and `in_lora_b` [r, 3, heads, head_dim]; `out_lora_a` [heads, head_dim, r] and
+    `out_lora_b` [r, embed].
     """
 
     def __init__(self, width: int, num_heads: int, *, causal: bool, init_std: float, out_std: float,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
                  rngs: nnx.Rngs | None = None) -> None:
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by {num_heads} heads")
@@ -129,30 +169,46 @@ class MultiHeadSelfAttention(nnx.Module):
         self.out_kernel = logical_param(rngs, normal(out_std), (num_heads, self.head_dim, width),
                                         ("heads", "kv", "embed"), param_dtype)
         self.out_bias = logical_param(rngs, zeros, (width,), ("embed",), param_dtype)
+        self.lora_scale = lora.scale if lora else 0.0
+        rank = lora.rank if lora else 0
+        self.in_lora_a = None if not lora else logical_param(
+            rngs, lora_a_init(width), (width, rank), ("embed", None), param_dtype)
+        self.in_lora_b = None if not lora else logical_param(
+            rngs, zeros, (rank, 3, num_heads, self.head_dim), (None, None, "heads", "kv"), param_dtype)
+        self.out_lora_a = None if not lora else logical_param(
+            rngs, lora_a_init(width), (num_heads, self.head_dim, rank), ("heads", "kv", None), param_dtype)
+        self.out_lora_b = None if not lora else logical_param(rngs, zeros, (rank, width), (None, "embed"), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, length, width] -> [batch, length, width]."""
         x = x.astype(self.dtype)
         qkv = jnp.einsum("btd,dknh->kbtnh", x, self.in_kernel[...].astype(self.dtype))
+        if self.in_lora_a is not None:
+            qkv = qkv + low_rank_update(x, self.in_lora_a, self.in_lora_b, self.lora_scale, self.dtype,
+                                        "btd,dr->btr", "btr,rknh->kbtnh")
         qkv = qkv + self.in_bias[...].astype(self.dtype)[:, None, None]
         query, key, value = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv)
         attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
         attended = constrain(attended, ("batch", "length", "act_heads", None))
         out = jnp.einsum("btnh,nhd->btd", attended, self.out_kernel[...].astype(self.dtype))
+        if self.out_lora_a is not None:
+            out = out + low_rank_update(attended, self.out_lora_a, self.out_lora_b, self.lora_scale, self.dtype,
+                                        "btnh,nhr->btr", "btr,rd->btd")
         return out + self.out_bias[...].astype(self.dtype)
 
 
 class MLP(nnx.Module):
-    """OpenCLIP's block MLP: `c_fc` -> GELU (erf) or quick-GELU -> `c_proj`."""
+    """OpenCLIP's block MLP: `c_fc` -> GELU (erf) or quick-GELU -> `c_proj` (each with a LoRA adapter when
+    `lora` is given)."""
 
     def __init__(self, width: int, hidden: int, *, quick_gelu: bool, fc_std: float, proj_std: float,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
                  rngs: nnx.Rngs | None = None) -> None:
         self.quick_gelu = quick_gelu
         self.c_fc = Dense(width, hidden, logical_axes=("embed", "mlp"), stddev=fc_std,
-                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                          dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.c_proj = Dense(hidden, width, logical_axes=("mlp", "embed"), stddev=proj_std,
-                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = activation_fn(self.quick_gelu)(self.c_fc(x))
@@ -165,7 +221,7 @@ class ResidualBlock(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_hidden: int, *, causal: bool, quick_gelu: bool,
                  num_layers: int, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None) -> None:
+                 lora: LoraSettings | None = None, rngs: nnx.Rngs | None = None) -> None:
         # OpenCLIP's text-tower initialisation (`TextTransformer.init_parameters`), used for both towers.
         attn_std = width ** -0.5
         proj_std = width ** -0.5 * (2 * num_layers) ** -0.5
@@ -173,10 +229,13 @@ class ResidualBlock(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.ln_1 = LayerNorm(width, **common)
+        attn_lora = lora if lora and lora.adapts("attention") else None
+        mlp_lora = lora if lora and lora.adapts("mlp") else None
         self.attn = MultiHeadSelfAttention(width, num_heads, causal=causal, init_std=attn_std,
-                                           out_std=proj_std, **common)
+                                           out_std=proj_std, lora=attn_lora, **common)
         self.ln_2 = LayerNorm(width, **common)
-        self.mlp = MLP(width, mlp_hidden, quick_gelu=quick_gelu, fc_std=fc_std, proj_std=proj_std, **common)
+        self.mlp = MLP(width, mlp_hidden, quick_gelu=quick_gelu, fc_std=fc_std, proj_std=proj_std,
+                       lora=mlp_lora, **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln_1(x))
@@ -197,12 +256,13 @@ class Transformer(nnx.Module):
 
     def __init__(self, width: int, num_layers: int, num_heads: int, mlp_ratio: float, *, causal: bool,
                  quick_gelu: bool, remat: bool = False, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+                 param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
+                 rngs: nnx.Rngs | None = None) -> None:
         mlp_hidden = int(width * mlp_ratio)
         self.remat = remat
         self.blocks = nnx.List([
             ResidualBlock(width, num_heads, mlp_hidden, causal=causal, quick_gelu=quick_gelu,
-                          num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                          num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
             for _ in range(num_layers)
         ])
 
@@ -229,5 +289,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 __all__ = [
     "LAYER_NORM_EPS", "Dense", "LayerNorm", "MLP", "MultiHeadSelfAttention", "ResidualBlock", "Transformer",
-    "activation_fn", "exact_gelu", "l2_normalize", "logical_param", "normal", "num_heads_for", "quick_gelu",
+    "activation_fn", "exact_gelu", "l2_normalize", "logical_param", "lora_a_init", "low_rank_update", "normal",
+    "num_heads_for", "quick_gelu",
 ]

@@ -3,7 +3,8 @@
 Follows Radford et al. 2021 (CLIP) as implemented in mlfoundations/open_clip (`model.py::CLIP.encode_text`):
 token embedding + learned positional embedding, pre-norm residual blocks under a causal mask, `ln_final`,
 pooling at the end-of-text token — the position of the largest token id, since CLIP's tokenizer gives the
-end token the largest id — and a bias-free `text_projection`.
+end token the largest id — and a bias-free `text_projection`. With `lora` (jclip.models.lora), the blocks'
+attention and MLP projections carry adapters.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, normal
+from jclip.models.lora import LoraSettings
 from jclip.models.towers import Tower, TowerModule, register_tower, require_positive
 from jclip.parallel import constrain
 
@@ -24,7 +26,7 @@ class TextTransformer(TowerModule):
 
     def __init__(self, *, context_length: int, vocab_size: int, width: int, heads: int, layers: int,
                  output_dim: int, mlp_ratio: float = 4.0, quick_gelu: bool = False, remat: bool = False,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
                  rngs: nnx.Rngs | None = None) -> None:
         self.context_length = context_length
         self.vocab_size = vocab_size
@@ -35,7 +37,7 @@ class TextTransformer(TowerModule):
         self.positional_embedding = logical_param(rngs, normal(0.01), (context_length, width),
                                                   ("length", "embed"), param_dtype)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, causal=True, quick_gelu=quick_gelu,
-                                       remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                       remat=remat, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.ln_final = LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.projection = logical_param(rngs, normal(width ** -0.5), (width, output_dim), ("embed", "proj"),
                                         param_dtype)
@@ -88,4 +90,5 @@ CLIP_TEXT = register_tower(Tower(
     tokenizer=lambda config: str(config["tokenizer"]),
     weight_formats=("openclip", "hf"),
     after_blocks=("ln_final", "projection"),
+    lora_targets=("attention", "mlp"),
 ))

@@ -7,6 +7,7 @@ are OpenCLIP's: `vit` (jclip.models.vision) and the causal `clip` text Transform
 tower is a module with `@register_tower`-ed `Tower` and a class with this interface:
 
     tower = cls(**tower_config, output_dim=..., quick_gelu=..., remat=..., dtype=..., param_dtype=..., rngs=...)
+                [, lora=LoraSettings]  (only with model.lora on, for a tower that declares `lora_targets`)
     tower(inputs) -> projected pooled features [batch, output_dim], float32
     tower.encode(inputs, tokens=True) -> {"features", "tokens" [batch, T, output_dim]} (+ "token_mask" [batch, T]
                                          for text), the tokens after the final norm and the projection
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jclip.models.lora import LoraSettings, lora_settings
 
 MODALITIES = ("vision", "text")
 
@@ -67,6 +70,8 @@ class Tower:
     blocks: str = "transformer/blocks"
     layers_key: str = "layers"
     after_blocks: tuple[str, ...] = ()
+    #: The `model.lora.targets` the module adapts when built with `lora=` (jclip.models.lora); () for none.
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def keys(self) -> frozenset[str]:
@@ -135,9 +140,22 @@ def tower_settings(model_config: Mapping[str, Any], modality: str) -> dict[str, 
 
 
 def check_tower(model_config: Mapping[str, Any], modality: str) -> None:
-    """Raises ValueError naming the field for an unknown kind, unknown or missing keys, or bad values."""
+    """Raises ValueError naming the field for an unknown kind, unknown or missing keys, or bad values; also
+    for a bad `model.lora`, or LoRA on for a tower kind without adapters (the adapters live in the towers)."""
     tower = tower_for(model_config, modality)
     tower.check(tower.settings(_section(model_config, modality)))
+    tower_lora(model_config, modality)
+
+
+def tower_lora(model_config: Mapping[str, Any], modality: str) -> LoraSettings | None:
+    """The `lora=` argument of the tower's module: None with LoRA off; ValueError for a bad `model.lora` or
+    a tower kind that has no adapters."""
+    settings = lora_settings(model_config)
+    tower = tower_for(model_config, modality)
+    if settings is not None and not tower.lora_targets:
+        raise ValueError(f"model.lora is on (rank {settings.rank}) but model.{modality}.kind {tower.kind!r} has no "
+                         "LoRA adapters")
+    return settings
 
 
 def tokenizer_spec(model_config: Mapping[str, Any]) -> str:

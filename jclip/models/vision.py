@@ -3,7 +3,8 @@
 Follows Radford et al. 2021 (CLIP) as implemented in mlfoundations/open_clip `transformer.py`: a bias-free
 patch-embedding convolution (`visual.conv1`), a class token, learned positional embeddings, `ln_pre`,
 pre-norm residual blocks, `ln_post` on the class token and a bias-free projection (`visual.proj`).
-Images come in NHWC, already normalised.
+Images come in NHWC, already normalised. With `lora` (jclip.models.lora), the blocks' projections carry
+adapters, and with the `patch_embedding` target so does the patch convolution (`patch_lora_a`/`_b`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jclip.models.layers import LayerNorm, Transformer, logical_param, normal, num_heads_for
+from jclip.models.layers import LayerNorm, Transformer, logical_param, lora_a_init, normal, num_heads_for, zeros
+from jclip.models.lora import LoraSettings, adapter_delta
 from jclip.models.towers import Tower, TowerModule, register_tower, require_positive
 from jclip.parallel import constrain
 
@@ -33,7 +35,8 @@ class VisionTransformer(TowerModule):
     def __init__(self, *, image_size: int | Sequence[int], patch_size: int, width: int, layers: int,
                  output_dim: int, head_width: int = 64, mlp_ratio: float = 4.0, quick_gelu: bool = False,
                  in_channels: int = 3, remat: bool = False, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None) -> None:
+                 param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
+                 rngs: nnx.Rngs | None = None) -> None:
         image_height, image_width = _pair(image_size)
         if image_height % patch_size or image_width % patch_size:
             raise ValueError(f"image size {(image_height, image_width)} is not a multiple of patch {patch_size}")
@@ -53,9 +56,27 @@ class VisionTransformer(TowerModule):
         self.ln_pre = LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.transformer = Transformer(width, layers, num_heads_for(width, head_width), mlp_ratio,
                                        causal=False, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
-                                       param_dtype=param_dtype, rngs=rngs)
+                                       param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.ln_post = LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.projection = logical_param(rngs, normal(scale), (width, output_dim), ("embed", "proj"), param_dtype)
+        # loralib's Conv2d adapter, as FSC-CLIP puts on conv1: rank r*p factors of the [out*p, in*p] view of the
+        # kernel; stored transposed (input side first) like the other adapters.
+        patch_lora = lora if lora and lora.adapts("patch_embedding") else None
+        self.patch_lora_scale = patch_lora.scale if patch_lora else 0.0
+        self.patch_lora_a = None if not patch_lora else logical_param(
+            rngs, lora_a_init(in_channels * patch_size), (in_channels * patch_size, patch_lora.rank * patch_size),
+            (None, None), param_dtype)
+        self.patch_lora_b = None if not patch_lora else logical_param(
+            rngs, zeros, (patch_lora.rank * patch_size, width * patch_size), (None, None), param_dtype)
+
+    def patch_kernel(self) -> jax.Array:
+        """The patch-embedding kernel [p, p, channels, width] in the compute dtype, with its adapter's
+        update when it has one."""
+        kernel = self.patch_embedding[...]
+        if self.patch_lora_a is not None:
+            delta = adapter_delta(self.patch_lora_a[...], self.patch_lora_b[...], tuple(kernel.shape), "patch_")
+            kernel = kernel.astype(jnp.float32) + self.patch_lora_scale * delta
+        return kernel.astype(self.dtype)
 
     def embed_patches(self, images: jax.Array) -> jax.Array:
         """Non-overlapping patch embedding (a stride-`patch` convolution) -> [batch, grid_h*grid_w, width].
@@ -69,8 +90,7 @@ class VisionTransformer(TowerModule):
         grid_h, grid_w = self.grid
         patches = images.astype(self.dtype).reshape(batch, grid_h, p, grid_w, p, channels)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid_h * grid_w, p, p, channels)
-        kernel = self.patch_embedding[...].astype(self.dtype)
-        return jnp.einsum("bnijc,ijcd->bnd", patches, kernel)
+        return jnp.einsum("bnijc,ijcd->bnd", patches, self.patch_kernel())
 
     def encode(self, images: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
         """`features`: the projected class token [batch, output_dim], float32; with `tokens`, also `tokens`:
@@ -114,4 +134,5 @@ VIT = register_tower(Tower(
     check=_check_vit,
     weight_formats=("openclip", "hf"),
     after_blocks=("ln_post", "projection"),
+    lora_targets=("attention", "mlp", "patch_embedding"),
 ))
