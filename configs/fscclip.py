@@ -5,8 +5,9 @@ Reproduces: the FSC-CLIP objective of shared/METHODS.md section 4, as the offici
             calibrated regularisation (focal γ = 2, label smoothing β = 0.02), λ_g = 0.5, λ_l = 0.2 (COCO and
             LAION-COCO; 1.0/0.2 for CC3M, 0.5/0.5 for ViT-B/16 and L/14), up to three negatives per caption
             (a swap, a replace and a bigram shuffle, drawn afresh every step from pools made offline);
-            AdamW lr 5e-6 (5e-5 with LoRA), weight decay 0.1, cosine with 50 warm-up steps; LoRA rank 4 on the
-            attention and MLP projections (the official code's second setting), only the adapters trained.
+            AdamW lr 5e-6 (5e-5 with LoRA), weight decay 0.1, cosine with 50 warm-up steps; LoRA rank 4 (alpha 1) on
+            the attention, MLP and patch-embedding projections (the official code's second setting), only the
+            adapters trained.
 Paper:      OpenAI CLIP ViT-B/32, 100K pairs of COCO, CC3M (recaptioned) or LAION-COCO, 5 epochs at batch 256
             (~2,000 steps). On LAION-COCO the compositional average goes 46.1 -> 53.5 and ImageNet zero-shot
             63.3 -> 58.1.
@@ -19,7 +20,7 @@ Args (`configs/fscclip.py:variant=negclip,init=DIR,...`, besides common.base_con
              `python -m jclip.convert import`); sets config.init_from
   negatives  the candidate pools `python -m jclip.make_negatives` wrote for this data; sets
              data.hard_negatives (ignored by variant=clip, which reads no negatives)
-  lora       LoRA rank 4 on the attention and MLP projections; only the adapters train
+  lora       LoRA rank 4 on the attention, MLP and patch-embedding projections; only the adapters train
   lr         the peak learning rate (default: 5e-6, or 5e-5 with lora)
 
 Command (the paper's setting, on real data; the pools once, then the fine-tune):
@@ -33,13 +34,14 @@ Embedded data (the README's comparison): pretrain with configs/clip.py, make the
 """
 
 from configs import common
+from jclip import param_rules
 
 VARIANTS = ("fsc", "fsc_global", "fsc_no_scr", "negclip", "clip")
 #: Selective calibrated regularisation at the official defaults: focal exponent and label smoothing.
 SCR = {"gamma": 2.0, "beta": 0.02}
 NO_SCR = {"gamma": 0.0, "beta": 0.0}
-#: With LoRA only the adapters train (every other parameter frozen, the logit scale included).
-LORA_RULES = [[".*lora.*", "trainable"], [".*", "frozen"]]
+#: The official LoRA setting: rank 4 (alpha 1) on the attention, MLP and patch-embedding projections.
+LORA = {"rank": 4, "alpha": 1.0, "targets": ("attention", "mlp", "patch_embedding")}
 
 
 def losses(variant: str, global_weight: float = 0.5, local_weight: float = 0.2) -> dict:
@@ -70,8 +72,8 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 50
     config.optim.weight_decay = 0.1
     if args.lora:
-        config.model.lora.rank = 4
-        config.optim.param_rules = LORA_RULES
+        config.model.lora.update(LORA)
+        config.optim.param_rules = param_rules.lora_only_rules()  # the adapters alone; the logit scale stays frozen
 
     for evaluation in config.evals.values():
         evaluation.every = 100

@@ -75,3 +75,15 @@ def test_fine_tunes_a_pretrained_run_on_pools_made_by_the_generator(tmp_path, sc
             assert np.isfinite(record[f"loss/{term}"]) and record[f"loss/{term}"] > 0, term
         # Most rows have a valid negative: the batch carried the op's negatives, tokenized with their mask.
         assert record["global_hn/valid_rows"] >= 8
+
+
+def test_lora_trains_the_adapters_alone_at_ten_times_the_learning_rate():
+    from jclip import param_rules
+
+    config = fscclip.get_config("lora")
+    assert config.model.lora.rank == 4 and config.model.lora.alpha == 1.0
+    assert tuple(config.model.lora.targets) == ("attention", "mlp", "patch_embedding")
+    assert [list(rule) for rule in config.optim.param_rules] == [[".*lora_.*", "trainable"], [".*", "frozen"]]
+    assert param_rules.lora_only_rules() == [[".*lora_.*", "trainable"], [".*", "frozen"]]
+    assert config.optim.learning_rate == 5e-5
+    assert fscclip.get_config("lora,lr=1e-4").optim.learning_rate == 1e-4
