@@ -126,14 +126,20 @@ def _check_negative_mask(negative_mask: jax.Array, n: int, k: int) -> jax.Array:
     return jnp.asarray(negative_mask, bool)
 
 
-def _rowwise_sums(
-    block: Any, mesh: Mesh | None, batch_axes: Sequence[str], row_arrays: list[jax.Array], scale: jax.Array
-) -> jax.Array:
-    """`block(*rows, scale)` on the whole batch, or on each device's rows (psum-ed) with a mesh."""
+def _mean_over_counted_rows(
+    block: Any, mesh: Mesh | None, batch_axes: Sequence[str], rows: list[jax.Array], scale: jax.Array,
+    row_mask: jax.Array, negative_mask: jax.Array, dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(loss, accuracy, counted rows): `block(*rows, scale)`'s sums (on the whole batch, or on each device's
+    rows, psum-ed, with a mesh) divided by the number of rows that are not padding and have a valid negative."""
     shards = batch_shards(mesh, batch_axes)
     if shards == 1:
-        return block(*row_arrays, scale)
-    return sharded_sum(block, mesh, tuple(batch_axes), pad_rows(row_arrays, shards), [scale])
+        sums = block(*rows, scale)
+    else:
+        sums = sharded_sum(block, mesh, tuple(batch_axes), pad_rows(rows, shards), [scale])
+    counted = jnp.sum(row_mask & jnp.any(negative_mask, axis=-1)).astype(dtype)
+    denominator = jnp.maximum(counted, 1.0)
+    return sums[0] / denominator, sums[1] / denominator, counted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,10 +185,7 @@ def global_hn_parts(
 
     rows = [image_embeddings.astype(dtype), text_embeddings.astype(dtype), negative_text_embeddings.astype(dtype),
             negative_mask, row_mask]
-    sums = _rowwise_sums(block, mesh, batch_axes, rows, scale)
-    counted = jnp.sum(row_mask & jnp.any(negative_mask, axis=-1)).astype(dtype)
-    denominator = jnp.maximum(counted, 1.0)
-    return sums[0] / denominator, sums[1] / denominator, counted
+    return _mean_over_counted_rows(block, mesh, batch_axes, rows, scale, row_mask, negative_mask, dtype)
 
 
 def global_hn_loss(*args: Any, **kwargs: Any) -> jax.Array:
@@ -283,10 +286,7 @@ def local_hn_parts(
 
     rows = [image_tokens.astype(dtype), text_tokens.astype(dtype), negative_text_tokens.astype(dtype), token_valid,
             negative_mask, row_mask]
-    sums = _rowwise_sums(block, mesh, batch_axes, rows, scale)
-    counted = jnp.sum(row_mask & jnp.any(negative_mask, axis=-1)).astype(dtype)
-    denominator = jnp.maximum(counted, 1.0)
-    return sums[0] / denominator, sums[1] / denominator, counted
+    return _mean_over_counted_rows(block, mesh, batch_axes, rows, scale, row_mask, negative_mask, dtype)
 
 
 def local_hn_loss(*args: Any, **kwargs: Any) -> jax.Array:
