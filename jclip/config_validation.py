@@ -127,6 +127,7 @@ def batch_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
 def _check_contract(config: ml_collections.ConfigDict) -> None:
     """Every field a loss term or a tower reads is written by the pipeline or produced by the model (or
     the teacher), and every field the pipeline writes is read: checked before anything is compiled."""
+    from jclip.data import configured
     from jclip import losses, models
     from jclip.build import TEACHER_OUTPUTS
     from jclip.data.robust import TRUNCATED_FIELD
@@ -147,10 +148,11 @@ def _check_contract(config: ml_collections.ConfigDict) -> None:
     for term, declared in reads.items():
         for field in declared.batch:
             _require(field in fields, f"losses: term {term!r} reads the batch field {field!r}, which no preprocessing op "
-                                      f"writes; the pipeline writes: {written}")
+                                      f"writes{configured.field_hint(field)}; the pipeline writes: {written}")
         for output in declared.outputs:
             hint = ("only a frozen teacher provides: set teacher.checkpoint (a finished jclip run)"
-                    if output in TEACHER_OUTPUTS else models.missing_output_hint(output))
+                    if output in TEACHER_OUTPUTS else models.missing_output_hint(output)
+                    + configured.field_hint(models.extra_caption_field(output) or ""))
             _require(output in outputs, f"losses: term {term!r} reads the model output {output!r}, which {hint}")
         read.update(declared.batch)
         read.update(models.extra_fields_read([o for o in declared.outputs if o not in TEACHER_OUTPUTS]))

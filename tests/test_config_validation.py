@@ -26,7 +26,8 @@ def config_with(**terms):
 def test_an_output_of_an_extra_caption_field_needs_the_op_that_writes_the_field():
     config = config_with(probe_negatives={"weight": 1.0})
     with pytest.raises(ConfigError, match="losses: term 'probe_negatives' reads the batch field 'negative_mask', "
-                                          "which no preprocessing op writes; the pipeline writes: images"):
+                                          "which no preprocessing op writes; set data.hard_negatives=DIR .*; the pipeline "
+                                          "writes: images"):
         validate_config(config)
     config.data.preprocess += "|tokenize(field='negative_captions', out='negative_token_ids', max_count=3)"
     validate_config(config)  # the op writes negative_token_ids and negative_mask; the model embeds the former
@@ -52,3 +53,12 @@ def test_a_field_nothing_reads_is_refused():
     with pytest.raises(ConfigError, match=r"the preprocessing writes \['negative_mask', 'negative_token_ids'\] "
                                           r"\(tokenize\), which no loss term or tower reads"):
         validate_config(config)
+
+
+def test_a_term_reading_hard_negatives_without_pools_is_told_how_to_make_them():
+    from configs import fscclip
+
+    with pytest.raises(ConfigError, match=r"term 'global_hn' reads the batch field 'negative_mask', which no "
+                                          r"preprocessing op writes; set data.hard_negatives=DIR \(candidate pools "
+                                          r"made by python -m jclip.make_negatives\) to provide it"):
+        validate_config(fscclip.get_config())

@@ -320,6 +320,20 @@ class ConfiguredData:
         )
 
 
+#: Batch fields a `data.*` shorthand provides, and how to get them (for start-up messages).
+SHORTHAND_FIELDS = {
+    "negative_token_ids": "data.hard_negatives=DIR (candidate pools made by python -m jclip.make_negatives)",
+    "negative_mask": "data.hard_negatives=DIR (candidate pools made by python -m jclip.make_negatives)",
+    "guidance_image_features": "data.guidance_features=DIR (made by python -m jclip.write_guidance)",
+    "guidance_text_features": "data.guidance_features=DIR (made by python -m jclip.write_guidance)",
+}
+
+
+def field_hint(field: str) -> str:
+    """'; set <shorthand> to provide it' for a batch field a data shorthand writes, else ''."""
+    return f"; set {SHORTHAND_FIELDS[field]} to provide it" if field in SHORTHAND_FIELDS else ""
+
+
 def with_hard_negatives(spec: str, directory: str, context: ops.OpContext) -> str:
     """`spec` with FSC-CLIP's hard negatives drawn from the pools in `directory`, unless it draws them already.
 
