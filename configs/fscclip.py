@@ -23,12 +23,13 @@ Args (`configs/fscclip.py:variant=negclip,init=DIR,...`, besides common.base_con
   lora       LoRA rank 4 on the attention, MLP and patch-embedding projections; only the adapters train
   lr         the peak learning rate (default: 5e-6, or 5e-5 with lora)
 
-Command (the paper's setting, on real data; the pools once, then the fine-tune):
+Command (the paper's setting on COCO, prepared as TFDS ArrayRecord; the weights and the pools once, then the run):
     python -m jclip.convert import --source=ViT-B-32.safetensors --preset=B/32 --quick_gelu=true --output=/ckpt/openai-b32
-    python -m jclip.make_negatives --config=configs/fscclip.py:model=B/32,data=tfds:coco_captions \\
-        --output=/data/coco-negatives
-    python -m jclip.main --config=configs/fscclip.py:model=B/32,data=tfds:coco_captions,batch=256,steps=1950,init=/ckpt/openai-b32,negatives=/data/coco-negatives \\
-        --workdir=/runs/fscclip
+    python -m jclip.make_negatives --config=configs/fscclip.py:model=B/32,data=tfds:coco_captions/2017 \
+        --config.data.caption_field=captions/text --config.data.train_split='train[:100000]' --output=/data/coco-negatives
+    python -m jclip.main --config=configs/fscclip.py:model=B/32,data=tfds:coco_captions/2017,batch=256,steps=1950,init=/ckpt/openai-b32,negatives=/data/coco-negatives \
+        --config.model.quick_gelu=true --config.data.caption_field=captions/text \
+        --config.data.train_split='train[:100000]' --workdir=/runs/fscclip
 Embedded data (the README's comparison): pretrain with configs/clip.py, make the pools, then
     python -m jclip.main --config=configs/fscclip.py:init=/tmp/jclip-clip,negatives=/tmp/negatives --workdir=/tmp/fsc
 """
