@@ -1,6 +1,7 @@
 """The three hard-negative kinds of FSC-CLIP (Oh et al., EMNLP 2024), after NegCLIP and SugarCrepe.
 
-- swap: exchange two differing spans of one type (two noun chunks, two adjectives, two colours, ...).
+- swap: exchange two differing spans of one type (two noun chunks, two adjectives, two colours, ...), except
+  two items of one list ("a red circle and a blue square"), whose exchange is a paraphrase, not a negative.
 - replace: put one of a slot's alternatives in its place (another colour, a sibling noun, "below" for "above").
 - shuffle: cut the tokens into consecutive pairs and shuffle the pairs (NegCLIP's bigram shuffle).
 
@@ -17,6 +18,8 @@ import numpy as np
 from jclip.data.negatives.text import Parsed, Token, fix_articles, normalise, render
 
 _FINAL_PUNCTUATION = (".", "!", "?")
+#: Words that join the items of a list, whose order carries no meaning (with the articles that open an item).
+LIST_SEPARATORS = frozenset({",", ";", "and", "or", "&", "+", "a", "an", "the"})
 
 
 def _with_space(segment: list[Token], space: str) -> list[Token]:
@@ -52,12 +55,29 @@ def swap_pair(tokens: tuple[Token, ...], a: tuple[int, int], b: tuple[int, int])
     return render(fix_articles(new, (a[0] - 1, second - 1)))
 
 
+def same_list(tokens: tuple[Token, ...], spans: list[tuple[int, int]], a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether spans a and b (a before b) are items of one list: only list separators and other spans of their
+    type lie between them ("a red circle, a green star and a blue square")."""
+    ends = {start: end for start, end in spans}
+    position = a[1]
+    while position < b[0]:
+        if ends.get(position, b[0] + 1) <= b[0]:
+            position = ends[position]
+        elif tokens[position].text.lower() in LIST_SEPARATORS:
+            position += 1
+        else:
+            return False
+    return True
+
+
 def swap(parsed: Parsed) -> list[str]:
-    """Every swap of two differing, non-overlapping spans of one type."""
+    """Every swap of two differing, non-overlapping spans of one type that are not items of one list (swapping
+    those, as in "a blue square and a red circle", would give a paraphrase of the caption)."""
     out = []
     for spans in parsed.swap_spans.values():
-        for a, b in itertools.combinations(sorted(set(spans)), 2):
-            if a[1] > b[0]:
+        spans = sorted(set(spans))
+        for a, b in itertools.combinations(spans, 2):
+            if a[1] > b[0] or same_list(parsed.tokens, spans, a, b):
                 continue
             if normalise(render(parsed.tokens[a[0] : a[1]])) == normalise(render(parsed.tokens[b[0] : b[1]])):
                 continue

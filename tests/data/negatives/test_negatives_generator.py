@@ -111,7 +111,7 @@ def test_pools_are_capped():
     generator = make_generator("lexicon", max_per_kind=3)
     for result in generator.generate(_scene_captions(50)):
         assert all(len(pool) <= 3 for pool in result.pools.values())
-    [result] = generator.generate(["a red circle and a blue square"])
+    [result] = generator.generate(["a large red circle above a small blue square"])
     assert all(len(pool) == 3 for pool in result.pools.values())  # each kind has more than 3 candidates
 
 

@@ -26,8 +26,21 @@ def test_swap_skips_equal_and_overlapping_spans_and_fixes_articles():
 
 
 def test_swap_of_multi_token_spans_keeps_spacing_and_sentence_case():
-    parsed = _parsed("Large blue star, small red cross.", {"np": ((0, 3), (4, 7))})
-    assert kinds.swap(parsed) == ["Small red cross, large blue star."]
+    parsed = _parsed("Large blue star above small red cross.", {"np": ((0, 3), (4, 7))})
+    assert kinds.swap(parsed) == ["Small red cross above large blue star."]
+
+
+def test_swap_leaves_the_items_of_a_list_in_place():
+    """Exchanging two items of one list gives a paraphrase, never a negative; their parts still swap."""
+    # tokens: 0 a, 1 red, 2 circle, 3 ",", 4 a, 5 green, 6 star, 7 and, 8 a, 9 blue, 10 square, 11 on, 12 grey, 13 sand
+    parsed = _parsed("a red circle, a green star and a blue square on grey sand",
+                     {"np": ((0, 3), (4, 7), (8, 11), (12, 14)), "colour": ((1, 2), (5, 6), (9, 10))})
+    swaps = kinds.swap(parsed)
+    assert "a green star, a red circle and a blue square on grey sand" not in swaps
+    assert "a blue square, a green star and a red circle on grey sand" not in swaps  # first and last items
+    assert "a red circle, a green star and grey sand on a blue square" in swaps  # across "on": a relation
+    assert "a green circle, a red star and a blue square on grey sand" in swaps  # colours bound to other shapes
+    assert len(swaps) == 3 + 3  # np: each item with the "on" object; colour: every pair
 
 
 def test_replace_puts_each_alternative_in_place():
