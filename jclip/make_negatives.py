@@ -32,6 +32,8 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "spacy", "lexicon"],
                              "The generator: spacy (a parser), lexicon (no parser), or auto (spacy when installed).")
 _SEED = flags.DEFINE_integer("seed", 0, "The generator's seed (which candidates are kept when there are too many).")
 _MAX_PER_KIND = flags.DEFINE_integer("max_per_kind", 16, "At most this many candidates per caption and kind.")
+_MAX_WORDS = flags.DEFINE_integer("max_words", 100, "Longer captions get no negatives (counted as too_long); "
+                                  "raise it for dense captions.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Read only the first N examples of each training component.")
 CHUNK_SIZE = 512
 
@@ -44,11 +46,11 @@ class Generator(Protocol):
     def generate(self, captions: Sequence[str]) -> list[Any]: ...
 
 
-def load_generator(backend: str, *, seed: int, max_per_kind: int) -> Generator:
+def load_generator(backend: str, *, seed: int, max_per_kind: int, max_words: int = 100) -> Generator:
     """The `jclip.data.negatives` generator (imported here: only this command needs the parser)."""
     from jclip.data.negatives import make_generator
 
-    return make_generator(backend, seed=seed, max_per_kind=max_per_kind)
+    return make_generator(backend, seed=seed, max_per_kind=max_per_kind, max_words=max_words)
 
 
 def training_captions(config: Any, limit: int | None = None, log: Callable[[str], None] = print
@@ -86,7 +88,7 @@ def _source_description(config: Any, limit: int | None) -> dict[str, Any]:
 
 def make_negatives(
     config: Any, output: str | pathlib.Path, *, backend: str = "auto", seed: int = 0, max_per_kind: int = 16,
-    limit: int | None = None, generator: Generator | None = None, chunk_size: int = CHUNK_SIZE,
+    max_words: int = 100, limit: int | None = None, generator: Generator | None = None, chunk_size: int = CHUNK_SIZE,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Generates the pools of every training caption of `config` and writes them to `output`; returns a summary.
@@ -100,7 +102,7 @@ def make_negatives(
         raise ValueError(f"the training data of this config has no usable caption ({examples} examples read, "
                          f"bad caption fields: {bad or 'none'})")
     if generator is None:
-        generator = load_generator(backend, seed=seed, max_per_kind=max_per_kind)
+        generator = load_generator(backend, seed=seed, max_per_kind=max_per_kind, max_words=max_words)
     results: list[Any] = []
     started = time.perf_counter()
     for start in range(0, len(captions), chunk_size):
@@ -116,7 +118,7 @@ def make_negatives(
     kinds = getattr(generator, "kinds", None)
     directory = negative_pools.write_pools(
         output, results, backend=generator.backend, seed=seed, source=_source_description(config, limit), kinds=kinds,
-        extra_meta={"max_per_kind": max_per_kind, "examples": examples, "bad_captions": bad,
+        extra_meta={"max_per_kind": max_per_kind, "max_words": max_words, "examples": examples, "bad_captions": bad,
                     "captions_per_second": round(rate, 1)},
     )
     meta = negative_pools.NegativePools(directory).meta
@@ -156,7 +158,7 @@ def main(argv: list[str]) -> None:
 
     try:
         summary = make_negatives(_CONFIG.value, _OUTPUT.value, backend=_BACKEND.value, seed=_SEED.value,
-                                 max_per_kind=_MAX_PER_KIND.value, limit=_LIMIT.value,
+                                 max_per_kind=_MAX_PER_KIND.value, max_words=_MAX_WORDS.value, limit=_LIMIT.value,
                                  log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, ImportError, ValueError) as error:
         print(f"jclip.make_negatives: {error}", file=sys.stderr)

@@ -112,7 +112,7 @@ from jclip import make_negatives
 from jclip.cli import parse_flags
 from test_make_negatives import FakeGenerator
 
-make_negatives.load_generator = lambda backend, *, seed, max_per_kind: FakeGenerator()
+make_negatives.load_generator = lambda backend, **settings: FakeGenerator()
 app.run(make_negatives.main, flags_parser=parse_flags)
 """
 
@@ -134,3 +134,17 @@ def test_the_command_writes_the_pools_and_prints_the_coverage(tmp_path, scenes_d
     missing = subprocess.run(command[:3] + command[4:], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                              timeout=600)
     assert missing.returncode != 0 and "--output is required" in missing.stderr
+
+
+def test_captions_over_max_words_are_counted_as_too_long(tmp_path, scenes_data_dir):
+    """With the real (lexicon) generator: the embedded dense captions run to 40-120 words, so max_words=12 refuses
+    every one and says why, and max_words=200 keeps them all."""
+    config = embedded_config(scenes_data_dir)
+    config.data.caption_field = "dense_caption"
+    short = make_negatives.make_negatives(config, tmp_path / "short", backend="lexicon", max_words=12, limit=5,
+                                          log=lambda line: None)
+    assert short["captions"] == 5 and short["problems"] == {"too_long": 5} and short["coverage"]["any"] == 0.0
+    assert json.loads((tmp_path / "short" / "meta.json").read_text())["max_words"] == 12
+    long = make_negatives.make_negatives(config, tmp_path / "long", backend="lexicon", max_words=200, limit=5,
+                                         log=lambda line: None)
+    assert long["coverage"]["any"] == 1.0 and not long["problems"]
