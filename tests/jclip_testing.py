@@ -146,3 +146,17 @@ def fwd_bwd_temp_bytes(loss, n_rows: int, d: int, mesh, num_scalars: int = 1) ->
     scalars = [jax.ShapeDtypeStruct((), jnp.float32)] * num_scalars
     grad = jax.value_and_grad(loss, argnums=tuple(range(2 + num_scalars)))
     return int(jax.jit(grad).lower(spec, spec, *scalars).compile().memory_analysis().temp_size_in_bytes)
+
+
+def scene_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` alt-text-like captions of the embedded dataset's scene generator (seeded)."""
+    from jclip.data.sources import scenes
+
+    rng = np.random.default_rng(seed)
+    return [scenes.short_caption(scenes.sample_scene(rng), rng) for _ in range(n)]
+
+
+def negative_pools_of(generator, caption: str) -> dict[str, tuple[str, ...]]:
+    """A negatives generator's pools for one caption."""
+    [result] = generator.generate([caption])
+    return result.pools

@@ -102,14 +102,14 @@ def _hn_sums(
     return jnp.stack([jnp.sum(jnp.where(counted, rows, 0.0)), jnp.sum(jnp.where(counted, correct, 0.0))])
 
 
-def _scr_knobs(name: str, gamma: float, beta: float, focal: bool, smoothing: bool) -> tuple[float, float]:
-    """The effective (γ, β): `focal=False` means γ = 0, `smoothing=False` means β = 0."""
+def _scr_knobs(name: str, gamma: float, beta: float) -> tuple[float, float]:
+    """(γ, β) as floats, checked: γ = 0 drops the focal factor, β = 0 the label smoothing."""
     gamma, beta = float(gamma), float(beta)
     if gamma < 0.0:
         raise ValueError(f"{name}: gamma must be >= 0, got {gamma!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"{name}: beta must be in [0, 1], got {beta!r}")
-    return (gamma if focal else 0.0), (beta if smoothing else 0.0)
+    return gamma, beta
 
 
 def _row_mask(mask: jax.Array | None, n: int) -> jax.Array:
@@ -407,17 +407,14 @@ def global_hn_term(
     *,
     gamma: float = 2.0,
     beta: float = 0.02,
-    focal: bool = True,
-    smoothing: bool = True,
     negatives: str = "negative",
 ) -> tuple[jax.Array, Metrics]:
     """FSC-CLIP's global HN loss with SCR (METHODS.md section 4); defaults are the official γ, β.
 
-    `focal=False` / `smoothing=False` switch off the focal factor / the label smoothing (both off: plain
-    cross-entropy). `negatives`: the prefix of the negative fields. Metrics: `global_hn/accuracy`,
-    `global_hn/valid_rows`.
+    `gamma=0` drops the focal factor and `beta=0` the label smoothing (both: plain cross-entropy).
+    `negatives`: the prefix of the negative fields. Metrics: `global_hn/accuracy`, `global_hn/valid_rows`.
     """
-    gamma, beta = _scr_knobs("global_hn", gamma, beta, focal, smoothing)
+    gamma, beta = _scr_knobs("global_hn", gamma, beta)
     loss, accuracy, counted = global_hn_parts(
         outputs["image_embeddings"], outputs["text_embeddings"], outputs[f"{negatives}_text_embeddings"],
         batch[f"{negatives}_mask"], outputs["logit_scale"],
@@ -434,8 +431,6 @@ def local_hn_term(
     *,
     gamma: float = 2.0,
     beta: float = 0.02,
-    focal: bool = True,
-    smoothing: bool = True,
     skip_start_token: bool = True,
     attention: str = "minmax",
     negatives: str = "negative",
@@ -445,7 +440,7 @@ def local_hn_term(
     Knobs as `global_hn`, plus `skip_start_token` and `attention` (see `local_hn_parts`). Metrics:
     `local_hn/accuracy`, `local_hn/valid_rows`.
     """
-    gamma, beta = _scr_knobs("local_hn", gamma, beta, focal, smoothing)
+    gamma, beta = _scr_knobs("local_hn", gamma, beta)
     loss, accuracy, counted = local_hn_parts(
         outputs["image_tokens"], outputs["text_tokens"], outputs["text_token_mask"],
         outputs[f"{negatives}_text_tokens"], outputs[f"{negatives}_text_token_mask"], batch[f"{negatives}_mask"],

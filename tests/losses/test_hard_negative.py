@@ -303,18 +303,6 @@ def test_gamma_beta_zero_is_plain_cross_entropy(kind):
     assert rel_err(value, expected) < 1e-13
 
 
-def test_focal_and_smoothing_switches():
-    """`focal=False` is γ = 0 and `smoothing=False` is β = 0, through the registered terms."""
-    inp = make_inputs(4)
-    outputs, batch = _outputs_and_batch(inp)
-    for name in ("global_hn", "local_hn"):
-        switched, _ = TERMS[name](outputs, batch, LossContext(), focal=False, smoothing=False, gamma=5.0, beta=0.5)
-        plain, _ = TERMS[name](outputs, batch, LossContext(), gamma=0.0, beta=0.0)
-        assert float(switched) == float(plain)
-        only_focal, _ = TERMS[name](outputs, batch, LossContext(), smoothing=False)
-        assert float(only_focal) == float(TERMS[name](outputs, batch, LossContext(), beta=0.0)[0])
-
-
 # --- (c) gradients by central finite differences of the NumPy loops ---------------------------------
 
 

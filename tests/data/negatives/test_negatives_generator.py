@@ -12,12 +12,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jclip.data.negatives import KINDS, CaptionNegatives, coverage, make_generator
 from jclip.data.negatives.text import normalise
-from jclip.data.sources import scenes
+from jclip_testing import negative_pools_of, scene_captions
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -36,16 +35,6 @@ def full():
     return make_generator("lexicon", max_per_kind=1000)
 
 
-def _pools(generator, caption: str) -> dict[str, tuple[str, ...]]:
-    [result] = generator.generate([caption])
-    return result.pools
-
-
-def _scene_captions(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [scenes.short_caption(scenes.sample_scene(rng), rng) for _ in range(n)]
-
-
 def test_interface():
     assert KINDS == ("swap", "replace", "shuffle")
     generator = make_generator("lexicon")
@@ -59,39 +48,39 @@ def test_interface():
 
 @pytest.mark.parametrize("caption", EXAMPLES)
 def test_every_kind_on_the_embedded_examples(full, caption):
-    pools = _pools(full, caption)
+    pools = negative_pools_of(full, caption)
     assert all(pools[kind] for kind in KINDS), pools
 
 
 def test_swap_examples(full):
-    assert "a blue circle and a red square" in _pools(full, "a red circle and a blue square")["swap"]
-    swaps = _pools(full, "picture of a blue diamond above a red triangle")["swap"]
+    assert "a blue circle and a red square" in negative_pools_of(full, "a red circle and a blue square")["swap"]
+    swaps = negative_pools_of(full, "picture of a blue diamond above a red triangle")["swap"]
     assert "picture of a red triangle above a blue diamond" in swaps  # the relation swap
     assert "picture of a red diamond above a blue triangle" in swaps  # the attribute swap
-    swaps = _pools(full, "a large yellow star, a small green cross on a grey background")["swap"]
+    swaps = negative_pools_of(full, "a large yellow star, a small green cross on a grey background")["swap"]
     assert "a small yellow star, a large green cross on a grey background" in swaps
-    swaps = _pools(full, "simple drawing of an orange cross next to a green circle")["swap"]
+    swaps = negative_pools_of(full, "simple drawing of an orange cross next to a green circle")["swap"]
     assert "simple drawing of a green cross next to an orange circle" in swaps  # articles follow the colours
 
 
 def test_replace_examples(full):
-    replaces = _pools(full, "picture of a blue diamond above a red triangle")["replace"]
+    replaces = negative_pools_of(full, "picture of a blue diamond above a red triangle")["replace"]
     assert "picture of a blue diamond below a red triangle" in replaces
     assert "picture of a green diamond above a red triangle" in replaces
     assert "picture of a blue diamond above a red circle" in replaces
     assert "picture of a blue diamond over a red triangle" not in replaces  # a synonym of "above"
-    replaces = _pools(full, "Two dogs on a table")["replace"]
+    replaces = negative_pools_of(full, "Two dogs on a table")["replace"]
     assert "Two cats on a table" in replaces and "Two cat on a table" not in replaces
     assert "Two dogs under a table" in replaces and "Two dogs on a chair" in replaces
-    replaces = _pools(full, "A LARGE CAT")["replace"]
+    replaces = negative_pools_of(full, "A LARGE CAT")["replace"]
     assert "A SMALL CAT" in replaces and "A LARGE DOG" in replaces and "A BIG CAT" not in replaces
 
 
 def test_replace_never_proposes_a_synonym(full):
-    replaces = _pools(full, "a cat on a table")["replace"]
+    replaces = negative_pools_of(full, "a cat on a table")["replace"]
     assert "a cat under a table" in replaces and "a dog on a table" in replaces and "a cat on a chair" in replaces
     assert not {"a cat on top of a table", "a cat atop a table", "a cat on a table"} & set(replaces)
-    replaces = _pools(full, "a big cat on a sofa near a grey bike")["replace"]
+    replaces = negative_pools_of(full, "a big cat on a sofa near a grey bike")["replace"]
     for synonym in ("large cat", "huge cat", "on top of a sofa", "on a couch", "beside a", "gray bike", "grey bicycle"):
         assert not any(synonym in r for r in replaces), synonym
     assert "a small cat on a sofa near a grey bike" in replaces
@@ -99,7 +88,7 @@ def test_replace_never_proposes_a_synonym(full):
 
 def test_a_negative_is_never_its_caption_and_pools_have_no_duplicates():
     generator = make_generator("lexicon", max_per_kind=1000)
-    captions = _scene_captions(300) + ["red red red circle circle", "A cat. A cat.", "circle square circle square"]
+    captions = scene_captions(300) + ["red red red circle circle", "A cat. A cat.", "circle square circle square"]
     for result in generator.generate(captions):
         for kind, pool in result.pools.items():
             keys = [normalise(n) for n in pool]
@@ -109,14 +98,14 @@ def test_a_negative_is_never_its_caption_and_pools_have_no_duplicates():
 
 def test_pools_are_capped():
     generator = make_generator("lexicon", max_per_kind=3)
-    for result in generator.generate(_scene_captions(50)):
+    for result in generator.generate(scene_captions(50)):
         assert all(len(pool) <= 3 for pool in result.pools.values())
     [result] = generator.generate(["a large red circle above a small blue square"])
     assert all(len(pool) == 3 for pool in result.pools.values())  # each kind has more than 3 candidates
 
 
 def test_deterministic_and_independent_of_the_batch():
-    captions = _scene_captions(40)
+    captions = scene_captions(40)
     first = make_generator("lexicon", seed=3, max_per_kind=4).generate(captions)
     again = make_generator("lexicon", seed=3, max_per_kind=4).generate(captions)
     assert first == again
@@ -129,7 +118,7 @@ def test_deterministic_and_independent_of_the_batch():
 
 
 def test_different_seeds_differ_somewhere():
-    captions = _scene_captions(20)
+    captions = scene_captions(20)
     a = make_generator("lexicon", seed=0, max_per_kind=4).generate(captions)
     b = make_generator("lexicon", seed=1, max_per_kind=4).generate(captions)
     assert a != b
@@ -165,7 +154,7 @@ def test_coverage():
 
 
 def test_lexicon_coverage_on_embedded_captions():
-    shares = coverage(make_generator("lexicon").generate(_scene_captions(300)))
+    shares = coverage(make_generator("lexicon").generate(scene_captions(300)))
     assert shares["replace"] == 1.0 and shares["shuffle"] > 0.95 and shares["swap"] > 0.9
 
 

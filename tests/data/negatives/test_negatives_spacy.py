@@ -13,13 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jclip.data.negatives import KINDS, coverage, make_generator
 from jclip.data.negatives import wordnet as wordnet_module
 from jclip.data.negatives.text import normalise
-from jclip.data.sources import scenes
+from jclip_testing import negative_pools_of, scene_captions
 
 pytest.importorskip("spacy", reason="spaCy is not installed (pip install 'jclip[negatives]')")
 pytest.importorskip("lemminflect", reason="lemminflect is not installed (pip install 'jclip[negatives]')")
@@ -51,16 +50,6 @@ def full():
         pytest.skip(f"spaCy's English model is missing: {error}")
 
 
-def _pools(generator, caption: str) -> dict[str, tuple[str, ...]]:
-    [result] = generator.generate([caption])
-    return result.pools
-
-
-def _scene_captions(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [scenes.short_caption(scenes.sample_scene(rng), rng) for _ in range(n)]
-
-
 def test_backend_names_what_it_uses(full):
     assert full.backend.startswith("spacy 3.8.") and "en_core_web_sm" in full.backend and "lemminflect" in full.backend
     assert full.backend.endswith("WordNet 3.0" if _has_wordnet() else "lexicon (no WordNet)")
@@ -69,40 +58,40 @@ def test_backend_names_what_it_uses(full):
 
 @pytest.mark.parametrize("caption", EXAMPLES)
 def test_every_kind_on_the_embedded_examples(full, caption):
-    pools = _pools(full, caption)
+    pools = negative_pools_of(full, caption)
     assert all(pools[kind] for kind in KINDS), pools
 
 
 def test_swap_examples(full):
-    swaps = _pools(full, "a red circle and a blue square")["swap"]
+    swaps = negative_pools_of(full, "a red circle and a blue square")["swap"]
     assert "a blue square and a red circle" not in swaps  # two items of one list: a paraphrase
     assert "a blue circle and a red square" in swaps  # adjectives
-    swaps = _pools(full, "picture of a blue diamond above a red triangle")["swap"]
+    swaps = negative_pools_of(full, "picture of a blue diamond above a red triangle")["swap"]
     assert "picture of a red triangle above a blue diamond" in swaps  # noun chunks
-    swaps = _pools(full, "A man riding a horse and a woman walking a dog")["swap"]
+    swaps = negative_pools_of(full, "A man riding a horse and a woman walking a dog")["swap"]
     assert "A man walking a horse and a woman riding a dog" in swaps  # verb phrases
     assert "A woman riding a horse and a man walking a dog" in swaps  # nouns, sentence case kept
-    swaps = _pools(full, "a cat on a table next to a dog")["swap"]
+    swaps = negative_pools_of(full, "a cat on a table next to a dog")["swap"]
     assert "a cat next to a table on a dog" in swaps  # the lexicon's relation type
 
 
 def test_replace_examples(full):
-    replaces = _pools(full, "picture of a blue diamond above a red triangle")["replace"]
+    replaces = negative_pools_of(full, "picture of a blue diamond above a red triangle")["replace"]
     assert {"picture of a blue diamond below a red triangle", "picture of a green diamond above a red triangle",
             "picture of a blue diamond above a red circle"} <= set(replaces)
-    replaces = _pools(full, "Two dogs sitting next to a car")["replace"]
+    replaces = negative_pools_of(full, "Two dogs sitting next to a car")["replace"]
     assert "Two cats sitting next to a car" in replaces and "Two dogs sitting behind a car" in replaces
     assert not any(" cat " in r for r in replaces)  # the plural is kept
 
 
 def test_the_particle_on_is_no_relation(full):
-    replaces = _pools(full, "the man turned on the light")["replace"]
+    replaces = negative_pools_of(full, "the man turned on the light")["replace"]
     assert not any("turned below" in r or "turned above" in r for r in replaces)
 
 
 @needs_wordnet
 def test_wordnet_replaces_words_outside_the_lexicon(full):
-    replaces = _pools(full, "A woman is riding a tractor")["replace"]
+    replaces = negative_pools_of(full, "A woman is riding a tractor")["replace"]
     riding = [r.split()[3] for r in replaces if r.startswith("A woman is ") and r.endswith(" a tractor")]
     assert riding and all(word.endswith("ing") for word in riding)  # verbs keep their tense
     assert any(r.startswith("A woman is riding a ") and not r.endswith("tractor") for r in replaces)
@@ -116,7 +105,7 @@ def test_wordnet_replace_never_proposes_a_synonym(full):
                     "a woman riding a horse on a beach", "two boys eating pizza in a kitchen"):
         original = caption.split()
         compared = 0
-        for negative in _pools(full, caption)["replace"]:
+        for negative in negative_pools_of(full, caption)["replace"]:
             new = negative.split()
             if len(new) != len(original):
                 continue  # a multi-word relation came in: no single word to compare
@@ -132,7 +121,7 @@ def test_never_the_caption_no_duplicates_and_batch_independent():
         generator = make_generator("spacy", seed=5, max_per_kind=4)
     except ImportError as error:
         pytest.skip(f"spaCy's English model is missing: {error}")
-    captions = _scene_captions(60) + ["A dog runs on the beach.", "two cats sleeping on a red sofa"]
+    captions = scene_captions(60) + ["A dog runs on the beach.", "two cats sleeping on a red sofa"]
     results = generator.generate(captions)
     for result in results:
         for pool in result.pools.values():
