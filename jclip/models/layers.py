@@ -97,11 +97,13 @@ def activation_fn(use_quick_gelu: bool) -> Callable[[jax.Array], jax.Array]:
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, eps 1e-5, statistics in float32, output in the compute dtype."""
+    """LayerNorm over the last axis, eps 1e-5 (BERT's 1e-12 by argument), statistics in float32, output in the
+    compute dtype."""
 
     def __init__(self, width: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs | None = None) -> None:
+                 eps: float = LAYER_NORM_EPS, rngs: nnx.Rngs | None = None) -> None:
         self.dtype = dtype
+        self.eps = eps
         self.scale = logical_param(rngs, ones, (width,), ("embed",), param_dtype)
         self.bias = logical_param(rngs, zeros, (width,), ("embed",), param_dtype)
 
@@ -109,7 +111,7 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        normalised = (x32 - mean) * jax.lax.rsqrt(variance + LAYER_NORM_EPS)
+        normalised = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
         out = normalised * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return out.astype(self.dtype)
 
@@ -179,8 +181,9 @@ class MultiHeadSelfAttention(nnx.Module):
             rngs, lora_a_init(width), (num_heads, self.head_dim, rank), ("heads", "kv", None), param_dtype)
         self.out_lora_b = None if not lora else logical_param(rngs, zeros, (rank, width), (None, "embed"), param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, length, width] -> [batch, length, width]."""
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        """x: [batch, length, width] -> [batch, length, width]; `key_mask` [batch, length] (True: a real
+        token) keeps padding keys out of every query's attention."""
         x = x.astype(self.dtype)
         qkv = jnp.einsum("btd,dknh->kbtnh", x, self.in_kernel[...].astype(self.dtype))
         if self.in_lora_a is not None:
@@ -188,7 +191,8 @@ class MultiHeadSelfAttention(nnx.Module):
                                         "btd,dr->btr", "btr,rknh->kbtnh")
         qkv = qkv + self.in_bias[...].astype(self.dtype)[:, None, None]
         query, key, value = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv)
-        attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        attended = jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=self.causal)
         attended = constrain(attended, ("batch", "length", "act_heads", None))
         out = jnp.einsum("btnh,nhd->btd", attended, self.out_kernel[...].astype(self.dtype))
         if self.out_lora_a is not None:

@@ -72,6 +72,8 @@ class Tower:
     after_blocks: tuple[str, ...] = ()
     #: The `model.lora.targets` the module adapts when built with `lora=` (jclip.models.lora); () for none.
     lora_targets: tuple[str, ...] = ()
+    #: Pretrained towers: reads the file `weights` names into the module's layout (`jclip.pretrained`).
+    load_weights: Callable[[Mapping[str, Any]], "PretrainedWeights"] | None = None
 
     @property
     def keys(self) -> frozenset[str]:
@@ -104,6 +106,16 @@ class Tower:
         abstract = nnx.eval_shape(lambda: self.module(**self.build_args(config), output_dim=output_dim, rngs=nnx.Rngs(0)))
         leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
         return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedWeights:
+    """A pretrained file read into a tower's layout: `params` by '/'-joined path under the tower (e.g.
+    `layers/0/attn/in_kernel`), already transposed and reshaped; `unused`, the file's tensors not taken."""
+
+    source: str
+    params: Mapping[str, np.ndarray]
+    unused: tuple[str, ...] = ()
 
 
 _TOWERS: dict[str, dict[str, Tower]] = {modality: {} for modality in MODALITIES}

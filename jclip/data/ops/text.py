@@ -1,5 +1,6 @@
 """The `tokenize` op: one caption to token ids [L], or a list of up to K captions to ids [K, L] and a mask [K].
 
+Rows are padded with the tokenizer's `pad_id` (0 for CLIP's BPE, -1 for a pretrained tower's tokenizer).
 One caption (the default): a missing, undecodable or empty caption (also one with no tokens once cleaned,
 like "&nbsp;") skips the example; a caption longer than the context is truncated, and with
 `count_truncated` the op also writes `caption_truncated` (int32 0/1), which `SkipCounter` pops and counts.
@@ -55,7 +56,7 @@ class Tokenize(Op):
         """Token ids, or None when nothing is left once cleaned."""
         tokenizer = self.tokenizer
         ids = tokenizer(text)
-        return None if ids[tokenizer.num_start_tokens] == tokenizer.end_of_text else ids
+        return ids if tokenizer.has_content(ids) else None
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         out = {key: value for key, value in example.items() if key != self.field}
@@ -68,7 +69,7 @@ class Tokenize(Op):
             if self.count_truncated:
                 # A full context ends in the end token; only then is it worth re-counting the caption's tokens.
                 tokenizer = self.tokenizer
-                out[TRUNCATED_FIELD] = np.int32(ids[-1] == tokenizer.end_of_text and tokenizer.truncates(text))
+                out[TRUNCATED_FIELD] = np.int32(ids[-1] != tokenizer.pad_id and tokenizer.truncates(text))
             return out
         out[self.out], out[self.mask] = self._several(example)
         return out
@@ -81,7 +82,7 @@ class Tokenize(Op):
             raw = raw.tolist() if raw.ndim else [raw.item()]
         elif isinstance(raw, (str, bytes, bytearray, np.bytes_)):
             raw = [raw]
-        ids = np.zeros((self.max_count, self.context_length), np.int32)
+        ids = np.full((self.max_count, self.context_length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros(self.max_count, bool)
         count = 0
         for item in raw:
