@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jclip import checkpoint, evals, init_from, parallel
+from jclip import checkpoint, evals, init_from, parallel, pretrained
 from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
 from jclip.data import pipeline, robust
@@ -80,18 +80,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
+    checkpointer = checkpoint.Checkpointer(
+        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
+    )
+    latest = checkpointer.latest_step()
+    # Pretrained tower weights, read before the data so that a bad file stops the run at once.
+    weights = pretrained.load_pretrained(config.model) if latest is None else {}
     data = ConfiguredData(config.data, config.model)
     prepare_data(data, config)
     train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))
     skip_counter = robust.SkipCounter(min_examples=int(config.data.skip_check_after))
     setup = TrainSetup.create(config, mesh)
     teacher = load_teacher(config, mesh)
-    checkpointer = checkpoint.Checkpointer(
-        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
-    )
-    latest = checkpointer.latest_step()
     if latest is None:
         state = setup.init_state()
+        if weights:
+            params, report = pretrained.place_pretrained(weights, state["params"])
+            state = {**state, "params": params}
+            if is_main:
+                print("\n".join(report), flush=True)
         if config.get("init_from"):
             params, kept = init_from.initial_params(config, setup, state["params"])
             state = {**state, "params": params}

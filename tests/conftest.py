@@ -1,9 +1,13 @@
-"""Test setup: 8 fake CPU devices, absl flags parsed (Grain workers), paths to ../shared."""
+"""Test setup: 8 fake CPU devices, absl flags parsed (Grain workers), paths to ../shared, and the PyTorch
+interpreters of the reference tests. PyTorch is never installed beside jclip: the real libraries run in their
+own virtual environments, as subprocesses, found through an environment variable or a `.venv-*` folder at the
+repository root (`.ci/run` builds `.venv-torch`)."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 
 # Must precede the first `import jax` anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -56,3 +60,26 @@ def micro_clip_run(scenes_data_dir, tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("micro_clip_run")
     run_jclip_main(workdir, "configs/clip.py", micro_run_flags(scenes_data_dir, total_steps=3, checkpoint_every=3))
     return workdir
+
+
+def _interpreter(variable: str, folder: str, module: str) -> str:
+    """The first of $variable and REPO_ROOT/folder/bin/python that imports `module`; else skip."""
+    candidates = [os.environ.get(variable), str(REPO_ROOT / folder / "bin" / "python")]
+    for candidate in filter(None, candidates):
+        if pathlib.Path(candidate).is_file():
+            result = subprocess.run([candidate, "-c", f"import {module}"], capture_output=True, text=True)
+            if result.returncode == 0:
+                return candidate
+    pytest.skip(f"needs a Python with {module}: set {variable} or create {folder} (README, Conversion)")
+
+
+@pytest.fixture(scope="session")
+def torch_python() -> str:
+    """A Python with torch, transformers and safetensors (not jax)."""
+    return _interpreter("JCLIP_TORCH_PYTHON", ".venv-torch", "torch, transformers, safetensors")
+
+
+@pytest.fixture(scope="session")
+def openclip_python() -> str:
+    """A Python with open_clip (which needs torchvision; a 5.6 GB environment, so optional even in CI)."""
+    return _interpreter("JCLIP_OPENCLIP_PYTHON", ".venv-openclip", "open_clip")

@@ -156,6 +156,28 @@ def scene_captions(n: int, seed: int = 0) -> list[str]:
     return [scenes.short_caption(scenes.sample_scene(rng), rng) for _ in range(n)]
 
 
+def dense_scene_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` dense descriptions (several sentences each) of the embedded dataset's scene generator (seeded)."""
+    from jclip.data.sources import scenes
+
+    rng = np.random.default_rng(seed)
+    return [scenes.dense_caption(scenes.sample_scene(rng)) for _ in range(n)]
+
+
+def run_reference(python: str, script: str, inputs: dict[str, Any], tmp_path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Runs `script` in another interpreter (the PyTorch reference environment) with `inputs` as JSON in
+    sys.argv[1]; the script writes an npz to sys.argv[2], returned as arrays."""
+    import subprocess
+
+    inputs_path, outputs_path = tmp_path / "reference_inputs.json", tmp_path / "reference_outputs.npz"
+    inputs_path.write_text(json.dumps(inputs))
+    result = subprocess.run([python, "-c", script, str(inputs_path), str(outputs_path)], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with np.load(outputs_path) as outputs:
+        return {key: outputs[key] for key in outputs.files}
+
+
 def negative_pools_of(generator, caption: str) -> dict[str, tuple[str, ...]]:
     """A negatives generator's pools for one caption."""
     [result] = generator.generate([caption])

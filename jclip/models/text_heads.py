@@ -68,15 +68,15 @@ class Projection(nnx.Module):
         if kind == "none" and width != output_dim:
             raise ValueError(f"projection 'none' needs the tower's width ({width}) to equal output_dim ({output_dim})")
         self.kind = kind
-        self.kernel = self.hidden_kernel = None
+        kernel = hidden_kernel = None
         if kind == "linear":
-            self.kernel = logical_param(rngs, normal(width ** -0.5), (width, output_dim), ("embed", "proj"), param_dtype)
+            kernel = logical_param(rngs, normal(width ** -0.5), (width, output_dim), ("embed", "proj"), param_dtype)
         elif kind == "mlp":
             hidden = (width + output_dim) // 2
-            self.hidden_kernel = logical_param(rngs, normal(width ** -0.5), (width, hidden), ("embed", "mlp"),
-                                               param_dtype)
-            self.kernel = logical_param(rngs, normal(hidden ** -0.5), (hidden, output_dim), ("mlp", "proj"),
-                                        param_dtype)
+            hidden_kernel = logical_param(rngs, normal(width ** -0.5), (width, hidden), ("embed", "mlp"), param_dtype)
+            kernel = logical_param(rngs, normal(hidden ** -0.5), (hidden, output_dim), ("mlp", "proj"), param_dtype)
+        self.kernel = nnx.data(kernel)
+        self.hidden_kernel = nnx.data(hidden_kernel)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
