@@ -19,7 +19,8 @@ Samples go through a shuffle buffer of `shuffle_buffer` samples, which drains at
 every epoch yields each readable sample of the process's shards exactly once. Every random choice is a
 splitmix64 hash of integers (no RNG state, no dependence on NumPy's stream), so the order is a pure function
 of (shards, seed, process, epoch) and the iterator state is a handful of integers plus the buffer's
-(shard, sample offset) references, which are re-read on restore (tar headers make skipping cheap).
+(shard, sample offset) references, which are re-read on restore (tar headers make skipping cheap). Each
+training example carries its epoch in `jclip.data.pipeline.EPOCH_FIELD`, as the random-access pipeline's do.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import grain
 import msgpack
 
-from jclip.data.pipeline import HostShard
+from jclip.data.pipeline import EPOCH_FIELD, HostShard
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +452,7 @@ class WebDatasetIterator(grain.DatasetIterator):
             buffer[j] = buffer[-1]
             buffer.pop()
         self._yielded += 1
-        return example
+        return {**example, EPOCH_FIELD: self._epoch}
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self._dataset
