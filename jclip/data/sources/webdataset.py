@@ -216,6 +216,26 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None) -> Iterator[RawE
         yield example
 
 
+def shard_keys(path: str) -> Iterator[str]:
+    """The sample keys of one shard in tar order (those `iter_tar_samples` gives), from the tar headers alone.
+
+    For joining data by key (`python -m jclip.join_captions`) without reading images. A damaged shard
+    stops at the damage with a warning, as when reading it.
+    """
+    key = None
+    try:
+        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:*") as tar:
+            for info in iter(tar.next, None):
+                if not info.isfile():
+                    continue
+                member_key, _ = _split_member_name(info.name)
+                if member_key.rpartition("/")[2] and member_key != key:
+                    key = member_key
+                    yield key
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        log.warning("broken shard %s, its keys after %r are not listed: %s", path, key, error)
+
+
 def _split_member_name(name: str) -> tuple[str, str]:
     """(sample key, lower-case extension) of a tar member: `dir/000123.seg.png` -> (`dir/000123`, `seg.png`)."""
     while name.startswith("./"):
