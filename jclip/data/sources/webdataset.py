@@ -217,23 +217,31 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None) -> Iterator[RawE
 
 
 def shard_keys(path: str) -> Iterator[str]:
-    """The sample keys of one shard in tar order (those `iter_tar_samples` gives), from the tar headers alone.
+    """The sample keys of one shard in tar order, exactly those `iter_tar_samples` yields, from the tar headers
+    alone (for joining data by key, `python -m jclip.join_captions`, without reading images).
 
-    For joining data by key (`python -m jclip.join_captions`) without reading images. A damaged shard
-    stops at the damage with a warning, as when reading it.
+    As in reading, a key is given once the next sample or the archive's end shows its sample complete, and a
+    damaged shard stops at the damage with a warning.
     """
     key = None
     try:
         with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:*") as tar:
-            for info in iter(tar.next, None):
+            while True:
+                info = tar.next()
+                if info is None:
+                    _check_end_of_archive(tar)
+                    break
                 if not info.isfile():
                     continue
                 member_key, _ = _split_member_name(info.name)
                 if member_key.rpartition("/")[2] and member_key != key:
+                    if key is not None:
+                        yield key
                     key = member_key
-                    yield key
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        log.warning("broken shard %s, its keys after %r are not listed: %s", path, key, error)
+            if key is not None:
+                yield key
+    except (tarfile.TarError, _TruncatedShard, EOFError, OSError, zlib.error) as error:
+        log.warning("broken shard %s: its keys from %r on are not listed: %s", path, key, error)
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
