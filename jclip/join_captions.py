@@ -38,14 +38,19 @@ from ml_collections import config_flags
 
 from jclip.cli import parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The training config whose data the captions join.",
-                                          lock_config=True)
-_CAPTIONS = flags.DEFINE_string("captions", None, 'The JSONL file of {"key": ..., "caption": ...} lines.')
-_OUTPUT = flags.DEFINE_string("output", None, "The recaptions folder to write.")
-_FIELD = flags.DEFINE_string("field", "dense_caption", "The caption field joined_captions writes (recorded in the "
-                             "folder; data.recaptions uses it).")
-_SPLIT = flags.DEFINE_string("split", None, "The split whose keys to join (default: each component's train split).")
-_COMPONENT = flags.DEFINE_string("component", None, "Join onto this mixture component only (default: all).")
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs: importing this module for its functions defines none, so it
+    can share a process with the other commands (whose `--config` and `--output` would clash)."""
+    config_flags.DEFINE_config_file("config", None, "The training config whose data the captions join.",
+                                    lock_config=True)
+    flags.DEFINE_string("captions", None, 'The JSONL file of {"key": ..., "caption": ...} lines.')
+    flags.DEFINE_string("output", None, "The recaptions folder to write.")
+    flags.DEFINE_string("field", "dense_caption", "The caption field joined_captions writes (recorded in the "
+                        "folder; data.recaptions uses it).")
+    flags.DEFINE_string("split", None, "The split whose keys to join (default: each component's train split).")
+    flags.DEFINE_string("component", None, "Join onto this mixture component only (default: all).")
+
 
 #: How many keys the report lists of each kind.
 FIRST_FEW = 5
@@ -203,14 +208,15 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_CONFIG, _CAPTIONS, _OUTPUT):
-        if flag.value is None:
-            raise app.UsageError(f"--{flag.name} is required")
+    values = flags.FLAGS
+    for name in ("config", "captions", "output"):
+        if values[name].value is None:
+            raise app.UsageError(f"--{name} is required")
     from jclip.errors import ConfigError
 
     try:
-        report = join_captions(_CONFIG.value, _CAPTIONS.value, _OUTPUT.value, field=_FIELD.value, split=_SPLIT.value,
-                               component=_COMPONENT.value, log=lambda line: print(line, flush=True))
+        report = join_captions(values.config, values.captions, values.output, field=values.field, split=values.split,
+                               component=values.component, log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"jclip.join_captions: {error}", file=sys.stderr)
         sys.exit(2)
@@ -219,4 +225,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=parse_flags)
