@@ -56,11 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                                     bidirectional_top_k=own.bidirectional)
         config.optim.tower_locks.text = {"enabled": True, "unlocked_layers": own.unlocked, "freeze_layer_norm": True}
 
-    ops = [f"caption_rule(rule={captions!r})"]
+    config.data.caption_rule = captions
+    config.data.extra_fields = (("dense_caption", "dense_caption"),)  # the embedded dataset's own recaptions
     if sentences != "all":
-        ops.append(f"sample_sentences(distribution={sentences!r})")
-    config.data.preprocess = "|".join(
-        [*ops, "decode_image", "crop_image", "normalise_image", "tokenize(field='caption', out='token_ids')"])
+        config.data.preprocess = config.data.preprocess.replace(
+            "choose_caption|", f"choose_caption|sample_sentences(distribution={sentences!r})|", 1)
     if own.recaptions:
         config.data.recaptions = own.recaptions
 
