@@ -9,7 +9,7 @@ Command:    python -m jclip.tools.ladder --workdir=/tmp/ladder --negatives=/tmp/
             python -m jclip.main --config=configs/dense_captions.py:tower=gemma3-270m,context=512,batch=1024,...
 Args:       rung=1..5 picks the ladder's settings; each can also be set alone:
             tower     scratch (the preset's CLIP text tower, trained from scratch) | minilm-l6 | gemma3-270m |
-                      smollm2-135m (pretrained, jclip.models.presets.pretrained_text)
+                      smollm2-135m (pretrained, jclip.models.presets.pretrained_text_tower)
             captions  short | dense | mixed:P | alternate (caption_rule; alt-text vs dense recaption)
             sentences all | uniform | bernoulli:P (sample_sentences on the chosen caption)
             context   text context in tokens (128 fits the embedded dense captions; the paper uses 256-512)
@@ -52,8 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if tower == "scratch":
         config.model.text.context_length = own.context
     else:
-        config.model.text = presets.pretrained_text(tower, context_length=own.context,
-                                                    bidirectional_top_k=own.bidirectional)
+        config.model.text = presets.pretrained_text_tower(tower, context_length=own.context,
+                                                          bidirectional_top_k=own.bidirectional)
         config.optim.tower_locks.text = {"enabled": True, "unlocked_layers": own.unlocked, "freeze_layer_norm": True}
 
     config.data.caption_rule = captions
