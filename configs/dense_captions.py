@@ -6,7 +6,8 @@ Reproduces: the paper's ablation ladder (DOCCI text->image R@1 53.5 scratch + al
             raises ARO and lowers DOCCI), as rungs of one config on the embedded dataset.
 Command:    python -m jclip.tools.ladder --workdir=/tmp/ladder --negatives=/tmp/negatives   # rungs 1-5, 3 seeds
             python -m jclip.main --config=configs/dense_captions.py:rung=4 --workdir=/tmp/dense
-            python -m jclip.main --config=configs/dense_captions.py:tower=gemma3-270m,context=512,batch=1024,...
+            python -m jclip.main --config=configs/dense_captions.py:tower=gemma3-270m,context=512,unlocked=4,\
+                data=wds:/data/cc3m/{00000..00331}.tar,recaptions=/data/cc3m-recaps,model=B/16,batch=4096 ...
 Args:       rung=1..5 picks the ladder's settings; each can also be set alone:
             tower     scratch (the preset's CLIP text tower, trained from scratch) | minilm-l6 | gemma3-270m |
                       smollm2-135m (pretrained, jclip.models.presets.pretrained_text_tower)
@@ -52,12 +53,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if tower == "scratch":
         config.model.text.context_length = own.context
     else:
+        decoder = presets.PRETRAINED_TEXT_TOWERS.get(tower, {}).get("kind") != "bert"  # BERT is bidirectional
         config.model.text = presets.pretrained_text_tower(tower, context_length=own.context,
-                                                          bidirectional_top_k=own.bidirectional)
+                                                          bidirectional_top_k=own.bidirectional if decoder else 0)
         config.optim.tower_locks.text = {"enabled": True, "unlocked_layers": own.unlocked, "freeze_layer_norm": True}
 
     config.data.caption_rule = captions
-    config.data.extra_fields = (("dense_caption", "dense_caption"),)  # the embedded dataset's own recaptions
+    if config.data.source == "embedded" and not own.recaptions:
+        config.data.extra_fields = (("dense_caption", "dense_caption"),)  # the embedded dataset's own recaptions
     if sentences != "all":
         config.data.preprocess = config.data.preprocess.replace(
             "choose_caption|", f"choose_caption|sample_sentences(distribution={sentences!r})|", 1)
