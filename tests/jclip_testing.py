@@ -233,10 +233,12 @@ def tiny_decoder_config(kind: str, **overrides: Any) -> dict[str, Any]:
     return {"kind": kind, "context_length": 32, **TINY_DECODERS[kind], **overrides}
 
 
-def write_tiny_decoder_gguf(path: pathlib.Path, kind: str, seed: int = 0, **numbers: Any) -> dict[str, np.ndarray]:
+def write_tiny_decoder_gguf(path: pathlib.Path, kind: str, seed: int = 0, vocab_metadata: bool = True,
+                            **numbers: Any) -> dict[str, np.ndarray]:
     """A random Gemma 3 or Llama model as llama.cpp writes it: GGUF names and metadata, Gemma's norms stored as
     1 + w, a Llama's q and k rows permuted for llama.cpp's RoPE, the token embedding quantised to Q8_0. Returns
-    the tensors in transformers' names and layouts (before the GGUF conventions)."""
+    the tensors in transformers' names and layouts (before the GGUF conventions). `vocab_metadata`: write
+    `<arch>.vocab_size` (the real Gemma 3 file has none; transformers' reader needs it or a tokenizer)."""
     numbers = {**TINY_DECODERS[kind], **numbers}
     rng = np.random.default_rng(seed)
     width, heads, kv_heads, head_dim, mlp = (numbers[k] for k in ("width", "heads", "kv_heads", "head_dim", "mlp_dim"))
@@ -289,7 +291,9 @@ def write_tiny_decoder_gguf(path: pathlib.Path, kind: str, seed: int = 0, **numb
                 f"{kind}.block_count": numbers["layers"], f"{kind}.feed_forward_length": mlp,
                 f"{kind}.attention.head_count": heads, f"{kind}.attention.head_count_kv": kv_heads,
                 f"{kind}.attention.layer_norm_rms_epsilon": numbers["norm_eps"],
-                f"{kind}.rope.freq_base": numbers["rope_base"], f"{kind}.vocab_size": numbers["vocab_size"]}
+                f"{kind}.rope.freq_base": numbers["rope_base"]}
+    if vocab_metadata:
+        metadata[f"{kind}.vocab_size"] = numbers["vocab_size"]
     if gemma:
         metadata.update({"gemma3.attention.key_length": head_dim, "gemma3.attention.value_length": head_dim,
                          "gemma3.attention.sliding_window": numbers["sliding_window"]})
