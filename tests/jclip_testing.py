@@ -234,11 +234,12 @@ def tiny_decoder_config(kind: str, **overrides: Any) -> dict[str, Any]:
 
 
 def write_tiny_decoder_gguf(path: pathlib.Path, kind: str, seed: int = 0, vocab_metadata: bool = True,
-                            **numbers: Any) -> dict[str, np.ndarray]:
+                            tokenizer: dict[str, Any] | None = None, **numbers: Any) -> dict[str, np.ndarray]:
     """A random Gemma 3 or Llama model as llama.cpp writes it: GGUF names and metadata, Gemma's norms stored as
     1 + w, a Llama's q and k rows permuted for llama.cpp's RoPE, the token embedding quantised to Q8_0. Returns
     the tensors in transformers' names and layouts (before the GGUF conventions). `vocab_metadata`: write
-    `<arch>.vocab_size` (the real Gemma 3 file has none; transformers' reader needs it or a tokenizer)."""
+    `<arch>.vocab_size` (the real Gemma 3 file has none; transformers' reader needs it or a tokenizer);
+    `tokenizer`: `tokenizer.ggml.*` metadata to add (`gemma_style_tokenizer`)."""
     numbers = {**TINY_DECODERS[kind], **numbers}
     rng = np.random.default_rng(seed)
     width, heads, kv_heads, head_dim, mlp = (numbers[k] for k in ("width", "heads", "kv_heads", "head_dim", "mlp_dim"))
@@ -299,5 +300,23 @@ def write_tiny_decoder_gguf(path: pathlib.Path, kind: str, seed: int = 0, vocab_
                          "gemma3.attention.sliding_window": numbers["sliding_window"]})
     else:
         metadata["llama.rope.dimension_count"] = head_dim
+    metadata.update(tokenizer or {})
     write_gguf(path, kind, metadata, gguf_tensors, quantise={"token_embd.weight": "Q8_0"})
     return hf
+
+
+def gemma_style_tokenizer(words: list[str]) -> dict[str, Any]:
+    """`tokenizer.ggml.*` metadata of a Gemma-style vocabulary (no merges, byte fallback, BOS added): the five
+    specials, the 256 byte tokens, then every word's letters, its "▁"-prefixed whole and its prefixes."""
+    pieces: list[str] = []
+    for word in words:
+        for piece in [*word, *("\u2581" + word[:end] for end in range(1, len(word) + 1))]:
+            if piece not in pieces:
+                pieces.append(piece)
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *[f"<0x{b:02X}>" for b in range(256)], "\u2581", *pieces]
+    types = [3] * 5 + [6] * 256 + [1] * (len(tokens) - 261)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * len(tokens), "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}

@@ -473,3 +473,56 @@ def test_a_tokenizer_larger_than_the_vocabulary_stops_validation(tmp_path):
         validate_config(config)
     config.model.text.vocab_size = 100
     validate_config(config)
+
+
+# -- a run -------------------------------------------------------------------------------------------------
+
+RUN_CONFIG = '''
+from configs import clip
+
+
+def get_config(arg=None):
+    config = clip.get_config(arg)
+    config.model.text = {text!r}
+    config.optim.tower_locks.text = {{"enabled": True, "unlocked_layers": 2}}
+    config.data.caption_field = "dense_caption"
+    return config
+'''
+
+
+def test_a_run_trains_the_top_blocks_of_a_gguf_tower_and_leaves_the_rest(scenes_data_dir, tmp_path):
+    """A micro run (3 steps, 8 fake devices) with a tiny Gemma GGUF, weights and tokenizer: loaded and reported,
+    the two top blocks bidirectional and trained, the rest bit-identical."""
+    import json
+    import re
+
+    from flax.traverse_util import flatten_dict
+
+    from jclip import parallel
+    from jclip.restore import restore_run
+    from jclip_testing import gemma_style_tokenizer, micro_run_flags, run_jclip_main
+
+    words = sorted({word for caption in dense_scene_captions(300) for word in re.findall(r"[A-Za-z]+", caption)})
+    tokenizer = gemma_style_tokenizer(words)
+    vocab_size = len(tokenizer["tokenizer.ggml.tokens"])
+    path = tmp_path / "tiny-gemma.gguf"
+    write_tiny_decoder_gguf(path, "gemma3", tokenizer=tokenizer, vocab_size=vocab_size)
+    text = tiny_decoder_config("gemma3", context_length=160, vocab_size=vocab_size, weights=str(path),
+                               bidirectional_top_k=2)
+    config_file = tmp_path / "gemma_config.py"
+    config_file.write_text(RUN_CONFIG.format(text=text))
+    flags = [flag for flag in micro_run_flags(scenes_data_dir, total_steps=3, checkpoint_every=3)
+             if not flag.startswith("--config.model.text.")]
+    stdout = run_jclip_main(tmp_path / "run", str(config_file), flags)
+    assert f"model.text: loaded 80 tensors from {path}" in stdout  # 2 + 13 per block
+    assert "kept at initialisation: projection/kernel" in stdout and "not used: nothing" in stdout
+
+    config = ml_collections.ConfigDict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    _, params, _ = restore_run(str(tmp_path / "run"), None, config, parallel.make_mesh({"data": -1, "fsdp": 1,
+                                                                                         "tensor": 1}))
+    params = {"/".join(map(str, key)): np.asarray(jax.device_get(value)) for key, value in flatten_dict(params).items()}
+    loaded = models.tower_for({"text": text}, "text").load_weights(models.towers.tower_settings({"text": text}, "text"))
+    for name in ("embedding", "blocks/0/attn/query", "blocks/3/mlp/down", "blocks/3/post_mlp_norm/scale"):
+        np.testing.assert_array_equal(params["text/" + name], loaded.params[name], err_msg=name)
+    for name in ("blocks/4/attn/query", "blocks/5/mlp/down", "final_norm/scale"):
+        assert not np.array_equal(params["text/" + name], loaded.params[name]), name
