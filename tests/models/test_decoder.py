@@ -330,30 +330,6 @@ def test_tower_locks_leave_the_top_four_blocks_the_final_norm_and_the_projection
     assert all(action != FROZEN for path, action in actions.items() if not path.startswith("text/"))
 
 
-def test_parameter_counts_of_the_presets():
-    gemma = models.pretrained_text_tower("gemma3-270m", proj="none")
-    smollm = models.pretrained_text_tower("smollm2-135m", proj="none")
-    assert models.tower_for({"text": gemma}, "text").count_params(gemma, 640) == 268_098_176  # Gemma 3 270M
-    assert models.tower_for({"text": smollm}, "text").count_params(smollm, 576) == 134_515_008  # SmolLM2-135M
-
-
-def test_presets_and_tokenizer_specs(monkeypatch):
-    monkeypatch.setattr(pretrained_files, "weights_path", lambda name: f"/files/{name}.gguf")
-    gemma = models.pretrained_text_tower("gemma3-270m", context_length=512, bidirectional_top_k=4)
-    assert gemma["kind"] == "gemma3" and gemma["context_length"] == 512 and gemma["bidirectional_top_k"] == 4
-    assert models.tokenizer_spec({"text": gemma}) == "gguf:/files/gemma3-270m.gguf"
-    smollm = models.pretrained_text_tower("smollm2-135m", context_length=256)
-    assert models.tokenizer_spec({"text": smollm}) == "gguf:/files/smollm2-135m.gguf?append_eos=2"
-    assert models.tokenizer_spec({"text": {**smollm, "tokenizer": "hf:/t.json"}}) == "hf:/t.json"
-    minilm = models.pretrained_text_tower("minilm-l6", context_length=128)
-    assert minilm["kind"] == "bert" and minilm["pool"] == "mean" and "bidirectional_top_k" not in minilm
-    with pytest.raises(ValueError, match="bidirectional_top_k does not apply"):
-        models.pretrained_text_tower("minilm-l6", bidirectional_top_k=2)
-    for config in (gemma, smollm):
-        tower = models.tower_for({"text": config}, "text")
-        tower.check(tower.settings(config))
-
-
 @pytest.mark.parametrize("change, message", [
     ({"bidirectional_top_k": 7}, r"bidirectional_top_k must be an integer in \[0, layers = 6\], got 7"),
     ({"kv_heads": 3}, r"heads \(4\) must be a multiple of kv_heads \(3\)"),
