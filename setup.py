@@ -32,6 +32,9 @@ setup(
         "msgpack>=1.0",
         # Weights files of the PyTorch world (OpenCLIP, transformers), read and written without torch.
         "safetensors>=0.4",
+        # Pretrained text towers: their tokenizers (tokenizer.json, or built from a GGUF) and GGUF weights.
+        "tokenizers>=0.20",
+        "gguf>=0.10",
     ],
     extras_require={
         "sentencepiece": ["sentencepiece>=0.2"],

@@ -107,6 +107,16 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
     # inserts hard_negatives(dir=DIR) after choose_caption and appends tokenize(field='negative_captions',
     # out='negative_token_ids', max_count=3), which write negative_token_ids [K, L] and negative_mask [K].
     config.data.hard_negatives = config_dict.placeholder(str)
+    # Improved captions (Stone et al., arXiv 2412.15396; jclip/data/ops/captions.py). caption_rule chooses each
+    # example's text between `caption` (alt-text) and `dense_caption`: "dense", "short", "mixed:p" (dense with
+    # probability p) or "alternate" (dense in even epochs); shorthand for the op caption_rule(rule=RULE) before
+    # choose_caption. recaptions: a folder of recaptions by example key, made by `python -m jclip.join_captions`;
+    # shorthand for joined_captions(dir=DIR) before the caption rule. A mixture entry may set its own of both.
+    config.data.caption_rule = config_dict.placeholder(str)
+    config.data.recaptions = config_dict.placeholder(str)
+    # Further fields of a TFDS training source's raw examples, as (key, feature path) pairs:
+    # (("dense_caption", "dense_caption"),) gives the embedded dataset's dense captions to caption_rule.
+    config.data.extra_fields = config_dict.placeholder(tuple)
     config.data.shuffle_buffer = 10_000  # tar shards only: examples mixed across shards.
     config.data.allow_missing_shards = False
     config.data.max_skip_rate = 0.1  # stop when more than this fraction of examples read are bad...

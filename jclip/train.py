@@ -22,6 +22,7 @@ from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
 from jclip.data import pipeline, robust
 from jclip.data.configured import ConfiguredData
+from jclip.errors import ConfigError
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
 from jclip.step import compile_train_step
@@ -84,8 +85,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
     )
     latest = checkpointer.latest_step()
-    # Pretrained tower weights, read before the data so that a bad file stops the run at once.
-    weights = pretrained.load_pretrained(config.model) if latest is None else {}
+    try:  # pretrained tower weights, read before the data so that a bad file stops the run at once
+        weights = pretrained.load_pretrained(config.model) if latest is None else {}
+    except ConfigError:
+        checkpointer.close()  # its background clean-up must not outlive the interpreter
+        raise
     data = ConfiguredData(config.data, config.model)
     prepare_data(data, config)
     train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))

@@ -64,7 +64,7 @@ FIRST_PARTY = ("jclip", "configs")
 
 LOWER_FLOOR_PACKAGES = ("jclip.models", "jclip.losses", "jclip.data", "jclip.evals", "jclip.convert")
 LOWER_FLOOR_MODULES = ("jclip.parallel", "jclip.checkpoint", "jclip.errors")
-ENTRY_POINTS = ("jclip.main", "jclip.evaluate", "jclip.write_guidance", "jclip.convert.__main__")
+ENTRY_POINTS = ("jclip.main", "jclip.evaluate", "jclip.write_guidance", "jclip.join_captions", "jclip.convert.__main__")
 UPPER_FLOOR = ("jclip.train", "jclip.step", "jclip.tools")  # `jclip.tools` with everything in it
 
 LOWER_FLOOR_RULE = "a lower floor imports the loop, the step or a tool"

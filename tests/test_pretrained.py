@@ -176,4 +176,4 @@ def test_a_bad_weights_file_stops_the_run_at_start_up_naming_it(tiny_bert, scene
     assert result.returncode == 2, result.stderr[-2000:]
     assert "jclip: invalid config: model.text.weights" in result.stderr
     assert str(weights) in result.stderr and message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

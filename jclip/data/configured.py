@@ -15,9 +15,13 @@ A source spec is a string `<kind>[:<argument>]`:
 Every source (`jclip.data.sources`) yields *raw examples* `{"image", "caption", "label"?, "key"}`; training
 preprocessing comes after: `data.preprocess`, a list of named ops (`jclip.data.ops`), which skip and count
 bad examples. `data.guidance_features=DIR` is a shorthand that appends `guidance(dir=DIR)` to that list;
-`data.hard_negatives=DIR` one that adds FSC-CLIP's hard-negative captions (`with_hard_negatives`).
-Evaluation preprocessing is fixed (`eval_preprocess`: centre crop; the evaluators take the first caption).
-`data.mixture` (name -> {source, weight}) trains on several sources at once, weighted.
+`data.hard_negatives=DIR` one that adds FSC-CLIP's hard-negative captions (`with_hard_negatives`);
+`data.caption_rule=RULE` one that chooses between alt-text and dense captions (`with_caption_rule`) and
+`data.recaptions=DIR` one that joins recaptions by key (`with_recaptions`), both for the improved-captions
+method (Stone et al., arXiv 2412.15396). Evaluation preprocessing is fixed (`eval_preprocess`: centre crop;
+the evaluators take the first caption). `data.mixture` (name -> {source, weight}) trains on several sources
+at once, weighted; an entry may set its own `caption_rule` and `recaptions` (None: none for it), which
+gives that component its own op list (every component's must produce the same batch fields).
 
 Splits. TFDS sources (`embedded`, `tfds:`) read the named split with TFDS slicing. `folder:`,
 `classfolders:` and `arrayrecord:` are one whole dataset: the split *name* selects nothing, and a slice
@@ -35,13 +39,16 @@ Evaluation sources are never re-captioned.
 Per-source fields. `ConfiguredData.source(split, spec, image_field=..., caption_field=..., label_field=...,
 extra_fields=(("negative_captions", "negative_captions"),))` overrides `data.<field>` for that source only
 (an evaluator reading the embedded dataset's `probe_caption`, say) and, for TFDS sources, adds further fields
-to each raw example.
+to each raw example. `data.extra_fields` (or a mixture entry's) does the same for TFDS training sources:
+`(("dense_caption", "dense_caption"),)` gives the embedded dataset's examples their dense caption for
+`caption_rule`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -92,6 +99,7 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
             NegativePools(data_config.hard_negatives)  # a missing or broken folder fails at start-up
         except (FileNotFoundError, ValueError) as error:
             raise ValueError(f"data.hard_negatives: {error}") from None
+    _check_caption_settings("data", data_config)
     mixture = data_config.get("mixture") or {}
     for name, entry in mixture.items():
         if "source" not in entry:
@@ -99,9 +107,36 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
         SourceSpec.parse(entry["source"])
         if entry.get("caption_templates") is not None:
             label_captions.check_templates(entry["caption_templates"])
+        _check_caption_settings(f"data.mixture.{name}", entry)
         weight = float(entry.get("weight", 1.0))
         if not weight > 0:
             raise ValueError(f"data.mixture.{name}.weight must be positive, got {weight}")
+
+
+def _check_caption_settings(where: str, settings: Any) -> None:
+    """`caption_rule` parses and the `recaptions` folder opens (a missing or broken one fails at start-up)."""
+    from jclip.data.ops.captions import parse_caption_rule
+
+    if settings.get("caption_rule"):
+        try:
+            parse_caption_rule(settings["caption_rule"])
+        except ValueError as error:
+            raise ValueError(f"{where}.caption_rule: {error}") from None
+    if settings.get("recaptions"):
+        from jclip.data.recaptions import Recaptions
+
+        try:
+            Recaptions(settings["recaptions"])
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"{where}.recaptions: {error}") from None
+
+
+def _extra_fields(value: Any) -> tuple[tuple[str, str], ...]:
+    """`data.extra_fields` as (key, feature path) pairs: given as pairs or as a mapping."""
+    if not value:
+        return ()
+    pairs = value.items() if hasattr(value, "items") else value
+    return tuple((str(key), str(path)) for key, path in pairs)
 
 
 class ConfiguredData:
@@ -119,7 +154,7 @@ class ConfiguredData:
             image_size=self.image_size, context_length=self.context_length, tokenizer_spec=self.tokenizer_spec,
             training=True, random_crop_scale=None if scale is None else tuple(scale),
         )
-        self.train_ops()  # an unknown op or a bad argument fails here, before anything is read
+        self.component_ops()  # an unknown op or a bad argument fails here, before anything is read
 
     # ----- sources ---------------------------------------------------------------------------------
 
@@ -204,9 +239,11 @@ class ConfiguredData:
             for name, entry in mixture.items()
         ]
 
-    def _training_source(self, name: str, spec: SourceSpec, entry: Any) -> Any:
-        """A random-access training component, re-captioned from its labels when `caption_templates` is set."""
-        raw = self._random_access(spec, self._field(entry, "train_split"), entry)
+    def _training_source(self, name: str, spec: SourceSpec, entry: Any, split: str | None = None) -> Any:
+        """A random-access training component (of `split`, default its train split), re-captioned from its
+        labels when `caption_templates` is set, with `extra_fields` for TFDS sources."""
+        raw = self._random_access(spec, split or self._field(entry, "train_split"), entry,
+                                  _extra_fields(self._field(entry, "extra_fields")))
         templates = self._field(entry, "caption_templates")
         if templates is None:
             return raw
@@ -227,6 +264,30 @@ class ConfiguredData:
                 )
             components.append((name, self._training_source(name, spec, entry)))
         return components
+
+    def component_names(self) -> list[str]:
+        """The training components' names: the mixture's, or `main` for `data.source` alone."""
+        return [name for name, *_ in self._components()]
+
+    def training_keys(self, name: str, split: str | None = None) -> Iterator[str]:
+        """The example keys of training component `name`, in source order (e.g. for joining recaptions).
+
+        A random-access source reads its examples of `split` (default the component's train split) for
+        their `key`; tar shards (whose `split` is fixed) list every shard's keys from the tar headers alone.
+        """
+        from jclip.data.sources import webdataset
+
+        components = {component: (spec, entry) for component, spec, entry, _ in self._components()}
+        if name not in components:
+            raise ValueError(f"no training component {name!r}; the components are {list(components)}")
+        spec, entry = components[name]
+        if spec.kind == "wds":
+            for path in webdataset.expand_shards(spec.argument, allow_missing=bool(self.config.allow_missing_shards)):
+                yield from webdataset.shard_keys(path)
+            return
+        raw = self._training_source(name, spec, entry, split)
+        for index in range(len(raw)):
+            yield str(raw[index]["key"])
 
     def _check_stream(self, name: str, spec: SourceSpec, entry: Any) -> None:
         if self._field(entry, "caption_templates") is not None:
@@ -249,9 +310,10 @@ class ConfiguredData:
                 webdataset.expand_shards(spec.argument, allow_missing=bool(self.config.allow_missing_shards))
             else:
                 self._training_source(name, spec, entry)
-        for op in self.train_ops():
-            if hasattr(op, "prepare"):
-                op.prepare()
+        for component_ops in self.component_ops():
+            for op in component_ops:
+                if hasattr(op, "prepare"):
+                    op.prepare()
         for split, spec in splits:
             self.source(split, spec)
 
@@ -259,7 +321,7 @@ class ConfiguredData:
         """The host's infinite training stream of preprocessed, batched examples (bad ones skipped, counted)."""
         from jclip.data.sources import webdataset
 
-        components = []
+        components, preprocessors = [], []
         for index, (name, spec, entry, weight) in enumerate(self._components()):
             component_seed = seed + 1000 * index
             if spec.kind == "wds":
@@ -272,9 +334,10 @@ class ConfiguredData:
             else:
                 raw = self._training_source(name, spec, entry)
             components.append((raw, weight, component_seed))
+            preprocessors.append(ops.Preprocess(self._ops(self.preprocess_spec(entry))))
         return pipeline.training_dataset(
             components,
-            self.train_preprocess(),
+            preprocessors,
             global_batch_size=int(self.config.batch_size),
             shard=shard,
             num_workers=int(self.config.num_workers),
@@ -285,10 +348,23 @@ class ConfiguredData:
 
     # ----- preprocessing ----------------------------------------------------------------------------
 
-    def preprocess_spec(self) -> str:
-        """`data.preprocess` (default `DEFAULT_PREPROCESS`), with `data.hard_negatives=DIR` adding the
-        hard-negative ops (`with_hard_negatives`) and `data.guidance_features=DIR` appending `guidance(dir=DIR)`."""
+    def preprocess_spec(self, entry: Any = None) -> str:
+        """`data.preprocess` (default `DEFAULT_PREPROCESS`), with `data.caption_rule=RULE` inserting the caption
+        choice (`with_caption_rule`), `data.recaptions=DIR` the recaption look-up before it (`with_recaptions`),
+        `data.hard_negatives=DIR` adding the hard-negative ops (`with_hard_negatives`) and
+        `data.guidance_features=DIR` appending `guidance(dir=DIR)`. A mixture `entry`'s own `caption_rule` and
+        `recaptions` replace the data-level ones for that component."""
         spec = str(self.config.get("preprocess") or DEFAULT_PREPROCESS)
+        rule, recaptions = self._field(entry, "caption_rule"), self._field(entry, "recaptions")
+        dense_field = DENSE_FIELD
+        if recaptions:
+            from jclip.data.recaptions import Recaptions
+
+            dense_field = Recaptions(str(recaptions)).field
+        if rule:
+            spec = with_caption_rule(spec, str(rule), self.op_context, dense_field=dense_field)
+        if recaptions:
+            spec = with_recaptions(spec, str(recaptions), self.op_context, field=dense_field)
         if self.config.get("hard_negatives"):
             spec = with_hard_negatives(spec, str(self.config.hard_negatives), self.op_context)
         if self.config.get("guidance_features"):
@@ -296,16 +372,33 @@ class ConfiguredData:
         return spec
 
     @functools.cache
+    def _ops(self, spec: str) -> tuple:
+        return tuple(ops.make_ops(spec, self.op_context))
+
     def train_ops(self) -> tuple:
-        """The training ops, built (once) for this run's image size, context length and tokenizer."""
-        return tuple(ops.make_ops(self.preprocess_spec(), self.op_context))
+        """The training ops, built (once) for this run's image size, context length and tokenizer (a mixture
+        entry with its own caption settings has its own: `component_ops`)."""
+        return self._ops(self.preprocess_spec())
+
+    @functools.cache
+    def component_ops(self) -> tuple[tuple, ...]:
+        """The ops of every training component, in mixture order; ValueError unless they give the same batch fields."""
+        built = [(name, self._ops(self.preprocess_spec(entry))) for name, _, entry, _ in self._components()]
+        expected = ops.batch_fields(self.train_ops())
+        for name, component_ops in built:
+            fields = ops.batch_fields(component_ops)
+            if sorted(fields) != sorted(expected):
+                raise ValueError(f"data.mixture.{name}: its preprocessing writes the batch fields {sorted(fields)}, but "
+                                 f"data.preprocess writes {sorted(expected)}; every component's batches must match")
+        return tuple(component_ops for _, component_ops in built)
 
     def batch_fields(self) -> dict[str, str]:
         """Every field of a training batch that the ops write -> the name of the op that writes it (no I/O)."""
         return ops.batch_fields(self.train_ops())
 
     def train_preprocess(self) -> ops.Preprocess:
-        """Training preprocessing: `(example, rng) -> batch fields`, or a `Skipped` marker for a bad example."""
+        """Training preprocessing: `(example, rng) -> batch fields`, or a `Skipped` marker for a bad example
+        (`data.preprocess` with the data-level shorthands; see `component_ops` for a mixture's own)."""
         return ops.Preprocess(self.train_ops())
 
     def eval_preprocess(self) -> image_ops.ImageTextPreprocessor:
@@ -327,6 +420,10 @@ SHORTHAND_FIELDS = {
     "guidance_image_features": "data.guidance_features=DIR (made by python -m jclip.write_guidance)",
     "guidance_text_features": "data.guidance_features=DIR (made by python -m jclip.write_guidance)",
 }
+
+
+#: The field `caption_rule` reads dense captions from, and `joined_captions` writes recaptions to, by default.
+DENSE_FIELD = "dense_caption"
 
 
 def field_hint(field: str) -> str:
@@ -355,6 +452,57 @@ def with_hard_negatives(spec: str, directory: str, context: ops.OpContext) -> st
             position = index + 1
     parsed.insert(position, ("hard_negatives", {"dir": directory}))
     parsed.append(("tokenize", {"field": "negative_captions", "out": "negative_token_ids", "max_count": len(DEFAULT_KINDS)}))
+    return "|".join(_op_text(name, kwargs) for name, kwargs in parsed)
+
+
+def _first_op_using(spec: str, fields: tuple[str, ...], context: ops.OpContext) -> int | None:
+    """The position of the first op of `spec` that reads or writes one of `fields`, or None."""
+    for index, op in enumerate(ops.make_ops(spec, context)):
+        if set(fields) & (set(op.reads) | set(op.writes)):
+            return index
+    return None
+
+
+def with_caption_rule(spec: str, rule: str, context: ops.OpContext, *, dense_field: str = DENSE_FIELD) -> str:
+    """`spec` with `caption_rule(rule=RULE)` (Stone et al.'s choice of alt-text or dense caption) right before the
+    first op that reads or writes `caption` (`choose_caption` then sees one caption), or first.
+
+    A `spec` that has its own `caption_rule` is a ValueError: two rules would contradict each other silently.
+    """
+    parsed = ops.parse_ops(spec)
+    if any(name == "caption_rule" for name, _ in parsed):
+        raise ValueError(f"data.caption_rule={rule!r} is set, and data.preprocess has its own caption_rule op: keep one")
+    kwargs: dict[str, Any] = {"rule": rule}
+    if dense_field != DENSE_FIELD:
+        kwargs["dense_field"] = dense_field
+    position = _first_op_using(spec, ("caption",), context) or 0
+    parsed.insert(position, ("caption_rule", kwargs))
+    return "|".join(_op_text(name, kwargs) for name, kwargs in parsed)
+
+
+def with_recaptions(spec: str, directory: str, context: ops.OpContext, *, field: str = DENSE_FIELD) -> str:
+    """`spec` with `joined_captions(dir=DIR)` (the examples' recaptions, by key) right before the first op that
+    reads `field` (the caption rule).
+
+    ValueError when `spec` joins recaptions already, or when no op reads `field`: joined captions that
+    nothing uses would be a silent no-op (set `data.caption_rule`).
+    """
+    parsed = ops.parse_ops(spec)
+    if any(name == "joined_captions" for name, _ in parsed):
+        raise ValueError(f"data.recaptions={directory!r} is set, and data.preprocess has its own joined_captions op: "
+                         f"keep one")
+    position = None
+    for index, op in enumerate(ops.make_ops(spec, context)):
+        if field in op.reads:
+            position = index
+            break
+    if position is None:
+        raise ValueError(f"data.recaptions joins recaptions into {field!r}, but no op of the preprocessing reads it: "
+                         f"set data.caption_rule (e.g. 'dense' or 'mixed:0.5'), or add an op that reads {field!r}")
+    kwargs: dict[str, Any] = {"dir": directory}
+    if field != DENSE_FIELD:
+        kwargs["field"] = field
+    parsed.insert(position, ("joined_captions", kwargs))
     return "|".join(_op_text(name, kwargs) for name, kwargs in parsed)
 
 

@@ -14,25 +14,26 @@ A pools folder holds:
     <kind>_utf8.npy    [B_k]   uint8   the candidate texts of that kind, UTF-8 bytes end to end
     <kind>_bounds.npy  [T_k+1] int64   candidate t is <kind>_utf8[bounds[t]:bounds[t+1]]
 
-Texts are packed as UTF-8 with bounds rather than as fixed-width unicode arrays: a unicode array pads every
-entry to the longest at 4 bytes a character, which for COCO's 500K captions with 48 candidates each would be
-about 20 GB instead of about 1.3 GB. The arrays are memory-mapped, so Grain worker processes share the pages;
-a caption is found by binary search over the sorted captions, decoding about log2(M) of them.
+Texts are packed as UTF-8 with bounds and memory-mapped (`jclip.data.packed_texts`, shared with joined
+recaptions); a caption is found by binary search over the sorted captions, decoding about log2(M) of them.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import datetime
 import json
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-META_FILE = "meta.json"
+from jclip.data.packed_texts import META_FILE, PackedTexts, StoredFolder, pack_texts, sorted_row, write_folder
+
+__all__ = ["META_FILE", "CaptionNegativesLike", "MissingNegativesError", "NegativePools", "PackedTexts", "pack_texts",
+           "pool_coverage", "problem_counts", "write_pools"]
+
 FORMAT = 1
 #: What makes a pools folder (named in every error about a missing or broken one).
 MAKE_COMMAND = "python -m jclip.make_negatives --config=<the training config> --output=<folder>"
@@ -51,52 +52,6 @@ class MissingNegativesError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
-
-
-class PackedTexts(Sequence[str]):
-    """A read-only sequence of strings stored as UTF-8 bytes end to end plus [n+1] bounds."""
-
-    def __init__(self, data: np.ndarray, bounds: np.ndarray):
-        # Plain ndarray views of memory maps: still mapped, but slicing skips np.memmap's per-slice overhead.
-        self.data, self.bounds = data.view(np.ndarray), bounds.view(np.ndarray)
-
-    def __len__(self) -> int:
-        return len(self.bounds) - 1
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self.encoded(index).decode("utf-8")
-
-    def encoded(self, index: int) -> bytes:
-        """The UTF-8 bytes of one string."""
-        index = range(len(self))[index]  # negative indices, IndexError
-        return self.data[self.bounds[index]:self.bounds[index + 1]].tobytes()
-
-    def window(self, start: int, stop: int) -> "PackedTexts":
-        """Strings start..stop-1 as a lazy view (nothing decoded until read)."""
-        return PackedTexts(self.data, self.bounds[start:stop + 1])
-
-
-class _EncodedView(Sequence[bytes]):
-    """The UTF-8 bytes of packed texts: sorted like the texts (UTF-8 keeps code-point order), cheaper to compare."""
-
-    def __init__(self, texts: PackedTexts):
-        self.texts = texts
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.texts.encoded(index)
-
-
-def pack_texts(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 UTF-8 bytes end to end, int64 [n+1] bounds) of `texts`."""
-    encoded = [text.encode("utf-8") for text in texts]
-    bounds = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(item) for item in encoded], out=bounds[1:])
-    return np.frombuffer(b"".join(encoded), np.uint8), bounds
 
 
 def pool_coverage(results: Sequence[CaptionNegativesLike], kinds: Sequence[str]) -> dict[str, float]:
@@ -144,8 +99,6 @@ def write_pools(
         by_caption[result.caption] = result
     ordered = [by_caption[caption] for caption in sorted(by_caption)]
 
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / META_FILE).unlink(missing_ok=True)  # written last: a folder left half-rewritten does not open
     arrays: dict[str, np.ndarray] = {}
     arrays["captions_utf8"], arrays["captions_bounds"] = pack_texts(result.caption for result in ordered)
     counts = {"captions": len(ordered)}
@@ -156,8 +109,6 @@ def write_pools(
         arrays[f"{kind}_offsets"] = offsets
         arrays[f"{kind}_utf8"], arrays[f"{kind}_bounds"] = pack_texts(text for texts in per_caption for text in texts)
         counts[kind] = int(offsets[-1])
-    for name, array in arrays.items():
-        np.save(directory / f"{name}.npy", array)
     from jclip import __version__
 
     meta = {
@@ -166,8 +117,7 @@ def write_pools(
         "jclip_version": __version__, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source, **dict(extra_meta or {}),
     }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return directory
+    return write_folder(directory, arrays, meta)
 
 
 class NegativePools:
@@ -175,62 +125,30 @@ class NegativePools:
 
     def __init__(self, directory: str | pathlib.Path):
         self.directory = pathlib.Path(directory)
-        if not self.directory.is_dir():
-            raise FileNotFoundError(f"negative pools: no folder {self.directory}; make it with {MAKE_COMMAND}")
-        meta_path = self.directory / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"negative pools: no {META_FILE} in {self.directory}; make the folder with {MAKE_COMMAND}")
+        self._folder = StoredFolder(self.directory, "negative pools", MAKE_COMMAND)
+        meta_path = self._folder.meta_path()
         try:
             self.meta = json.loads(meta_path.read_text())
             self.kinds = tuple(str(kind) for kind in self.meta["kinds"])
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"negative pools: {meta_path} is not a pools meta file ({type(error).__name__}: {error}); "
                              f"remake the folder with {MAKE_COMMAND}") from None
-        self.captions = PackedTexts(self._load("captions_utf8"), self._load("captions_bounds"))
-        self._check_bounds("captions", self.captions)
+        self.captions = self._folder.texts("captions")
         self._offsets, self._texts = {}, {}
         for kind in self.kinds:
-            offsets = self._load(f"{kind}_offsets")
-            texts = PackedTexts(self._load(f"{kind}_utf8"), self._load(f"{kind}_bounds"))
-            self._check_bounds(kind, texts)
+            offsets = self._folder.array(f"{kind}_offsets")
+            texts = self._folder.texts(kind)
             if offsets.shape != (len(self.captions) + 1,) or offsets[0] != 0 or offsets[-1] != len(texts):
-                self._corrupt(f"{kind}_offsets.npy", f"shape {offsets.shape}, expected [{len(self.captions) + 1}] "
-                                                     f"from 0 to {len(texts)}")
+                self._folder.corrupt(f"{kind}_offsets.npy", f"shape {offsets.shape}, expected [{len(self.captions) + 1}] "
+                                                            f"from 0 to {len(texts)}")
             self._offsets[kind], self._texts[kind] = offsets, texts
-
-    def _load(self, name: str) -> np.ndarray:
-        path = self.directory / f"{name}.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"negative pools: no {path.name} in {self.directory}; remake the folder with {MAKE_COMMAND}")
-        try:
-            array = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as error:
-            self._corrupt(path.name, f"{type(error).__name__}: {error}")
-        expected = np.uint8 if name.endswith("_utf8") else np.int64
-        if array.ndim != 1 or array.dtype != expected:
-            self._corrupt(path.name, f"a {array.ndim}-D {array.dtype} array, expected 1-D {np.dtype(expected)}")
-        return array
-
-    def _check_bounds(self, what: str, texts: PackedTexts) -> None:
-        bounds = texts.bounds
-        if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != len(texts.data):
-            self._corrupt(f"{what}_bounds.npy", f"bounds must run from 0 to {len(texts.data)} (the bytes in {what}_utf8.npy)")
-
-    def _corrupt(self, name: str, detail: str) -> None:
-        raise ValueError(f"negative pools: {self.directory / name} is corrupt ({detail}); remake the folder with {MAKE_COMMAND}")
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def row(self, caption: str) -> int | None:
         """The caption's row (exact text), or None."""
-        try:
-            encoded = caption.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: never written
-            return None
-        view = _EncodedView(self.captions)
-        row = bisect.bisect_left(view, encoded)
-        return row if row < len(view) and view[row] == encoded else None
+        return sorted_row(self.captions, caption)
 
     def candidates(self, row: int, kind: str) -> Sequence[str]:
         """The candidates of one kind of the caption in `row` (decoded on access)."""

@@ -3,7 +3,10 @@
 Training: the source is shuffled globally (a new order every epoch, from one seed) and repeated; process p
 of P reads elements p, p+P, p+2P, ... of that stream, so the P host batches of step k together hold
 exactly elements [k·B, (k+1)·B) of the shuffled stream and no host reads another's part. The iterator is
-a Grain `DatasetIterator` whose state goes into the checkpoint (exact resume).
+a Grain `DatasetIterator` whose state goes into the checkpoint (exact resume). Every training example
+reaches the preprocessing ops with `EPOCH_FIELD` (`_epoch`): how many full passes over its own source came
+before it (0 in the first), a pure function of its place in the stream, so a resumed iterator sees the same
+epochs; ops that change with the epoch (`caption_rule(rule='alternate')`) read it. It is never batched.
 
 Evaluation: the split in its stored order, padded with masked copies to a whole number of global
 batches, so that every process takes the same number of steps and each example is counted once.
@@ -18,6 +21,10 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+
+
+#: The field the training pipeline adds to every raw example: the 0-based epoch of its source it comes from.
+EPOCH_FIELD = "_epoch"
 
 
 class RandomAccessSource(Protocol):
@@ -56,19 +63,47 @@ class _RandomPreprocess(grain.transforms.RandomMap):
         return self._preprocess(element, rng)
 
 
-def _host_stream(raw: Any, seed: int, shard: HostShard) -> grain.MapDataset | grain.IterDataset:
-    """A random-access source: seeded global shuffle (new order each epoch), repeated, this host's p::P part.
+class _HostPart(grain.MapDataset):
+    """Elements p, p+P, p+2P, ... of a repeated stream (like `stream[p::P]`), each tagged with its epoch.
 
-    A stream (a `grain.IterDataset`, e.g. tar shards) is already shuffled and split by host.
+    One node in place of Grain's slice, so that the random map after it keeps the seeds it had before
+    the tag existed (Grain derives a random map's default seed from its distance to the `.seed()` node).
+    """
+
+    def __init__(self, parent: grain.MapDataset, shard: HostShard, epoch_length: int):
+        super().__init__(parent)
+        self._shard = shard
+        self._epoch_length = epoch_length
+        self._length = len(range(shard.index, len(parent), shard.count))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        position = self._shard.index + index * self._shard.count
+        element = self._parent[position]
+        return None if element is None else {**element, EPOCH_FIELD: position // self._epoch_length}
+
+    def __str__(self) -> str:
+        return f"_HostPart[{self._shard.index}::{self._shard.count}, epochs of {self._epoch_length}]"
+
+
+def _host_stream(raw: Any, seed: int, shard: HostShard) -> grain.MapDataset | grain.IterDataset:
+    """A random-access source: seeded global shuffle (new order each epoch), repeated, this host's p::P part,
+    every example tagged with its epoch (`EPOCH_FIELD`).
+
+    A stream (a `grain.IterDataset`, e.g. tar shards) is already shuffled, split by host and epoch-tagged.
     """
     if isinstance(raw, grain.IterDataset):
         return raw.seed(seed)
-    return grain.MapDataset.source(raw).seed(seed).shuffle().repeat()[shard.index :: shard.count]
+    return _HostPart(grain.MapDataset.source(raw).seed(seed).shuffle().repeat(), shard, len(raw))
 
 
 def training_dataset(
     components: Sequence[tuple[Any, float, int]],
-    preprocess: Callable[[dict[str, Any], np.random.Generator], Any],
+    preprocess: Callable[[dict[str, Any], np.random.Generator], Any] | Sequence[Callable[..., Any]],
     *,
     global_batch_size: int,
     shard: HostShard,
@@ -82,16 +117,20 @@ def training_dataset(
     `components` are (raw source, weight, seed): random-access sources or `grain.IterDataset` streams of raw
     examples; several are mixed by weight. `preprocess(example, rng)` returns model inputs or a
     `jclip.data.robust.Skipped` marker; skipped examples are dropped and counted per reason in every good
-    row's `skipped_before` (see `jclip.data.robust`).
+    row's `skipped_before` (see `jclip.data.robust`). A sequence of preprocessors gives each component its
+    own (they must produce the same fields).
     """
     from jclip.data import robust
 
     batch = local_batch_size(global_batch_size, shard)
+    preprocessors = list(preprocess) if isinstance(preprocess, Sequence) else [preprocess] * len(components)
+    if len(preprocessors) != len(components):
+        raise ValueError(f"{len(preprocessors)} preprocessors for {len(components)} training components")
     streams = []
-    for raw, _, seed in components:
+    for (raw, _, seed), component_preprocess in zip(components, preprocessors):
         if not isinstance(raw, grain.IterDataset) and len(raw) < global_batch_size:
             raise ValueError(f"a training source has {len(raw)} examples, fewer than one global batch ({global_batch_size})")
-        stream = _host_stream(raw, seed, shard).random_map(_RandomPreprocess(preprocess))
+        stream = _host_stream(raw, seed, shard).random_map(_RandomPreprocess(component_preprocess))
         if isinstance(stream, grain.MapDataset):
             stream = stream.to_iter_dataset(
                 grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)

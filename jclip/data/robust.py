@@ -46,6 +46,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_caption",  # nothing left after whitespace cleaning
     "undecodable_caption",  # bytes that are not UTF-8, or not text at all
     "missing_field",  # a field an op needs (e.g. `label`) is absent
+    "missing_dense_caption",  # the caption rule chose the dense caption, and the example has none (or a blank one)
+    "missing_recaption",  # `joined_captions` holds no recaption for the example's key
 )
 SKIPPED_FIELD = "skipped_before"
 TRUNCATED_FIELD = "caption_truncated"

@@ -113,8 +113,21 @@ def embed_split(
     return {key: value[keep][order] for key, value in merged.items()}
 
 
+def trim_padding(token_ids: np.ndarray, pad_id: int, multiple: int = 16) -> np.ndarray:
+    """`token_ids` [n, context] without the trailing columns that hold only `pad_id` (rounded up to `multiple`)."""
+    used = np.flatnonzero(np.any(token_ids != pad_id, axis=0))
+    length = min(token_ids.shape[1], max(multiple, -(-(int(used[-1]) + 1 if used.size else 1) // multiple) * multiple))
+    return token_ids[:, :length]
+
+
 def embed_token_ids(params: Any, encoders: Encoders, token_ids: np.ndarray, *, batch_size: int) -> np.ndarray:
-    """Embeddings of tokenised texts [n, context], computed sharded over every device, on every host."""
+    """Embeddings of tokenised texts [n, context], computed sharded over every device, on every host.
+
+    Columns that are padding in every row are cut first (to a multiple of 16 tokens): the towers never let
+    padding change a real token (CLIP's causal mask ends at the end token, the pretrained towers mask pad
+    keys), and short prompts then cost their own length, not the long-caption context.
+    """
+    token_ids = trim_padding(token_ids, encoders.tokenizer.pad_id)
     count = len(token_ids)
     shards = parallel.batch_shards(encoders.mesh)
     batch_size = max(shards, batch_size - batch_size % shards)

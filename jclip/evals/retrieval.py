@@ -12,23 +12,22 @@ represented whole, at the cost of word order across sentences).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from jclip.data import sentences
 from jclip.data.ops.captions import caption_candidates
 from jclip.evals import base, common, metrics
 
 LONG_CAPTION_MODES = ("truncate", "sentences")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def split_sentences(text: str) -> list[str]:
-    """A paragraph's sentences (split after . ! or ? followed by space); the text itself if none."""
-    parts = [part.strip() for part in _SENTENCE_END.split(text.strip())]
-    return [part for part in parts if part] or [text]
+    """A paragraph's sentences (`jclip.data.sentences`: abbreviations, decimals and ellipses kept whole);
+    the text itself if none."""
+    return sentences.split_sentences(text) or [text]
 
 
 def caption_lists(source: Any, count: int) -> list[list[str]]:

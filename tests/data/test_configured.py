@@ -291,3 +291,92 @@ def test_docci_through_the_config(tmp_path):
     assert [source[i]["caption"] for i in range(len(source))] == ["test description 2", "test description 3"]
     assert source[0]["image"] == (tmp_path / "images" / "test_00002.png").read_bytes() and source[1]["image"] is None
     assert configured.SourceSpec.parse("docci:/x.jsonlines") == configured.SourceSpec("docci", "/x.jsonlines")
+
+
+# ----- improved captions: caption_rule and recaptions shorthands, per mixture entry, extra_fields ---------------
+
+def test_caption_rule_and_recaptions_shorthands_place_their_ops(tmp_path):
+    from jclip.data import recaptions
+
+    default_tail = "choose_caption|decode_image|crop_image|normalise_image|tokenize(field='caption', out='token_ids')"
+    plain = configured.ConfiguredData(data_config("embedded").data, clip.get_config().model)
+    config = data_config("embedded", caption_rule="mixed:0.5")
+    data = configured.ConfiguredData(config.data, config.model)
+    assert data.preprocess_spec() == "caption_rule(rule='mixed:0.5')|" + default_tail
+    assert data.batch_fields() == plain.batch_fields(), "the rule changes what is tokenized, not the batch"
+
+    store = str(recaptions.write_recaptions(tmp_path / "dense", {"k": "A caption."}))
+    config = data_config("embedded", caption_rule="alternate", recaptions=store)
+    assert configured.ConfiguredData(config.data, config.model).preprocess_spec() == (
+        f"joined_captions(dir={store!r})|caption_rule(rule='alternate')|" + default_tail)
+    other = str(recaptions.write_recaptions(tmp_path / "long", {"k": "A caption."}, field="long_caption"))
+    config = data_config("embedded", caption_rule="dense", recaptions=other)
+    assert configured.ConfiguredData(config.data, config.model).preprocess_spec() == (
+        f"joined_captions(dir={other!r}, field='long_caption')|caption_rule(rule='dense', dense_field='long_caption')|"
+        + default_tail)
+    own = "decode_image|caption_rule(rule='short')|tokenize(field='caption', out='token_ids')"
+    config = data_config("embedded", preprocess=own, recaptions=store)
+    assert configured.ConfiguredData(config.data, config.model).preprocess_spec() == (
+        f"decode_image|joined_captions(dir={store!r})|caption_rule(rule='short')|tokenize(field='caption', out='token_ids')")
+
+    for fields, message in [
+        ({"recaptions": store}, r"joins recaptions into 'dense_caption', but no op of the preprocessing reads it"),
+        ({"caption_rule": "dense", "preprocess": own}, "has its own caption_rule op: keep one"),
+        ({"caption_rule": "often"}, r"data.caption_rule: caption rule 'often'"),
+        ({"caption_rule": "dense", "recaptions": str(tmp_path / "absent")},
+         r"data.recaptions: recaptions: no folder .*absent; make it with python -m jclip.join_captions"),
+        ({"mixture": {"a": {"source": "embedded", "caption_rule": "mixed:2"}}}, r"data.mixture.a.caption_rule"),
+    ]:
+        config = data_config("embedded", **fields)
+        with pytest.raises(ValueError, match=message):
+            configured.ConfiguredData(config.data, config.model)
+
+
+def captioned(source, count, offset=0):
+    """(dense captions, short captions) of examples offset..offset+count-1 of the small embedded train split."""
+    examples = [source[i] for i in range(offset, offset + count)]
+    return ([e["dense_caption"].decode("utf-8") for e in examples], [e["caption"].decode("utf-8") for e in examples])
+
+
+def test_each_mixture_entry_has_its_own_caption_rule_over_extra_fields(scenes_data_dir):
+    """Two slices of the embedded set: one trains on dense captions (from `extra_fields`), one on alt-text."""
+    from jclip.data.pipeline import HostShard
+    from jclip.data.sources import embedded
+    from jclip.data.tokenizer import make_tokenizer
+
+    config = data_config("embedded", embedded_config="small", data_dir=str(scenes_data_dir), batch_size=16,
+                         caption_rule="dense", extra_fields=(("dense_caption", "dense_caption"),))
+    config.data.mixture = {"long": {"source": "embedded", "train_split": "train[:32]"},
+                           "short": {"source": "embedded", "train_split": "train[32:64]", "caption_rule": "short"}}
+    data = configured.ConfiguredData(config.data, config.model)
+    assert [len(ops) for ops in data.component_ops()] == [6, 6]
+    assert data.preprocess_spec(config.data.mixture["short"]).startswith("caption_rule(rule='short')|")
+    tokenizer = make_tokenizer(data.tokenizer_spec, data.context_length)
+    reference = embedded.load_source("train", data_dir=str(scenes_data_dir), config="small")
+    dense_first, _ = captioned(reference, 32)
+    _, short_second = captioned(reference, 32, offset=32)
+    dense_rows = {tokenizer(text).tobytes() for text in dense_first}
+    short_rows = {tokenizer(text).tobytes() for text in short_second}
+    iterator = iter(data.training_dataset(seed=0, shard=HostShard(0, 1)))
+    rows = [row.tobytes() for _ in range(6) for row in next(iterator)["token_ids"]]
+    assert all(row in dense_rows or row in short_rows for row in rows)
+    from_long = sum(row in dense_rows for row in rows)
+    assert 0.3 < from_long / len(rows) < 0.7, from_long
+
+
+def test_alternate_switches_captions_each_epoch_of_the_source(scenes_data_dir):
+    from jclip.data.pipeline import HostShard
+    from jclip.data.sources import embedded
+    from jclip.data.tokenizer import make_tokenizer
+
+    config = data_config("embedded", embedded_config="small", data_dir=str(scenes_data_dir), batch_size=16,
+                         train_split="train[:32]", caption_rule="alternate",
+                         extra_fields=(("dense_caption", "dense_caption"),))
+    data = configured.ConfiguredData(config.data, config.model)
+    tokenizer = make_tokenizer(data.tokenizer_spec, data.context_length)
+    dense, short = captioned(embedded.load_source("train", data_dir=str(scenes_data_dir), config="small"), 32)
+    iterator = iter(data.training_dataset(seed=0, shard=HostShard(0, 1)))
+    for epoch in range(3):  # two batches of 16 per epoch of 32
+        rows = {row.tobytes() for _ in range(2) for row in next(iterator)["token_ids"]}
+        texts = dense if epoch % 2 == 0 else short
+        assert rows == {tokenizer(text).tobytes() for text in texts}, epoch

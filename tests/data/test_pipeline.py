@@ -151,3 +151,67 @@ def test_bad_examples_are_skipped_and_counted_in_batches():
     expected = sum(1 for v in order[:last_good] if v % 5 == 0)
     totals = robust.skip_totals(batches)
     assert totals["missing_caption"] == expected and sum(totals.values()) == expected
+
+
+def test_every_training_example_carries_the_epoch_of_its_own_source():
+    """With 20 examples and 2 processes, element k of process p is stream position p + 2k, so its epoch is
+    (p + 2k) // 20; a mixture counts each component's epochs by its own length."""
+    def epochs(example, rng):
+        return {"value": np.asarray(example["value"]), "epoch": np.int64(example[pipeline.EPOCH_FIELD])}
+
+    for p in range(2):
+        dataset = pipeline.training_dataset([(RangeSource(20), 1.0, 5)], epochs, global_batch_size=4,
+                                            shard=pipeline.HostShard(p, 2), num_threads=1)
+        iterator = iter(dataset)
+        rows = np.concatenate([next(iterator)["epoch"] for _ in range(15)])  # 30 elements: 3 epochs of this part
+        np.testing.assert_array_equal(rows, [(p + 2 * k) // 20 for k in range(30)])
+
+    class Offset(RangeSource):
+        def __getitem__(self, index):
+            return {"value": np.int64(1000 + index)}
+
+    dataset = pipeline.training_dataset([(RangeSource(10), 1.0, 1), (Offset(30), 1.0, 2)], epochs,
+                                        global_batch_size=10, shard=pipeline.HostShard(0, 1), num_threads=1)
+    iterator = iter(dataset)
+    seen = {"small": [], "large": []}
+    for _ in range(6):
+        batch = next(iterator)
+        for value, epoch in zip(batch["value"], batch["epoch"]):
+            seen["large" if value >= 1000 else "small"].append(int(epoch))
+    for name, length in (("small", 10), ("large", 30)):
+        assert seen[name] == [k // length for k in range(len(seen[name]))], name
+
+
+def test_the_epoch_tag_leaves_the_shuffle_and_the_example_seeds_as_grain_makes_them():
+    """Tagging epochs must not move the per-example RNGs: compare with the plain Grain chain."""
+    import grain
+
+    def draw(example, rng):
+        return {"value": np.asarray(example["value"]), "noise": np.float64(rng.uniform())}
+
+    for p in range(2):
+        dataset = pipeline.training_dataset([(RangeSource(12), 1.0, 9)], draw, global_batch_size=4,
+                                            shard=pipeline.HostShard(p, 2), num_threads=1)
+        iterator = iter(dataset)
+        got = [next(iterator) for _ in range(9)]
+        plain = grain.MapDataset.source(RangeSource(12)).seed(9).shuffle().repeat()[p::2].random_map(draw)
+        want = [plain[k] for k in range(18)]
+        np.testing.assert_array_equal(np.concatenate([b["value"] for b in got]), [w["value"] for w in want])
+        np.testing.assert_array_equal(np.concatenate([b["noise"] for b in got]), [w["noise"] for w in want])
+
+
+def test_each_component_may_have_its_own_preprocessing():
+    class Offset(RangeSource):
+        def __getitem__(self, index):
+            return {"value": np.int64(1000 + index)}
+
+    def tagged(tag):
+        return lambda example, rng: {"value": np.asarray(example["value"]), "tag": np.int32(tag)}
+
+    dataset = pipeline.training_dataset([(RangeSource(20), 1.0, 1), (Offset(20), 1.0, 2)], [tagged(1), tagged(2)],
+                                        global_batch_size=10, shard=pipeline.HostShard(0, 1), num_threads=1)
+    batch = next(iter(dataset))
+    np.testing.assert_array_equal(batch["tag"], np.where(batch["value"] >= 1000, 2, 1))
+    with pytest.raises(ValueError, match="1 preprocessors for 2 training components"):
+        pipeline.training_dataset([(RangeSource(20), 1.0, 1), (Offset(20), 1.0, 2)], [tagged(1)],
+                                  global_batch_size=10, shard=pipeline.HostShard(0, 1))

@@ -4,6 +4,7 @@ and plain NumPy loops."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -282,3 +283,25 @@ def test_aro_relation_crops_and_per_relation_accuracy_match_reference(model, tmp
         assert result[f"accuracy/{relation}"] == pytest.approx(np.mean(values)), relation
     assert result["accuracy"] == pytest.approx(np.mean(correct["on"] + correct["holding"]))
     assert result["num_items"] == 5
+
+
+def test_text_embeddings_cut_columns_of_padding_without_changing_results(scenes_data_dir):
+    config = micro_config(**{"model.text.vocab_size": 49408, "model.text.context_length": 48})
+    setup = TrainSetup.create(config, parallel.make_mesh({"data": -1}))
+    params = jax.device_get(setup.init_state()["params"])
+    encoders = setup.encoders()
+    shapes = []
+
+    def recording_encode(p, ids):
+        shapes.append(ids.shape)
+        return encoders.encode_texts(p, ids)
+
+    texts = ["a red circle", "a small blue square to the left of a large green star"]
+    ids = make_tokenizer("clip", 48).batch(texts)
+    embeddings = common.embed_token_ids(params, dataclasses.replace(encoders, encode_texts=recording_encode), ids,
+                                        batch_size=8)
+    assert shapes and all(shape[1] == 16 for shape in shapes)  # both captions end within 16 of the 48 tokens
+    np.testing.assert_allclose(embeddings, reference_text_embeddings(config, setup, params, texts), atol=2e-6)
+    np.testing.assert_array_equal(common.trim_padding(np.array([[5, 1, 0, 0], [7, 0, 0, 0]]), 0, multiple=2),
+                                  [[5, 1], [7, 0]])
+    np.testing.assert_array_equal(common.trim_padding(np.full((2, 4), -1), -1, multiple=2), np.full((2, 2), -1))

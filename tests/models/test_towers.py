@@ -46,8 +46,7 @@ def test_tower_parameter_counts_equal_openclips_layers(preset, vision, text):
 def test_unknown_kind_and_keys_are_rejected_with_what_is_known():
     config = get_preset("tiny")
     config["text"] = dict(config["text"], kind="bert-huge")
-    with pytest.raises(ValueError, match=r"unknown model.text.kind 'bert-huge'; known text towers: "
-                                         r"\['bert', 'clip', 'gemma3', 'llama'\]"):
+    with pytest.raises(ValueError, match=r"unknown model.text.kind 'bert-huge'; known text towers: \[.*'clip'"):
         towers.check_tower(config, "text")
     config = get_preset("tiny")
     del config["vision"]["patch_size"]

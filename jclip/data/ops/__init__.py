@@ -17,6 +17,9 @@ op consumes, and each must be a NumPy array of one shape for all examples. Built
 | `tokenize(field='caption', out='token_ids', max_count=None, mask=None, count_truncated=None)` | text | ids |
 | `guidance(dir=..., modalities=('image', 'text'), key_field='key')` | guidance | guidance feature rows |
 | `hard_negatives(dir=..., field='caption', out='negative_captions', kinds=('swap', 'replace', 'shuffle'))` | hard_negatives | one stored hard negative per kind |
+| `joined_captions(dir=..., field='dense_caption', key_field='key', missing='skip')` | recaptions | the example's recaption, by key |
+| `caption_rule(rule='dense', short_field='caption', dense_field='dense_caption', out='caption')` | captions | alt-text or dense caption: `dense`, `short`, `mixed:p`, `alternate` |
+| `sample_sentences(field='caption', out=None, distribution='uniform', min_sentences=1, max_sentences=None)` | captions | a random subset of the sentences, in order |
 
 A new op: `from jclip.data.ops import register_op` and decorate a factory `(context, **kwargs) -> op`
 anywhere that is imported before the config is read (a test, a method's module); nothing in jclip changes.
@@ -33,7 +36,7 @@ from jclip.data.ops.registry import (
     parse_ops,
     register_op,
 )
-from jclip.data.ops import captions, guidance, hard_negatives, image, text  # the built-in ops register themselves
+from jclip.data.ops import captions, guidance, hard_negatives, image, recaptions, text  # the built-ins register
 
 __all__ = ["Op", "OpContext", "Preprocess", "batch_fields", "known_ops", "make_op", "make_ops", "parse_ops",
-           "register_op", "captions", "guidance", "hard_negatives", "image", "text"]
+           "register_op", "captions", "guidance", "hard_negatives", "image", "recaptions", "text"]

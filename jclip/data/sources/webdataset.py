@@ -19,7 +19,8 @@ Samples go through a shuffle buffer of `shuffle_buffer` samples, which drains at
 every epoch yields each readable sample of the process's shards exactly once. Every random choice is a
 splitmix64 hash of integers (no RNG state, no dependence on NumPy's stream), so the order is a pure function
 of (shards, seed, process, epoch) and the iterator state is a handful of integers plus the buffer's
-(shard, sample offset) references, which are re-read on restore (tar headers make skipping cheap).
+(shard, sample offset) references, which are re-read on restore (tar headers make skipping cheap). Each
+training example carries its epoch in `jclip.data.pipeline.EPOCH_FIELD`, as the random-access pipeline's do.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import grain
 import msgpack
 
-from jclip.data.pipeline import HostShard
+from jclip.data.pipeline import EPOCH_FIELD, HostShard
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,34 @@ def iter_tar_samples(path: str, stats: ReadStats | None = None) -> Iterator[RawE
     """
     for _, example in _shard_samples(path, stats=stats):
         yield example
+
+
+def shard_keys(path: str) -> Iterator[str]:
+    """The sample keys of one shard in tar order, exactly those `iter_tar_samples` yields, from the tar headers
+    alone (for joining data by key, `python -m jclip.join_captions`, without reading images).
+
+    As in reading, a key is given once the next sample or the archive's end shows its sample complete, and a
+    damaged shard stops at the damage with a warning.
+    """
+    key = None
+    try:
+        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:*") as tar:
+            while True:
+                info = tar.next()
+                if info is None:
+                    _check_end_of_archive(tar)
+                    break
+                if not info.isfile():
+                    continue
+                member_key, _ = _split_member_name(info.name)
+                if member_key.rpartition("/")[2] and member_key != key:
+                    if key is not None:
+                        yield key
+                    key = member_key
+            if key is not None:
+                yield key
+    except (tarfile.TarError, _TruncatedShard, EOFError, OSError, zlib.error) as error:
+        log.warning("broken shard %s: its keys from %r on are not listed: %s", path, key, error)
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -451,7 +480,7 @@ class WebDatasetIterator(grain.DatasetIterator):
             buffer[j] = buffer[-1]
             buffer.pop()
         self._yielded += 1
-        return example
+        return {**example, EPOCH_FIELD: self._epoch}
 
     def _fingerprint(self) -> dict[str, Any]:
         ds = self._dataset

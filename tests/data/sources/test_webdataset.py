@@ -323,3 +323,29 @@ def test_converted_data_goes_through_the_random_access_pipeline(shard_dir, reada
     iterator = iter(dataset)
     seen = np.concatenate([next(iterator)["index"] for _ in range(2)])
     assert sorted(seen.tolist()) == [10000 + i for i in range(5)] + [40000 + i for i in range(5)]
+
+
+def test_shard_keys_are_the_keys_of_the_samples_read_from_headers_alone(all_shards, tmp_path):
+    for path in all_shards:  # the truncated shard's too: its damaged fourth sample is not listed
+        assert list(webdataset.shard_keys(path)) == [s["key"] for s in webdataset.iter_tar_samples(path)]
+    assert list(webdataset.shard_keys(all_shards[6])) == [f"00006{i:04d}" for i in range(3)]
+    data = shard_bytes(9)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        boundary = tar.getmember("000090002.jpg").offset
+    (tmp_path / "cut.tar").write_bytes(data[:boundary])
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar file" * 100)
+    for name, keys in (("cut.tar", ["000090000"]), ("garbage.tar", [])):
+        assert list(webdataset.shard_keys(str(tmp_path / name))) == keys
+
+
+def test_each_sample_carries_its_epoch_for_the_ops(all_shards):
+    from jclip.data.pipeline import EPOCH_FIELD
+
+    iterator = iter(stream(all_shards[:2], HostShard(0, 1)))  # 2 shards of 5 samples: 10 per epoch
+    epochs = [next(iterator)[EPOCH_FIELD] for _ in range(25)]
+    assert epochs == [0] * 10 + [1] * 10 + [2] * 5
+    state = iterator.get_state()
+    expected = [next(iterator)[EPOCH_FIELD] for _ in range(7)]
+    resumed = iter(stream(all_shards[:2], HostShard(0, 1)))
+    resumed.set_state(state)
+    assert [next(resumed)[EPOCH_FIELD] for _ in range(7)] == expected == [2] * 5 + [3] * 2
