@@ -48,10 +48,11 @@ def test_presets_and_tokenizer_specs(monkeypatch):
     smollm = pretrained_text_tower("smollm2-135m", context_length=256)
     assert tokenizer_spec({"text": smollm}) == "gguf:/files/smollm2-135m.gguf?append_eos=2"
     assert tokenizer_spec({"text": {**smollm, "tokenizer": "hf:/t.json"}}) == "hf:/t.json"
-    minilm = pretrained_text_tower("minilm-l6", context_length=128)
+    minilm = pretrained_text_tower("minilm-l6", context_length=128, bidirectional_top_k=4)  # BERT: both ways
     assert minilm["kind"] == "bert" and minilm["pool"] == "mean" and "bidirectional_top_k" not in minilm
-    with pytest.raises(ValueError, match="bidirectional_top_k does not apply"):
-        pretrained_text_tower("minilm-l6", bidirectional_top_k=2)
+    assert minilm["context_length"] == 128 and minilm["weights"] == "minilm-l6"
+    with pytest.raises(KeyError, match="unknown pretrained text tower 'gemma-7b'"):
+        pretrained_text_tower("gemma-7b")
     for config in (gemma, smollm):
         tower = tower_for({"text": config}, "text")
         tower.check(tower.settings(config))
