@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", None),  # grouped-query attention's key/value heads (often 1 to 3): replicated
     ("kv", None),
     ("vocab", "tensor"),
     ("length", None),

@@ -182,3 +182,141 @@ def negative_pools_of(generator, caption: str) -> dict[str, tuple[str, ...]]:
     """A negatives generator's pools for one caption."""
     [result] = generator.generate([caption])
     return result.pools
+
+
+def write_gguf(path: pathlib.Path, architecture: str, metadata: dict[str, Any], tensors: dict[str, np.ndarray],
+               quantise: dict[str, str] | None = None) -> pathlib.Path:
+    """A GGUF file written with `gguf.GGUFWriter`: metadata by Python type (bool, int as uint32, float as
+    float32, str, lists), tensors in NumPy order (float32, or quantised by `quantise`: name -> GGML type name,
+    e.g. "Q8_0")."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, list(value))
+    for name, array in tensors.items():
+        kind = (quantise or {}).get(name)
+        if kind is None:
+            writer.add_tensor(name, np.asarray(array, np.float32))
+        else:
+            quant_type = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf.quants.quantize(np.asarray(array, np.float32), quant_type),
+                              raw_dtype=quant_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+#: A tiny Gemma 3 / Llama (GGUF metadata names): shapes of the real models' kinds, sizes of a unit test.
+TINY_DECODERS = {
+    "gemma3": {"vocab_size": 96, "width": 32, "layers": 6, "heads": 4, "kv_heads": 1, "head_dim": 16, "mlp_dim": 48,
+               "norm_eps": 1e-6, "rope_base": 1e6, "rope_local_base": 1e4, "sliding_window": 4,
+               "max_positions": 32768},
+    "llama": {"vocab_size": 96, "width": 32, "layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 8, "mlp_dim": 40,
+              "norm_eps": 1e-5, "rope_base": 1e5, "max_positions": 8192},
+}
+
+
+def tiny_decoder_config(kind: str, **overrides: Any) -> dict[str, Any]:
+    """A `model.text` config of kind gemma3 or llama with `TINY_DECODERS`' numbers."""
+    return {"kind": kind, "context_length": 32, **TINY_DECODERS[kind], **overrides}
+
+
+def write_tiny_decoder_gguf(path: pathlib.Path, kind: str, seed: int = 0, vocab_metadata: bool = True,
+                            tokenizer: dict[str, Any] | None = None, **numbers: Any) -> dict[str, np.ndarray]:
+    """A random Gemma 3 or Llama model as llama.cpp writes it: GGUF names and metadata, Gemma's norms stored as
+    1 + w, a Llama's q and k rows permuted for llama.cpp's RoPE, the token embedding quantised to Q8_0. Returns
+    the tensors in transformers' names and layouts (before the GGUF conventions). `vocab_metadata`: write
+    `<arch>.vocab_size` (the real Gemma 3 file has none; transformers' reader needs it or a tokenizer);
+    `tokenizer`: `tokenizer.ggml.*` metadata to add (`gemma_style_tokenizer`)."""
+    numbers = {**TINY_DECODERS[kind], **numbers}
+    rng = np.random.default_rng(seed)
+    width, heads, kv_heads, head_dim, mlp = (numbers[k] for k in ("width", "heads", "kv_heads", "head_dim", "mlp_dim"))
+    gemma = kind == "gemma3"
+
+    def tensor(*shape, scale=0.2):
+        return (rng.normal(0, scale, shape)).astype(np.float32)
+
+    def permute(weight, n_heads):  # llama.cpp's converter: each head's rows as (pairs, 2)
+        return weight.reshape(n_heads, 2, head_dim // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    hf = {"model.embed_tokens.weight": tensor(numbers["vocab_size"], width, scale=1.0),
+          "model.norm.weight": tensor(width)}
+    gguf_tensors = {"token_embd.weight": hf["model.embed_tokens.weight"],
+                    "output_norm.weight": hf["model.norm.weight"] + (1.0 if gemma else 0.0)}
+    for i in range(numbers["layers"]):
+        base = f"model.layers.{i}."
+        layer = {"self_attn.q_proj.weight": tensor(heads * head_dim, width),
+                 "self_attn.k_proj.weight": tensor(kv_heads * head_dim, width),
+                 "self_attn.v_proj.weight": tensor(kv_heads * head_dim, width),
+                 "self_attn.o_proj.weight": tensor(width, heads * head_dim),
+                 "mlp.gate_proj.weight": tensor(mlp, width), "mlp.up_proj.weight": tensor(mlp, width),
+                 "mlp.down_proj.weight": tensor(width, mlp),
+                 "input_layernorm.weight": tensor(width), "post_attention_layernorm.weight": tensor(width)}
+        if gemma:
+            layer.update({"self_attn.q_norm.weight": tensor(head_dim), "self_attn.k_norm.weight": tensor(head_dim),
+                          "pre_feedforward_layernorm.weight": tensor(width),
+                          "post_feedforward_layernorm.weight": tensor(width)})
+        hf.update({base + name: value for name, value in layer.items()})
+        blk = f"blk.{i}."
+        q, k = layer["self_attn.q_proj.weight"], layer["self_attn.k_proj.weight"]
+        gguf_tensors.update({blk + "attn_q.weight": q if gemma else permute(q, heads),
+                             blk + "attn_k.weight": k if gemma else permute(k, kv_heads),
+                             blk + "attn_v.weight": layer["self_attn.v_proj.weight"],
+                             blk + "attn_output.weight": layer["self_attn.o_proj.weight"],
+                             blk + "ffn_gate.weight": layer["mlp.gate_proj.weight"],
+                             blk + "ffn_up.weight": layer["mlp.up_proj.weight"],
+                             blk + "ffn_down.weight": layer["mlp.down_proj.weight"],
+                             blk + "attn_norm.weight": layer["input_layernorm.weight"] + (1.0 if gemma else 0.0)})
+        if gemma:
+            gguf_tensors.update({
+                blk + "attn_q_norm.weight": layer["self_attn.q_norm.weight"] + 1.0,
+                blk + "attn_k_norm.weight": layer["self_attn.k_norm.weight"] + 1.0,
+                blk + "post_attention_norm.weight": layer["post_attention_layernorm.weight"] + 1.0,
+                blk + "ffn_norm.weight": layer["pre_feedforward_layernorm.weight"] + 1.0,
+                blk + "post_ffw_norm.weight": layer["post_feedforward_layernorm.weight"] + 1.0})
+        else:
+            gguf_tensors[blk + "ffn_norm.weight"] = layer["post_attention_layernorm.weight"]
+    metadata = {f"{kind}.context_length": numbers["max_positions"], f"{kind}.embedding_length": width,
+                f"{kind}.block_count": numbers["layers"], f"{kind}.feed_forward_length": mlp,
+                f"{kind}.attention.head_count": heads, f"{kind}.attention.head_count_kv": kv_heads,
+                f"{kind}.attention.layer_norm_rms_epsilon": numbers["norm_eps"],
+                f"{kind}.rope.freq_base": numbers["rope_base"]}
+    if vocab_metadata:
+        metadata[f"{kind}.vocab_size"] = numbers["vocab_size"]
+    if gemma:
+        metadata.update({"gemma3.attention.key_length": head_dim, "gemma3.attention.value_length": head_dim,
+                         "gemma3.attention.sliding_window": numbers["sliding_window"]})
+    else:
+        metadata["llama.rope.dimension_count"] = head_dim
+    metadata.update(tokenizer or {})
+    write_gguf(path, kind, metadata, gguf_tensors, quantise={"token_embd.weight": "Q8_0"})
+    return hf
+
+
+def gemma_style_tokenizer(words: list[str]) -> dict[str, Any]:
+    """`tokenizer.ggml.*` metadata of a Gemma-style vocabulary (no merges, byte fallback, BOS added): the five
+    specials, the 256 byte tokens, then every word's letters, its "▁"-prefixed whole and its prefixes."""
+    pieces: list[str] = []
+    for word in words:
+        for piece in [*word, *("\u2581" + word[:end] for end in range(1, len(word) + 1))]:
+            if piece not in pieces:
+                pieces.append(piece)
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *[f"<0x{b:02X}>" for b in range(256)], "\u2581", *pieces]
+    types = [3] * 5 + [6] * 256 + [1] * (len(tokens) - 261)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [0.0] * len(tokens), "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}

@@ -17,7 +17,7 @@ from jclip.models.clip_model import (
     model_output_names,
 )
 from jclip.models.towers import Tower, known_kinds, register_tower, tokenizer_spec, tower_for
-from jclip.models.presets import PRESETS, get_preset
+from jclip.models.presets import PRESETS, get_preset, pretrained_text_tower
 from jclip.models.text import TextTransformer
 from jclip.models.vision import VisionTransformer
 
@@ -36,6 +36,7 @@ __all__ = [
     "build_model",
     "count_params",
     "get_preset",
+    "pretrained_text_tower",
     "extra_caption_field",
     "extra_fields_read",
     "input_fields",

@@ -22,6 +22,7 @@ from jclip.models.heads import PrototypeHead, head_config
 from jclip.models.layers import l2_normalize, logical_param
 from jclip.models import towers
 from jclip.models.bert import BERT_TEXT
+from jclip.models.decoder import GEMMA3_TEXT, LLAMA_TEXT
 from jclip.models.text import CLIP_TEXT
 from jclip.models.vision import VIT
 
@@ -35,7 +36,7 @@ MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_s
 TOWER_ATTRIBUTES = {"vision": "visual", "text": "text"}
 #: The towers jclip ships (importing their modules registers them): OpenCLIP's ViT and causal text Transformer,
 #: and the pretrained text towers.
-BUILT_IN_TOWERS = (VIT, CLIP_TEXT, BERT_TEXT)
+BUILT_IN_TOWERS = (VIT, CLIP_TEXT, BERT_TEXT, GEMMA3_TEXT, LLAMA_TEXT)
 #: What `encode_image`/`encode_text` return, the space evaluations and teachers compare in.
 EMBEDDINGS = ("projection", "prototypes")
 #: Outputs the model returns unless asked for fewer (the pooled features, their embeddings, the scale).

@@ -1,10 +1,12 @@
-"""Tests for jclip/models/presets.py and `count_params`: OpenCLIP's exact parameter counts."""
+"""Tests for jclip/models/presets.py and `count_params`: OpenCLIP's exact parameter counts; the pretrained text
+towers' configs (`pretrained_text_tower`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from jclip.models import PRESETS, count_params, get_preset
+from jclip.models import PRESETS, count_params, get_preset, pretrained_files, pretrained_text_tower, tokenizer_spec, \
+    tower_for
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -29,3 +31,28 @@ def test_get_preset_returns_an_independent_copy() -> None:
     assert set(PRESETS) >= {"tiny", "B/32", "B/16", "L/14"}
     with pytest.raises(KeyError, match="unknown model preset"):
         get_preset("H/14")
+
+
+def test_parameter_counts_of_the_presets():
+    gemma = pretrained_text_tower("gemma3-270m", proj="none")
+    smollm = pretrained_text_tower("smollm2-135m", proj="none")
+    assert tower_for({"text": gemma}, "text").count_params(gemma, 640) == 268_098_176  # Gemma 3 270M
+    assert tower_for({"text": smollm}, "text").count_params(smollm, 576) == 134_515_008  # SmolLM2-135M
+
+
+def test_presets_and_tokenizer_specs(monkeypatch):
+    monkeypatch.setattr(pretrained_files, "weights_path", lambda name: f"/files/{name}.gguf")
+    gemma = pretrained_text_tower("gemma3-270m", context_length=512, bidirectional_top_k=4)
+    assert gemma["kind"] == "gemma3" and gemma["context_length"] == 512 and gemma["bidirectional_top_k"] == 4
+    assert tokenizer_spec({"text": gemma}) == "gguf:/files/gemma3-270m.gguf"
+    smollm = pretrained_text_tower("smollm2-135m", context_length=256)
+    assert tokenizer_spec({"text": smollm}) == "gguf:/files/smollm2-135m.gguf?append_eos=2"
+    assert tokenizer_spec({"text": {**smollm, "tokenizer": "hf:/t.json"}}) == "hf:/t.json"
+    minilm = pretrained_text_tower("minilm-l6", context_length=128, bidirectional_top_k=4)  # BERT: both ways
+    assert minilm["kind"] == "bert" and minilm["pool"] == "mean" and "bidirectional_top_k" not in minilm
+    assert minilm["context_length"] == 128 and minilm["weights"] == "minilm-l6"
+    with pytest.raises(KeyError, match="unknown pretrained text tower 'gemma-7b'"):
+        pretrained_text_tower("gemma-7b")
+    for config in (gemma, smollm):
+        tower = tower_for({"text": config}, "text")
+        tower.check(tower.settings(config))
