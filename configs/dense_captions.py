@@ -51,12 +51,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = common.base_config(rest, steps=150 if finetune else 1200)
 
     if tower == "scratch":
-        config.model.text.context_length = own.context
+        config.model.text.context_length = int(own.context)
     else:
         decoder = presets.PRETRAINED_TEXT_TOWERS.get(tower, {}).get("kind") != "bert"  # BERT is bidirectional
-        config.model.text = presets.pretrained_text_tower(tower, context_length=own.context,
-                                                          bidirectional_top_k=own.bidirectional if decoder else 0)
-        config.optim.tower_locks.text = {"enabled": True, "unlocked_layers": own.unlocked, "freeze_layer_norm": True}
+        config.model.text = presets.pretrained_text_tower(tower, context_length=int(own.context),
+                                                          bidirectional_top_k=int(own.bidirectional) if decoder else 0)
+        unlocked = int(own["unlocked"])  # by item: `own.unlocked` is ConfigDict's method
+        config.optim.tower_locks.text = {"enabled": True, "unlocked_layers": unlocked, "freeze_layer_norm": True}
 
     config.data.caption_rule = captions
     if config.data.source == "embedded" and not own.recaptions:
@@ -65,20 +66,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.preprocess = config.data.preprocess.replace(
             "choose_caption|", f"choose_caption|sample_sentences(distribution={sentences!r})|", 1)
     if own.recaptions:
-        config.data.recaptions = own.recaptions
+        config.data.recaptions = str(own.recaptions)
 
     config.losses = {"clip": {"weight": 1.0}}
     if finetune:
         if not own.negatives:
             raise ValueError("rung 5 (the hard-negative fine-tune) needs negatives=DIR (python -m jclip.make_negatives)")
-        config.data.hard_negatives = own.negatives
+        config.data.hard_negatives = str(own.negatives)
         config.losses = {"negclip": {"weight": 1.0}}
         config.optim.learning_rate = 1e-4
         config.optim.warmup_steps = 20
         if own.init:
-            config.init_from = own.init
+            config.init_from = str(own.init)
     if own.lr:
-        config.optim.learning_rate = own.lr
+        config.optim.learning_rate = float(own.lr)
 
     # Retrieval of the dense descriptions, DOCCI style: one long text per image, R@1/5/10 both ways.
     config.evals.dense_retrieval = ml_collections.ConfigDict(dict(config.evals.retrieval.to_dict(),
