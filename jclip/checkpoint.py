@@ -88,6 +88,13 @@ class Checkpointer:
         self._manager.close()
 
 
+def has_checkpoints(directory: str | pathlib.Path) -> bool:
+    """Whether a `checkpoints/` folder holds a finished step (a folder named by its step number; Orbax's
+    `*.orbax-checkpoint-tmp*` folders of an interrupted save do not count), without opening a manager."""
+    directory = pathlib.Path(directory)
+    return directory.is_dir() and any(child.is_dir() and child.name.isdigit() for child in directory.iterdir())
+
+
 def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> tuple[pathlib.Path, int | None]:
     """(checkpoints folder, step or None for the latest) from a workdir, checkpoints folder or step folder."""
     path = pathlib.Path(path).absolute()

@@ -22,7 +22,6 @@ from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
 from jclip.data import pipeline, robust
 from jclip.data.configured import ConfiguredData
-from jclip.errors import ConfigError
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
 from jclip.step import compile_train_step
@@ -81,21 +80,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
-    checkpointer = checkpoint.Checkpointer(
-        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
-    )
-    latest = checkpointer.latest_step()
-    try:  # pretrained tower weights, read before the data so that a bad file stops the run at once
-        weights = pretrained.load_pretrained(config.model) if latest is None else {}
-    except ConfigError:
-        checkpointer.close()  # its background clean-up must not outlive the interpreter
-        raise
+    # Pretrained tower weights for a fresh start, read first so that a bad file stops the run at once.
+    fresh = not checkpoint.has_checkpoints(workdir / "checkpoints")
+    weights = pretrained.load_pretrained(config.model) if fresh else {}
     data = ConfiguredData(config.data, config.model)
     prepare_data(data, config)
     train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))
     skip_counter = robust.SkipCounter(min_examples=int(config.data.skip_check_after))
     setup = TrainSetup.create(config, mesh)
     teacher = load_teacher(config, mesh)
+    checkpointer = checkpoint.Checkpointer(
+        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
+    )
+    latest = checkpointer.latest_step()
     if latest is None:
         state = setup.init_state()
         if weights:

@@ -48,3 +48,13 @@ def test_keeps_only_the_last_k(tmp_path):
     manager.wait()
     assert manager.all_steps() == [2, 3]
     manager.close()
+
+
+def test_has_checkpoints_counts_finished_steps_only(tmp_path):
+    from jclip.checkpoint import has_checkpoints
+
+    assert not has_checkpoints(tmp_path / "absent")
+    (tmp_path / "3.orbax-checkpoint-tmp-1234").mkdir()  # an interrupted save
+    assert not has_checkpoints(tmp_path)
+    (tmp_path / "200").mkdir()
+    assert has_checkpoints(tmp_path)

@@ -3,7 +3,6 @@ export fills the base weights exactly, and the adapters keep their initialisatio
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from jclip import parallel

@@ -21,7 +21,7 @@ from flax import nnx
 from jclip.models import pretrained_files, text_heads
 from jclip.models.layers import MLP, LayerNorm, MultiHeadSelfAttention, logical_param, normal
 from jclip.models.lora import LoraSettings
-from jclip.models.towers import PretrainedWeights, Tower, TowerModule, register_tower, require_positive
+from jclip.models.towers import PretrainedWeights, Tower, register_tower, require_positive
 from jclip.parallel import constrain
 
 BERT_LAYER_NORM_EPS = 1e-12
@@ -55,7 +55,7 @@ def _apply_layer(layer: BertLayer, x: jax.Array, mask: jax.Array) -> jax.Array:
 _apply_layer_remat = nnx.remat(_apply_layer)
 
 
-class BertTextTower(TowerModule):
+class BertTextTower(text_heads.PooledTextTower):
     """Text tower (kind `bert`): token ids [batch, length] (padding -1) -> projected features."""
 
     def __init__(self, *, context_length: int, vocab_size: int, width: int, heads: int, layers: int, mlp_dim: int,
@@ -79,9 +79,6 @@ class BertTextTower(TowerModule):
         ])
         self.projection = text_heads.Projection(proj, width, output_dim, param_dtype=param_dtype, rngs=rngs)
 
-    def project(self, hidden: jax.Array) -> jax.Array:
-        return self.projection(hidden)
-
     def hidden_states(self, token_ids: jax.Array) -> jax.Array:
         """The last layer's hidden states [batch, length, width] (transformers' `last_hidden_state`)."""
         length = token_ids.shape[1]
@@ -96,15 +93,6 @@ class BertTextTower(TowerModule):
         for layer in self.layers:
             hidden = apply(layer, hidden, mask)
         return hidden
-
-    def encode(self, token_ids: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
-        hidden = self.hidden_states(token_ids)
-        pooled = constrain(text_heads.pool(hidden, token_ids, self.pool, self.eos_id), ("batch", "act_embed"))
-        outputs = {"features": self.project(pooled)}
-        if tokens:
-            outputs["tokens"] = self.project(hidden)
-            outputs["token_mask"] = text_heads.token_mask(token_ids)
-        return outputs
 
 
 def _check_bert(config: dict[str, Any]) -> None:

@@ -72,7 +72,7 @@ from jclip.models import pretrained_files, text_heads
 from jclip.models.bert import pretrained_tokenizer_spec
 from jclip.models.gguf_weights import GGUFFile, check_metadata, open_gguf
 from jclip.models.layers import logical_param, normal, ones, zeros
-from jclip.models.towers import PretrainedWeights, Tower, TowerModule, register_tower, require_positive
+from jclip.models.towers import PretrainedWeights, Tower, register_tower, require_positive
 from jclip.parallel import constrain
 
 INIT_STD = 0.02  # transformers' initializer_range for both families
@@ -213,7 +213,7 @@ def _apply_block(block: DecoderBlock, x: jax.Array, cos: jax.Array, sin: jax.Arr
 _apply_block_remat = nnx.remat(_apply_block)
 
 
-class DecoderTextTower(TowerModule):
+class DecoderTextTower(text_heads.PooledTextTower):
     """A decoder LM as a text tower: token ids [batch, length] (padding -1) -> projected features. Built by
     the `gemma3` and `llama` kinds (`Gemma3TextTower`, `LlamaTextTower`)."""
 
@@ -239,9 +239,6 @@ class DecoderTextTower(TowerModule):
         self.final_norm = RMSNorm(width, eps=norm_eps, plus_one=gemma, dtype=dtype, param_dtype=param_dtype,
                                   rngs=rngs)
         self.projection = text_heads.Projection(proj, width, output_dim, param_dtype=param_dtype, rngs=rngs)
-
-    def project(self, hidden: jax.Array) -> jax.Array:
-        return self.projection(hidden)
 
     def _embed(self, token_ids: jax.Array) -> jax.Array:
         mask = text_heads.token_mask(token_ids)
@@ -275,15 +272,6 @@ class DecoderTextTower(TowerModule):
     def hidden_states(self, token_ids: jax.Array) -> jax.Array:
         """The final-norm hidden states [batch, length, width] (transformers' `last_hidden_state`)."""
         return self.final_norm(self.block_outputs(token_ids)[-1])
-
-    def encode(self, token_ids: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
-        hidden = self.hidden_states(token_ids)
-        pooled = constrain(text_heads.pool(hidden, token_ids, self.pool, self.eos_id), ("batch", "act_embed"))
-        outputs = {"features": self.project(pooled)}
-        if tokens:
-            outputs["tokens"] = self.project(hidden)
-            outputs["token_mask"] = text_heads.token_mask(token_ids)
-        return outputs
 
 
 class Gemma3TextTower(DecoderTextTower):

@@ -110,7 +110,6 @@ def adapter_delta(a: Any, b: Any, kernel_shape: tuple[int, ...], name: str) -> A
     """The unscaled update A·B of the kernel adapted by the factors named `<prefix>lora_a`/`_b`, laid out as
     the kernel. NumPy factors give a float64 NumPy result; jax factors a float32 one (full precision)."""
     numpy = isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
-    xp = np if numpy else jnp
     a = a.astype(np.float64) if numpy else jnp.asarray(a, jnp.float32)
     b = b.astype(np.float64) if numpy else jnp.asarray(b, jnp.float32)
     if name == "patch_":

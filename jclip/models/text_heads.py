@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jclip.models.layers import exact_gelu, logical_param, normal
+from jclip.models.towers import TowerModule
+from jclip.parallel import constrain
 
 POOLS = ("mean", "cls", "last", "eos")
 PROJECTIONS = ("none", "linear", "mlp")
@@ -85,6 +87,30 @@ class Projection(nnx.Module):
         if self.kernel is not None:
             x = jnp.dot(x, self.kernel[...].astype(jnp.float32))
         return x
+
+
+class PooledTextTower(TowerModule):
+    """What the pretrained text towers share: `hidden_states(token_ids)` (each tower's own), pooled by `pool`
+    and projected by `projection`; the token outputs are every hidden state projected, masked as ids >= 0."""
+
+    pool: str
+    eos_id: int | None
+    projection: Projection
+
+    def hidden_states(self, token_ids: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        return self.projection(hidden)
+
+    def encode(self, token_ids: jax.Array, *, tokens: bool = False) -> dict[str, jax.Array]:
+        hidden = self.hidden_states(token_ids)
+        pooled = constrain(pool(hidden, token_ids, self.pool, self.eos_id), ("batch", "act_embed"))
+        outputs = {"features": self.project(pooled)}
+        if tokens:
+            outputs["tokens"] = self.project(hidden)
+            outputs["token_mask"] = token_mask(token_ids)
+        return outputs
 
 
 def check_head(where: str, config: dict[str, Any]) -> None:
