@@ -82,15 +82,30 @@ with torch.no_grad():
         other.load_state_dict(model.state_dict())
         outputs["bidirectional"] = other.model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
         outputs["bidirectional_window"] = np.array(both.sliding_window)
+    if inputs.get("float64"):  # the same weights and maths in float64, free of float32 rounding
+        outputs["causal64"] = model.double().model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        if inputs.get("bidirectional"):
+            outputs["bidirectional64"] = other.double().model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
 np.savez(sys.argv[2], **outputs)
 """
 
 
-def reference(torch_python, gguf_path, ids: np.ndarray, tmp_path, *, bidirectional=False, config=None) -> dict:
+def reference(torch_python, gguf_path, ids: np.ndarray, tmp_path, *, bidirectional=False, config=None,
+              float64=False) -> dict:
     mask = (ids >= 0).astype(np.int64)
     return run_reference(torch_python, TORCH_DECODER, {
         "gguf": str(gguf_path), "ids": np.where(ids >= 0, ids, 0).tolist(), "mask": mask.tolist(),
-        "bidirectional": bidirectional, "config": config or {}}, tmp_path)
+        "bidirectional": bidirectional, "config": config or {}, "float64": float64}, tmp_path)
+
+
+def float64_hidden_states(text: dict, ids: np.ndarray, loaded) -> np.ndarray:
+    """The tower's final hidden states with float64 parameters and compute (the same file's weights)."""
+    with jax.enable_x64(True):
+        config = model_config(text)
+        config.dtype = config.param_dtype = "float64"
+        functions = ModelFunctions.create(config, seed=0)
+        params, _ = pretrained.place_pretrained(loaded, functions.init_params())
+        return np.asarray(functions.model(params).text.hidden_states(ids))
 
 
 def max_real_diff(hidden, expected, ids) -> float:
@@ -214,7 +229,7 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     ids = ids[:, : int(np.max(np.sum(ids >= 0, axis=1)))]
     assert 60 < ids.shape[1] < 257  # within transformers' halved bidirectional window (257)
     expected = reference(torch_python, pretrained_files.weights_path("gemma3-270m"), ids, tmp_path,
-                         bidirectional=True)
+                         bidirectional=True, float64=True)
     assert float(expected["scale"]) == 256 ** -0.5 and int(expected["sliding_window"]) == 512
     with jax.default_matmul_precision("highest"):
         causal_hidden, both_hidden = causal.text.hidden_states(ids), both.text.hidden_states(ids)
@@ -223,6 +238,12 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
               f"{mean_real_diff(hidden, expected[name], ids):.3g} (largest |hidden| "
               f"{np.max(np.abs(expected[name][ids >= 0])):.1f})")
         assert_float32_close(hidden, expected[name], ids)
+    # In float64 on both sides the implementations agree to the acceptance bound everywhere.
+    for name, k in (("causal", 0), ("bidirectional", 18)):
+        hidden64 = float64_hidden_states({**text, "bidirectional_top_k": k}, ids, loaded)
+        diff = max_real_diff(hidden64, expected[name + "64"], ids)
+        print(f"gemma3-270m, {name}, float64: max abs diff {diff:.3g}")
+        assert diff < 1e-4
     assert "model.text: loaded 236 tensors" in "\n".join(report)  # 2 + 13 per block; nothing unused
     assert "in the file but not used: nothing" in "\n".join(report)
 
@@ -230,16 +251,20 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
 @needs("smollm2-135m")
 def test_smollm2_135m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("smollm2-135m", context_length=96)
-    model, report = loaded_model(text)
+    loaded = pretrained.load_pretrained(model_config(text))
+    model, report = loaded_model(text, loaded)
     ids = make_tokenizer(models.tokenizer_spec(model_config(text)), 96).batch(parity_texts())
     ids = ids[:, : int(np.max(np.sum(ids >= 0, axis=1)))]
-    expected = reference(torch_python, pretrained_files.weights_path("smollm2-135m"), ids, tmp_path)
+    expected = reference(torch_python, pretrained_files.weights_path("smollm2-135m"), ids, tmp_path, float64=True)
     with jax.default_matmul_precision("highest"):
         hidden = model.text.hidden_states(ids)
     print(f"smollm2-135m: max abs diff {max_real_diff(hidden, expected['causal'], ids):.3g}, mean "
           f"{mean_real_diff(hidden, expected['causal'], ids):.3g} (largest |hidden| "
           f"{np.max(np.abs(expected['causal'][ids >= 0])):.1f})")
     assert_float32_close(hidden, expected["causal"], ids)
+    diff = max_real_diff(float64_hidden_states(text, ids, loaded), expected["causal64"], ids)
+    print(f"smollm2-135m, float64: max abs diff {diff:.3g}")
+    assert diff < 1e-4
     assert "model.text: loaded 272 tensors" in "\n".join(report)  # 2 + 9 per block
 
 
