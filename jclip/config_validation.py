@@ -30,7 +30,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     for modality in models.towers.MODALITIES:
         try:
             models.towers.check_tower(model, modality)
-        except ValueError as error:
+        except (ValueError, OSError) as error:  # OSError: a pretrained tower's file or wheel is missing
             raise ConfigError(str(error)) from error
     from jclip.models.clip_model import check_embedding
 

