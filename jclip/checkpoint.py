@@ -53,14 +53,16 @@ class Checkpointer:
         data_iterator: grain.DatasetIterator | None,
         config: ml_collections.ConfigDict,
         counters: dict[str, Any] | None = None,
+        force: bool = False,
     ) -> None:
-        """Saves asynchronously; `counters` maps `process_<i>` to each process's data counters (JSON)."""
+        """Saves asynchronously; `counters` maps `process_<i>` to each process's data counters (JSON).
+        `force` saves even where Orbax's save policy would not (the preemption step)."""
         items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config.to_dict())}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if counters is not None:
             items[COUNTERS] = ocp.args.JsonSave(counters)
-        self._manager.save(step, args=ocp.args.Composite(**items))
+        self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """Restores the state onto the shardings of `abstract_state`, and the iterator in place."""

@@ -16,7 +16,16 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JCLIP
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JCLIP_PROCESS_ID", "-1")), "This process's index.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", os.environ.get("JCLIP_DISTRIBUTED", "auto"), ["auto", "on", "off"],
-    "auto: initialise jax.distributed when a coordinator is given or a cluster (TPU pod, Slurm) is detected.",
+    "auto: initialise jax.distributed when a coordinator is given or a cluster (TPU pod, Slurm) is detected; "
+    "on: always (also one process, so that SIGTERM goes through JAX's preemption service); off: never.",
+)
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", int(os.environ.get("JCLIP_HEARTBEAT_TIMEOUT_SECONDS", "30")),
+    "A process that has not been heard from for this long is dead, and every other process stops (jax.distributed).",
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_seconds", int(os.environ.get("JCLIP_INITIALIZATION_TIMEOUT_SECONDS", "300")),
+    "How long jax.distributed waits for every process to join before giving up.",
 )
 
 
@@ -32,15 +41,40 @@ def initialise_distributed() -> None:
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=None if _PROCESS_ID.value < 0 else _PROCESS_ID.value,
+            **_timeouts(),
         )
-    elif _DISTRIBUTED.value == "on" or _cluster_detected():
-        jax.distributed.initialize()
+    elif _cluster_detected():
+        jax.distributed.initialize(**_timeouts())
+    elif _DISTRIBUTED.value == "on":
+        try:  # JAX's own detection: Cloud TPU VM metadata, Slurm, Open MPI, ...
+            jax.distributed.initialize(**_timeouts())
+        except ValueError:  # no cluster: one process with a coordination (and preemption) service of its own
+            jax.distributed.initialize(
+                coordinator_address=f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0, **_timeouts()
+            )
+
+
+def _timeouts() -> dict[str, int]:
+    return {"heartbeat_timeout_seconds": _HEARTBEAT.value, "initialization_timeout": _INIT_TIMEOUT.value}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _cluster_detected() -> bool:
-    """Multi-host TPU VMs and Slurm jobs with several tasks, which jax.distributed can auto-configure."""
-    return "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"] or (
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    """Environments jax.distributed configures itself from: a multi-host TPU slice on GKE, multislice, or a
+    Slurm job step of several tasks. (Cloud TPU VMs describe themselves only through the GCE metadata server,
+    so the TPU launcher passes --distributed=on there.)"""
+    environ = os.environ
+    return bool(
+        "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+        or "MEGASCALE_COORDINATOR_ADDRESS" in environ
+        or ("SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1)
     )
 
 

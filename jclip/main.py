@@ -39,6 +39,8 @@ def main(argv: list[str]) -> None:
         print(f"jclip: invalid config: {error}", file=sys.stderr)
         sys.exit(2)
     initialise_distributed()
+    import jax
+
     from jclip import train
 
     from jclip.data.robust import TooManyBadExamples
@@ -51,6 +53,15 @@ def main(argv: list[str]) -> None:
     except TooManyBadExamples as error:
         print(f"jclip: stopped: {error}", file=sys.stderr)
         sys.exit(3)
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        # A peer that died makes the next collective fail (CPU) or hang until jax.distributed's heartbeat
+        # timeout ends every process (TPU, GPU). Either way the message should point at the other logs.
+        print(f"jclip: stopped: process {jax.process_index()} of {jax.process_count()} lost contact with the "
+              f"others ({str(error).splitlines()[0]}); another process has probably died: see its log. "
+              "Rerun the job to resume from the last checkpoint.", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

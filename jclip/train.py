@@ -18,12 +18,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jclip import checkpoint, evals, init_from, parallel, pretrained
+from jclip.errors import ConfigError
 from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
 from jclip.data import pipeline, robust
 from jclip.data.configured import ConfiguredData
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
+from jclip.preemption import PreemptionWatch
 from jclip.step import compile_train_step
 from jclip.teacher import load_teacher
 
@@ -70,10 +72,22 @@ def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int,
     return results
 
 
+def _make_mesh(config: ml_collections.ConfigDict):
+    """The config's mesh over every device of the job; a mismatch is a config error naming both sides."""
+    try:
+        return parallel.make_mesh(dict(config.mesh))
+    except ValueError as error:
+        raise ConfigError(
+            f"config.mesh {dict(config.mesh)} does not fit the job: {error} (jax sees {jax.device_count()} "
+            f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), {jax.local_device_count()} "
+            "per process); set config.mesh to match, e.g. --config.mesh.data=-1"
+        ) from error
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Trains (or resumes) the configured run in `workdir`; returns the final evaluation metrics."""
     workdir = pathlib.Path(workdir)
-    mesh = parallel.make_mesh(dict(config.mesh))
+    mesh = _make_mesh(config)
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
     if is_main:
@@ -131,28 +145,38 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     train_step = None
     final_metrics: dict[str, float] = {}
     step = start_step
-    for step in range(start_step + 1, total_steps + 1):
-        host_batch = skip_counter.update(next(train_iterator))
-        batch = parallel.host_batch_to_global(host_batch, mesh)
-        if train_step is None:
-            train_step = compile_train_step(setup, batch, teacher)
-        state, metrics = train_step(state, batch)
-        if step == start_step + 1:
-            jax.block_until_ready(metrics)
-            progress.start(step)
-        if step % int(config.log_every) == 0 or step == total_steps:
-            metrics = jax.device_get(metrics)
-            loss = float(metrics["loss/total"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}; metrics: {metrics}")
-            metrics.update(progress.update(step, loss))
-            global_skips = _global_skip_metrics(skip_counter)
-            metrics.update(global_skips.metrics())
-            writer.write(step, metrics)
-            global_skips.check(float(config.data.max_skip_rate))
-        if step % int(config.checkpoint_every) == 0 or step == total_steps:
-            checkpointer.save(step, state, train_iterator, config, counters=_gather_counters(skip_counter))
-        final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
+    with PreemptionWatch() as preemption:
+        for step in range(start_step + 1, total_steps + 1):
+            host_batch = skip_counter.update(next(train_iterator))
+            batch = parallel.host_batch_to_global(host_batch, mesh)
+            if train_step is None:
+                train_step = compile_train_step(setup, batch, teacher)
+            state, metrics = train_step(state, batch)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                progress.start(step)
+            preempted = preemption.reached(step)
+            if step % int(config.log_every) == 0 or step == total_steps or preempted:
+                metrics = jax.device_get(metrics)
+                loss = float(metrics["loss/total"])
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {step}; metrics: {metrics}")
+                metrics.update(progress.update(step, loss))
+                global_skips = _global_skip_metrics(skip_counter)
+                metrics.update(global_skips.metrics())
+                writer.write(step, metrics)
+                global_skips.check(float(config.data.max_skip_rate))
+            if step % int(config.checkpoint_every) == 0 or step == total_steps or preempted:
+                checkpointer.save(
+                    step, state, train_iterator, config, counters=_gather_counters(skip_counter), force=preempted
+                )
+            if preempted:
+                checkpointer.wait()
+                if is_main:
+                    print(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; "
+                          "rerun the same command to resume", flush=True)
+                break
+            final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
     if start_step >= total_steps and is_main:
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
     checkpointer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -50,6 +51,18 @@ def test_invalid_value_stops_before_compiling(tmp_path, flag, message):
 def test_wrong_type_is_rejected(tmp_path):
     result, _ = run_main("--config=configs/clip.py", f"--workdir={tmp_path}", "--config.data.batch_size=abc")
     assert result.returncode == 2 and "batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_mesh_the_devices_cannot_fill_names_both(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jclip.main", "--config=configs/clip.py", f"--workdir={tmp_path}", "--config.mesh.data=3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "invalid config" in result.stderr and "Traceback" not in result.stderr
+    assert "'data': 3" in result.stderr and "needs 3 devices" in result.stderr
+    assert "jax sees 2 cpu device(s) in 1 process(es), 2 per process" in result.stderr
 
 
 def test_arg_strings_and_unknown_losses():
