@@ -30,32 +30,31 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 
 
 def initialise_distributed() -> None:
-    import jax
-
     if _DISTRIBUTED.value == "off":
         return
     if _COORDINATOR.value:
-        # Cross-process collectives of CPU devices (local multi-process runs); no effect on TPU or GPU.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
+        _initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=None if _PROCESS_ID.value < 0 else _PROCESS_ID.value,
-            **_timeouts(),
         )
     elif _cluster_detected():
-        jax.distributed.initialize(**_timeouts())
+        _initialize()
     elif _DISTRIBUTED.value == "on":
         try:  # JAX's own detection: Cloud TPU VM metadata, Slurm, Open MPI, ...
-            jax.distributed.initialize(**_timeouts())
+            _initialize()
         except ValueError:  # no cluster: one process with a coordination (and preemption) service of its own
-            jax.distributed.initialize(
-                coordinator_address=f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0, **_timeouts()
-            )
+            _initialize(coordinator_address=f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0)
 
 
-def _timeouts() -> dict[str, int]:
-    return {"heartbeat_timeout_seconds": _HEARTBEAT.value, "initialization_timeout": _INIT_TIMEOUT.value}
+def _initialize(**arguments) -> None:
+    import jax
+
+    # Cross-process collectives of CPU devices (local multi-process runs); no effect on TPU or GPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        heartbeat_timeout_seconds=_HEARTBEAT.value, initialization_timeout=_INIT_TIMEOUT.value, **arguments
+    )
 
 
 def _free_port() -> int:

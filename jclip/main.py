@@ -7,6 +7,9 @@ same command resumes from the latest checkpoint in the workdir.
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import sys
 
 from absl import app, flags
@@ -16,6 +19,10 @@ from jclip.cli import initialise_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:model=B/32.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and TensorBoard logs.")
+_STATUS_FILE = flags.DEFINE_string(
+    "status_file", os.environ.get("JCLIP_STATUS_FILE"),
+    "A local file where process 0 writes how the run ended (JSON: state finished|preempted|failed, step, exit_code).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -33,36 +40,58 @@ def main(argv: list[str]) -> None:
     from jclip.errors import ConfigError
 
     config = _CONFIG.value
+    outcome = {"state": "failed", "step": None, "exit_code": 1}
     try:
-        validate_config(config)
-    except ConfigError as error:
-        print(f"jclip: invalid config: {error}", file=sys.stderr)
-        sys.exit(2)
+        try:
+            validate_config(config)
+        except ConfigError as error:
+            _stop(outcome, 2, f"jclip: invalid config: {error}")
+        _train(config, _WORKDIR.value, outcome)
+    finally:
+        _write_status(outcome)
+
+
+def _train(config, workdir: str, outcome: dict) -> None:
+    """Runs training and records its outcome for the status file; exits with jclip's status codes."""
+    from jclip.errors import ConfigError
+
     initialise_distributed()
     import jax
 
     from jclip import train
-
     from jclip.data.robust import TooManyBadExamples
 
     try:
-        train.run(config, _WORKDIR.value)
+        result = train.run(config, workdir)
+        outcome.update(state="preempted" if result.preempted else "finished", step=result.step, exit_code=0)
     except ConfigError as error:
-        print(f"jclip: invalid config: {error}", file=sys.stderr)
-        sys.exit(2)
+        _stop(outcome, 2, f"jclip: invalid config: {error}")
     except TooManyBadExamples as error:
-        print(f"jclip: stopped: {error}", file=sys.stderr)
-        sys.exit(3)
+        _stop(outcome, 3, f"jclip: stopped: {error}")
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise
         # A peer that died makes the next collective fail (CPU) or hang until jax.distributed's heartbeat
         # timeout ends every process (TPU, GPU). Either way the message should point at the other logs.
-        print(f"jclip: stopped: process {jax.process_index()} of {jax.process_count()} lost contact with the "
-              f"others ({str(error).splitlines()[0]}); another process has probably died: see its log. "
-              "Rerun the job to resume from the last checkpoint.", file=sys.stderr)
-        sys.exit(1)
+        _stop(outcome, 1, f"jclip: stopped: process {jax.process_index()} of {jax.process_count()} lost contact "
+                          f"with the others ({str(error).splitlines()[0]}); another process has probably died: see "
+                          "its log. Rerun the job to resume from the last checkpoint.")
 
+
+def _stop(outcome: dict, code: int, message: str) -> None:
+    outcome["exit_code"] = code
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def _write_status(outcome: dict) -> None:
+    """Process 0 records how the run ended in --status_file, for launchers that requeue or resume (Slurm's
+    batch script, the TPU babysitter): `{"state": "finished"|"preempted"|"failed", "step": N, "exit_code": N}`."""
+    if not _STATUS_FILE.value or ("jax" in sys.modules and sys.modules["jax"].process_index() != 0):
+        return
+    path = pathlib.Path(_STATUS_FILE.value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(outcome) + "\n")
 
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

@@ -7,6 +7,7 @@ optimizer, input pipeline -> step -> metrics, evaluators, checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -84,8 +85,17 @@ def _make_mesh(config: ml_collections.ConfigDict):
         ) from error
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-    """Trains (or resumes) the configured run in `workdir`; returns the final evaluation metrics."""
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """How `run` ended: the last step trained, whether it stopped early on SIGTERM, the final evaluations."""
+
+    step: int
+    preempted: bool
+    metrics: dict[str, float]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
+    """Trains (or resumes) the configured run in `workdir`, until the last step or a SIGTERM."""
     workdir = pathlib.Path(workdir)
     mesh = _make_mesh(config)
     validate_config(config, mesh)
@@ -145,6 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     train_step = None
     final_metrics: dict[str, float] = {}
     step = start_step
+    preempted = False
     with PreemptionWatch() as preemption:
         for step in range(start_step + 1, total_steps + 1):
             host_batch = skip_counter.update(next(train_iterator))
@@ -183,4 +194,4 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     writer.close()
     if hasattr(train_iterator, "close"):  # stops Grain worker processes and frees their shared memory
         train_iterator.close()
-    return final_metrics
+    return RunResult(step=step, preempted=preempted, metrics=final_metrics)

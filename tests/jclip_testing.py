@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+import socket
+import subprocess
+import time
 from typing import Any
 
 import numpy as np
@@ -82,6 +85,28 @@ def read_losses(workdir: pathlib.Path) -> dict[int, float]:
         if "loss/total" in record:
             losses[record["step"]] = record["loss/total"]
     return losses
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+    """The finished checkpoint steps of a workdir (Orbax's unfinished `*.orbax-checkpoint-tmp` left out)."""
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def wait_for_checkpoint(workdir: pathlib.Path, processes: list[subprocess.Popen], step: int, timeout: float = 300) -> bool:
+    """Waits until `workdir` holds a checkpoint at `step` or later; False if a process ended or time ran out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in processes):
+        if any(s >= step for s in checkpoint_steps(workdir)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_final_evaluation(workdir: pathlib.Path) -> dict[str, float]:

@@ -1,8 +1,10 @@
-"""Preemption and dead peers, end to end through `python -m jclip.main`: SIGTERM saves the step every process
-stops at and exits 0, the rerun resumes with identical losses; a SIGKILLed peer stops the others quickly."""
+"""Preemption and dead peers through `python -m jclip.main`: SIGTERM saves the step the run stops at and exits
+0, and the rerun resumes with identical losses; a SIGKILLed peer stops the other process quickly. (Two
+processes stopping at one step after a SIGTERM are tested through the Slurm script: tests/launch/test_slurm.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -12,135 +14,76 @@ import time
 
 import numpy as np
 
-from jclip_testing import REPO_ROOT, micro_run_flags, read_losses
+from jclip_testing import REPO_ROOT, checkpoint_steps, free_port, micro_run_flags, read_losses, wait_for_checkpoint
 
 STEPS = 60
-
-
-def command(workdir: pathlib.Path, flags: list[str]) -> list[str]:
-    return [sys.executable, "-m", "jclip.main", "--config=configs/clip.py", f"--workdir={workdir}", *flags]
-
-
-def environment(process: int | None = None, processes: int = 1, port: int | None = None) -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    if process is not None:
-        env.update(JCLIP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JCLIP_NUM_PROCESSES=str(processes),
-                   JCLIP_PROCESS_ID=str(process), JCLIP_HEARTBEAT_TIMEOUT_SECONDS="10")
-    return env
 
 
 def start(workdir: pathlib.Path, flags: list[str], logs: pathlib.Path, processes: int = 1) -> list[subprocess.Popen]:
     """`processes` jclip.main processes of one job (joined over 127.0.0.1 when more than one)."""
     port = free_port()
+    logs.mkdir(exist_ok=True)
     started = []
     for index in range(processes):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        if processes > 1:
+            env.update(JCLIP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JCLIP_NUM_PROCESSES=str(processes),
+                       JCLIP_PROCESS_ID=str(index), JCLIP_HEARTBEAT_TIMEOUT_SECONDS="10")
+        command = [sys.executable, "-m", "jclip.main", "--config=configs/clip.py", f"--workdir={workdir}", *flags]
         log = open(logs / f"process_{index}.log", "w")
-        env = environment(index, processes, port) if processes > 1 else environment()
-        started.append(subprocess.Popen(command(workdir, flags), cwd=REPO_ROOT, env=env, stdout=log,
-                                        stderr=subprocess.STDOUT))
+        started.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     return started
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def finish(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: float = 600) -> list[int]:
-    codes = []
-    for process in processes:
-        try:
-            codes.append(process.wait(timeout=timeout))
-        except subprocess.TimeoutExpired:
+    try:
+        return [process.wait(timeout=timeout) for process in processes]
+    except subprocess.TimeoutExpired:
+        for process in processes:
             process.kill()
-            raise AssertionError(f"a process did not exit within {timeout} s:\n{read_logs(logs)}")
-    return codes
+        raise AssertionError(f"a process did not exit within {timeout} s:\n{read_logs(logs)}")
 
 
 def read_logs(logs: pathlib.Path) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(logs.glob("*.log")))
 
 
-def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+def test_sigterm_saves_and_exits_0_and_the_rerun_resumes_exactly(tmp_path, scenes_data_dir):
+    """One process without jax.distributed: jclip's own SIGTERM handler; --status_file says how it ended."""
+    flags = micro_run_flags(scenes_data_dir, total_steps=STEPS, checkpoint_every=5)
+    reference = tmp_path / "uninterrupted"
+    assert finish(start(reference, flags, tmp_path / "logs_reference"), tmp_path / "logs_reference") == [0]
+    expected = read_losses(reference)
 
-
-def wait_for_checkpoint(workdir: pathlib.Path, processes: list[subprocess.Popen], logs: pathlib.Path, step: int) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in processes):
-        if any(s >= step for s in checkpoint_steps(workdir)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint at step >= {step} while the run was alive:\n{read_logs(logs)}")
-
-
-def logs_dir(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
-    path = tmp_path / f"logs_{name}"
-    path.mkdir()
-    return path
-
-
-def run_to_end(workdir: pathlib.Path, flags: list[str], tmp_path: pathlib.Path, name: str, processes: int) -> str:
-    logs = logs_dir(tmp_path, name)
-    codes = finish(start(workdir, flags, logs, processes), logs)
-    assert codes == [0] * processes, read_logs(logs)
-    return (logs / "process_0.log").read_text()
-
-
-def interrupt(workdir, flags, tmp_path, processes: int, target: int, sig: signal.Signals):
-    """Starts the job, waits for its step-10 checkpoint, sends `sig` to process `target`; returns (codes, logs,
-    seconds from the signal to the last exit)."""
-    logs = logs_dir(tmp_path, f"interrupted_{sig.name}")
-    running = start(workdir, flags, logs, processes)
-    wait_for_checkpoint(workdir, running, logs, 10)
-    assert all(p.poll() is None for p in running), "the run ended before the signal"
-    sent = time.time()
-    os.kill(running[target].pid, sig)
-    codes = finish(running, logs, timeout=120)
-    return codes, logs, time.time() - sent
-
-
-def assert_preempted_and_resumed_exactly(tmp_path: pathlib.Path, data_dir: pathlib.Path, processes: int,
-                                         target: int) -> None:
-    flags = micro_run_flags(data_dir, total_steps=STEPS, checkpoint_every=5)
-    run_to_end(tmp_path / "uninterrupted", flags, tmp_path, "uninterrupted", processes)
-    expected = read_losses(tmp_path / "uninterrupted")
-
-    interrupted = tmp_path / "interrupted"
-    codes, logs, _ = interrupt(interrupted, flags, tmp_path, processes, target, signal.SIGTERM)
-    assert codes == [0] * processes, f"SIGTERM should end every process with exit 0:\n{read_logs(logs)}"
-    stopped_at = max(read_losses(interrupted))
+    run, logs, status = tmp_path / "interrupted", tmp_path / "logs_interrupted", tmp_path / "status.json"
+    process = start(run, [*flags, f"--status_file={status}"], logs)
+    assert wait_for_checkpoint(run, process, 10), read_logs(logs)
+    process[0].send_signal(signal.SIGTERM)
+    assert finish(process, logs, timeout=120) == [0], read_logs(logs)
+    stopped_at = max(read_losses(run))
     assert stopped_at < STEPS, "the run finished before SIGTERM took effect"
-    # Every process stopped after the same step, and that step was saved (one checkpoint holds all processes).
-    assert max(checkpoint_steps(interrupted)) == stopped_at, (checkpoint_steps(interrupted), stopped_at)
-    data_states = sorted(p.name for p in (interrupted / "checkpoints" / str(stopped_at) / "data").glob("process_*"))
-    assert data_states == [f"process_{i}-of-{processes}.json" for i in range(processes)], data_states
-    assert f"preempted (SIGTERM): saved step {stopped_at}" in (logs / "process_0.log").read_text()
+    assert max(checkpoint_steps(run)) == stopped_at, "the step the run stopped at was not saved"
+    assert f"preempted (SIGTERM): saved step {stopped_at}" in read_logs(logs)
+    assert json.loads(status.read_text()) == {"state": "preempted", "step": stopped_at, "exit_code": 0}
 
-    resumed = run_to_end(interrupted, flags, tmp_path, "resumed", processes)
-    assert f"at step {stopped_at}" in resumed
-    got = read_losses(interrupted)
+    rerun_logs = tmp_path / "logs_rerun"
+    assert finish(start(run, [*flags, f"--status_file={status}"], rerun_logs), rerun_logs) == [0]
+    assert f"at step {stopped_at}" in (rerun_logs / "process_0.log").read_text()
+    assert json.loads(status.read_text()) == {"state": "finished", "step": STEPS, "exit_code": 0}
+    got = read_losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_array_equal([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)])
 
 
-def test_sigterm_saves_and_exits_0_and_the_rerun_resumes_exactly(tmp_path, scenes_data_dir):
-    """One process without jax.distributed: jclip's own SIGTERM handler."""
-    assert_preempted_and_resumed_exactly(tmp_path, scenes_data_dir, processes=1, target=0)
-
-
-def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path, scenes_data_dir):
-    """Two processes joined by jax.distributed: JAX's preemption service agrees on the step."""
-    assert_preempted_and_resumed_exactly(tmp_path, scenes_data_dir, processes=2, target=1)
-
-
 def test_a_sigkilled_peer_stops_the_other_process_within_60_s(tmp_path, scenes_data_dir):
     flags = micro_run_flags(scenes_data_dir, total_steps=100_000, checkpoint_every=5)
-    codes, logs, seconds = interrupt(tmp_path / "run", flags, tmp_path, 2, 1, signal.SIGKILL)
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    processes = start(run, flags, logs, processes=2)
+    assert wait_for_checkpoint(run, processes, 10), read_logs(logs)
+    killed_at = time.time()
+    processes[1].send_signal(signal.SIGKILL)
+    codes = finish(processes, logs, timeout=120)
+    seconds = time.time() - killed_at
     assert codes[1] == -signal.SIGKILL
     assert codes[0] != 0, f"the survivor exited 0:\n{read_logs(logs)}"
     assert seconds < 60, f"the survivor took {seconds:.0f} s to stop"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jclip_testing import REPO_ROOT, micro_run_flags, read_final_evaluation, read_losses
+from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_final_evaluation, read_losses
 
 
 def main_command(workdir: pathlib.Path, flags: list[str], config: str = "configs/clip.py") -> list[str]:
@@ -36,13 +36,6 @@ def run_main(workdir, flags, devices=1, timeout=600):
     )
     assert result.returncode == 0, f"jclip.main failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
-
-
-def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def test_sigkill_then_rerun_continues_with_identical_losses(tmp_path, scenes_data_dir):
