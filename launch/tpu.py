@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     shipping.add_argument("--jax-version", default=local_jax_version(),
                           type=_pattern(r"[0-9][0-9A-Za-z.+!-]*", "jax version"),
                           help="pinned jax[tpu] version on the workers (default: the local jax, else %(default)s)")
-    shipping.add_argument("--python", default="python3", help="the workers' interpreter for the venv (jax >= 0.7 needs 3.11+)")
+    shipping.add_argument("--python", default="python3", help="the workers' interpreter for the venv (recent jax, 0.10 included, needs Python 3.11+)")
 
     naming = argparse.ArgumentParser(add_help=False)
     naming.add_argument("--run-name", default="jclip", type=_pattern(r"[A-Za-z0-9._-]+", "run name"),
