@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from launch_testing import REPO
 
 SCRIPTS = sorted((REPO / "launch").glob("*.sh"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, git_tree, run_tpu
+from launch_testing import REPO, git_tree, run_tpu
 
 sys.path.insert(0, str(REPO / "launch"))
 import tpu  # noqa: E402

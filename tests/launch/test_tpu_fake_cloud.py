@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, FakeCloud, wait_for
+from launch_testing import REPO, FakeCloud, wait_for
 
 sys.path.insert(0, str(REPO / "launch"))
 import tpu  # noqa: E402

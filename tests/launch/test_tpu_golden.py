@@ -1,6 +1,6 @@
 """Golden --dry-run output of launch/tpu.py: the exact gcloud (and git) commands of each subcommand.
 
-The commands run in a small fixed git tree (tests/launch/conftest.py: git_tree) with a fixed --jax-version, so the
+The commands run in a small fixed git tree (launch_testing.git_tree) with a fixed --jax-version, so the
 source hash and the commit are the same on every machine; the one machine-dependent part, the temporary folder of
 the staged tarball, is written as $TMPDIR. This test only compares. After an intended change, regenerate the
 files with `python tests/launch/test_tpu_golden.py --regenerate` and review the diff.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import git_tree, run_tpu  # noqa: E402
+from launch_testing import git_tree, run_tpu  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 COMMON = ["--name=tpu-a", "--zone=us-east5-b", "--project=my-project", "--dry-run"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import WORKER_SH, kill_recorded_processes, stub_wrapper, wait_for
+from launch_testing import WORKER_SH, kill_recorded_processes, stub_wrapper, wait_for
 
 
 class Worker:
