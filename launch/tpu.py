@@ -56,7 +56,8 @@ class LaunchError(Exception):
 
 class CommandFailed(LaunchError):
     def __init__(self, command: Sequence[str], returncode: int, detail: str = "") -> None:
-        super().__init__(f"exit status {returncode} from: {shlex.join(command)}" + (f"\n{detail.strip()}" if detail.strip() else ""))
+        message = f"exit status {returncode} from: {shlex.join(command)}"
+        super().__init__(message + (f"\n{detail.strip()}" if detail.strip() else ""))
         self.returncode = returncode
 
 
@@ -134,7 +135,10 @@ class Target:
         if self.direct:
             return self._gcloud("tpu-vm", "create", [self.name], f"--accelerator-type={accelerator_type}",
                                 f"--version={runtime}", *CAPACITY_FLAGS[capacity])
-        nodes = [f"--node-count={self.slices}", f"--node-prefix={self.name}"] if self.slices > 1 else [f"--node-id={self.name}"]
+        if self.slices > 1:
+            nodes = [f"--node-count={self.slices}", f"--node-prefix={self.name}"]
+        else:
+            nodes = [f"--node-id={self.name}"]
         return self._gcloud("queued-resources", "create", [self.name], f"--accelerator-type={accelerator_type}",
                             f"--runtime-version={runtime}", *nodes, *CAPACITY_FLAGS[capacity])
 
@@ -193,7 +197,8 @@ def env_pair(text: str) -> str:
     """K=V with K a shell variable name, so that the worker can export it."""
     key, sep, _ = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        raise argparse.ArgumentTypeError(f"--env wants KEY=VALUE with KEY a variable name ([A-Za-z_][A-Za-z0-9_]*), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--env wants KEY=VALUE with KEY a variable name ([A-Za-z_][A-Za-z0-9_]*), got {text!r}")
     return text
 
 
@@ -212,7 +217,8 @@ def local_jax_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="launch/tpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     target = argparse.ArgumentParser(add_help=False)
@@ -227,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     direct.add_argument("--direct", action="store_true", help="a plain `tpu-vm create` TPU instead of a queued resource")
 
     provision = argparse.ArgumentParser(add_help=False)
-    provision.add_argument("--accelerator", required=True, type=accelerator, help="v4-N, v5litepod-N (or v5e-N), v5p-N, v6e-N")
-    provision.add_argument("--runtime", help="TPU runtime version (default: the generation's, see GENERATIONS)")
+    provision.add_argument("--accelerator", required=True, type=accelerator,
+                           help="v4-N, v5litepod-N (or v5e-N), v5p-N, v6e-N")
+    runtimes = ", ".join(f"{name} {runtime}" for name, (prefix, runtime) in GENERATIONS.items() if name == prefix)
+    provision.add_argument("--runtime", help=f"TPU runtime version (default: {runtimes})")
     provision.add_argument("--capacity", choices=sorted(CAPACITY_FLAGS), default="on-demand")
     provision.add_argument("--poll-seconds", type=float, default=60.0, help="seconds between describe calls")
 
@@ -236,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     shipping.add_argument("--commit", help="ship this commit (git archive) instead of the working tree")
     shipping.add_argument("--jax-version", default=local_jax_version(),
                           type=_pattern(r"[0-9][0-9A-Za-z.+!-]*", "jax version"),
-                          help="pinned jax[tpu] version on the workers (default: the local jax, else %(default)s)")
-    shipping.add_argument("--python", default="python3", help="the workers' interpreter for the venv (recent jax, 0.10 included, needs Python 3.11+)")
+                          help="pinned jax[tpu] version on the workers (default: the local jax's, here %(default)s)")
+    shipping.add_argument("--python", default="python3",
+                          help="the workers' interpreter for the venv (recent jax, 0.10 included, needs Python 3.11+)")
 
     naming = argparse.ArgumentParser(add_help=False)
     naming.add_argument("--run-name", default="jclip", type=_pattern(r"[A-Za-z0-9._-]+", "run name"),
@@ -247,12 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     running.add_argument("--workdir", required=True, help="jclip's --workdir; must be reachable from every worker (gs://)")
     running.add_argument("--env", action="append", default=[], type=env_pair, metavar="KEY=VALUE",
                          help="environment variable for python on every worker (repeatable)")
-    running.add_argument("--coordinator-port", type=positive, help="JAX_COORDINATOR_PORT, e.g. 8476 when the firewall needs it")
+    running.add_argument("--coordinator-port", type=positive,
+                         help="JAX_COORDINATOR_PORT, e.g. 8476 when the firewall needs it")
 
     def add(name: str, parents: list[argparse.ArgumentParser], summary: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=parents, help=summary, description=summary)
 
-    create = add("create", [target, direct, provision], "Create the TPU: a queued resource, or a plain TPU VM with --direct.")
+    create = add("create", [target, direct, provision],
+                 "Create the TPU: a queued resource, or a plain TPU VM with --direct.")
     create.add_argument("--wait", action="store_true", help="poll describe until ACTIVE (queued) / READY (direct)")
     add("setup", [target, shipping], "Ship the working tree (or --commit) to every worker and build ~/jclip-venv there.")
     add("run", [target, naming, running], "Start `python -m jclip.main ARGS` (ARGS after --) detached on every worker.")
@@ -427,7 +438,8 @@ def check_setup_reports(output: str, digest: str) -> None:
     keys = ("python", "jax", "jaxlib", "libtpu", "source")
     versions = {tuple(report.get(key, "?") for key in keys) for report in reports}
     if len(versions) > 1:
-        table = "\n".join(" ".join(f"{key}={report.get(key, '?')}" for key in ("host", "worker", *keys)) for report in reports)
+        table = "\n".join(" ".join(f"{key}={report.get(key, '?')}" for key in ("host", "worker", *keys))
+                          for report in reports)
         raise LaunchError(f"the workers disagree (a slice with mixed versions hangs):\n{table}")
     if reports[0].get("source") != digest:
         raise LaunchError(f"the workers run source {reports[0].get('source')}, not {digest}")
@@ -556,7 +568,8 @@ class Babysitter:
     jclip.main resumes from the latest checkpoint in the workdir, so a rerun of the same command resumes.
     """
 
-    def __init__(self, runner: Runner, target: Target, args: argparse.Namespace, jclip_args: list[str], source: Source) -> None:
+    def __init__(self, runner: Runner, target: Target, args: argparse.Namespace, jclip_args: list[str],
+                 source: Source) -> None:
         self.runner, self.target, self.args, self.jclip_args, self.source = runner, target, args, jclip_args, source
         self.retries = 0
         self.errors_in_a_row = 0
@@ -600,7 +613,8 @@ class Babysitter:
         if states is None:
             raise LaunchError("could not read the workers' run state")
         outcome = verdict(states)
-        print(f"babysit: {self.target.name} is {state}; run {self.args.run_name}: {outcome} ({', '.join(states)})", flush=True)
+        print(f"babysit: {self.target.name} is {state}; run {self.args.run_name}: {outcome} ({', '.join(states)})",
+              flush=True)
         if outcome == "finished":
             return True
         if outcome == "failed":

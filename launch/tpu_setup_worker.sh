@@ -52,8 +52,8 @@ install_packages() {
   if [ "$installed" = "$JAX" ]; then
     echo "jclip-setup: jax $JAX is already in $VENV"
   else
-    vpip install -q "jax[tpu]==$JAX" ||
-      fail "pip could not install jax[tpu]==$JAX with $("$VENV/bin/python" -V 2>&1) (recent jax, 0.10 included, needs Python 3.11+: see --python)"
+    vpip install -q "jax[tpu]==$JAX" || fail "pip could not install jax[tpu]==$JAX with $("$VENV/bin/python" -V 2>&1)" \
+      "(recent jax, 0.10 included, needs Python 3.11+: see --python)"
   fi
   vpip install -q -e "$SOURCE"
 }

@@ -20,12 +20,15 @@ SETUP_SH = REPO / "launch" / "tpu_setup_worker.sh"
 GIT_ENV = {
     "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_AUTHOR_NAME": "jclip tests", "GIT_AUTHOR_EMAIL": "tests@example.com", "GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z",
-    "GIT_COMMITTER_NAME": "jclip tests", "GIT_COMMITTER_EMAIL": "tests@example.com", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
+    "GIT_COMMITTER_NAME": "jclip tests", "GIT_COMMITTER_EMAIL": "tests@example.com",
+    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
 }
 
 
-def run_tpu(args: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TPU_PY), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def run_tpu(args: list[str], *, cwd: Path = REPO, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(TPU_PY), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def git_tree(folder: Path, files: dict[str, str], *, commit: bool = True, untracked: dict[str, str] | None = None) -> Path:
@@ -118,7 +121,8 @@ class FakeCloud:
             verb = argv[3]
             if verb == "ssh":
                 command = next(arg for arg in argv if arg.startswith("--command="))
-                verb = "ssh:setup" if "tpu_setup_worker.sh" in command else "ssh:" + command.split('tpu_worker.sh" ')[-1].split()[0]
+                mode = command.split('tpu_worker.sh" ')[-1].split()[0]
+                verb = "ssh:setup" if "tpu_setup_worker.sh" in command else f"ssh:{mode}"
             words.append(verb)
         return words
 

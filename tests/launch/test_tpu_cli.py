@@ -50,7 +50,8 @@ def test_create_rejects_bad_flags_with_exit_2(args: list[str], message: str) -> 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["run", *TARGET, "--workdir=gs://b/r", "--env=1A=x", "--", "--config=c"], "--env wants KEY=VALUE with KEY a variable name"),
+    (["run", *TARGET, "--workdir=gs://b/r", "--env=1A=x", "--", "--config=c"],
+     "--env wants KEY=VALUE with KEY a variable name"),
     (["run", *TARGET, "--workdir=gs://b/r", "--env=A", "--", "--config=c"], "--env wants KEY=VALUE"),
     (["run", *TARGET, "--workdir=gs://b/r"], "give jclip.main's flags after --"),
     (["run", *TARGET, "--", "--config=c"], "the following arguments are required: --workdir"),

@@ -3,6 +3,7 @@ in one folder per worker (2 workers a node), and the stub python of tests/launch
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -109,8 +110,6 @@ def test_the_built_run_command_round_trips_through_bash() -> None:
     # bash -c with `bash` replaced by a dump of argv: exactly what the worker's login shell would hand over.
     dump = f"{shlex.quote(sys.executable)} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
     out = subprocess.run(["bash", "-c", command.replace("bash ", dump + " ", 1)], capture_output=True, text=True, check=True)
-    import json
-
     assert json.loads(out.stdout) == [f"{os.environ.get('HOME')}/jclip/launch/tpu_worker.sh", "start", "--run-name",
                                       "jclip", "--env", "A=x y", "--", "--workdir=gs://b/r", *NASTY]
 
@@ -142,7 +141,8 @@ def collapse(steps: list[str]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("extra,nodes", [([], ["tpu-a"]), (["--direct"], ["tpu-a"]), (["--slices=2"], ["tpu-a-0", "tpu-a-1"])],
+@pytest.mark.parametrize("extra,nodes",
+                         [([], ["tpu-a"]), (["--direct"], ["tpu-a"]), (["--slices=2"], ["tpu-a-0", "tpu-a-1"])],
                          ids=["queued", "direct", "2-slices"])
 def test_babysit_recreates_a_preempted_tpu_and_resumes(fake_cloud: FakeCloud, extra: list[str], nodes: list[str]) -> None:
     done = fake_cloud.tpu("babysit", *TARGET, *extra, *BABYSIT, "--max-retries=2", f"--python={fake_cloud.python}",
@@ -173,7 +173,8 @@ def test_babysit_sets_up_and_starts_on_a_tpu_that_exists_already(fake_cloud: Fak
                           "--", "--config=x")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "run jclip: none (none, none)" in done.stdout
-    assert collapse(fake_cloud.steps()[4:]) == ["describe", "ssh:status", "scp", "ssh:setup", "ssh:start", "describe", "ssh:status"]
+    assert collapse(fake_cloud.steps()[4:]) == [
+        "describe", "ssh:status", "scp", "ssh:setup", "ssh:start", "describe", "ssh:status"]
 
 
 def test_babysit_gives_up_after_max_retries(fake_cloud: FakeCloud) -> None:

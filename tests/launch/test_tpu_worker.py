@@ -3,6 +3,7 @@ the TPU's device files, and test-owned sleeping processes as stale TPU holders."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,15 +36,14 @@ class Worker:
         return ["bash", str(WORKER_SH), *args]
 
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(*args), env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.command(*args), env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
 
     def state(self, run: str = "r") -> str:
         path = self.root / "logs" / run / "state"
         return path.read_text().strip() if path.exists() else ""
 
     def stub_runs(self) -> list[dict]:
-        import json
-
         folder = self.root / "home" / "stub-runs"
         return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))] if folder.exists() else []
 
