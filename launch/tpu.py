@@ -489,7 +489,7 @@ def verdict(states: list[str]) -> str:
     """One word for the whole run: finished, failed (rerun), none (never started here), running or unknown."""
     if not states:
         return "unknown"
-    if any(state.startswith(("failed", "signalled", "lost")) for state in states):
+    if any(state.startswith(("failed", "signalled", "preempted", "lost")) for state in states):
         return "failed"
     if "none" in states:
         return "none"

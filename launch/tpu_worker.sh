@@ -13,6 +13,7 @@
 # (the preemption save), then records how it ended. Files of a run, in $JCLIP_LOGS_DIR/RUN:
 #   worker-ID.log   output of every attempt          state  starting | running | finished rc=0 | failed rc=N
 #   pid             python's PID                            | signalled rc=N (SIGTERM, stop, or killed)
+#   status.json     how jclip.main ended (--status_file)     | preempted rc=0 (jclip saved after a SIGTERM)
 #   wrapper.pid     this script's PID                stop-requested  written by `stop`
 # Environment (defaults): JCLIP_SRC (~/jclip), JCLIP_VENV (~/jclip-venv), JCLIP_LOGS_DIR (~/jclip-logs),
 # JCLIP_TPU_DEVICE_GLOB ("/dev/accel* /dev/vfio/[0-9]*": space-separated patterns of the TPU's device files),
@@ -164,7 +165,8 @@ cmd_exec() {
   # shellcheck source=/dev/null
   source "$VENV/bin/activate"
   set -u
-  export JAX_PLATFORMS=tpu JCLIP_DISTRIBUTED=on
+  export JAX_PLATFORMS=tpu JCLIP_DISTRIBUTED=on JCLIP_STATUS_FILE="$DIR/status.json"
+  rm -f "$JCLIP_STATUS_FILE"
   if [ -n "$PORT" ]; then export JAX_COORDINATOR_PORT=$PORT; fi
   local pair
   for pair in "${ENVS[@]}"; do export "${pair?}"; done
@@ -182,6 +184,8 @@ cmd_exec() {
   trap - EXIT
   if [ "$SIGNALLED" = 1 ] || [ -e "$DIR/stop-requested" ] || [ "$rc" -gt 128 ]; then
     write_state "signalled rc=$rc"
+  elif [ "$rc" -eq 0 ] && grep -q '"state": "preempted"' "$JCLIP_STATUS_FILE" 2>/dev/null; then
+    write_state "preempted rc=0"  # saved and stopped early (a SIGTERM straight to python): resume it
   elif [ "$rc" -eq 0 ]; then
     write_state "finished rc=0"
   else

@@ -7,7 +7,7 @@
 - `-m jclip.main ARGS` writes {argv, cwd, env, pid} to $HOME/stub-runs/PID.json, sleeps STUB_JCLIP_SLEEP
   seconds and exits STUB_JCLIP_EXIT (with STUB_JCLIP_FAIL_ONCE=1: exits 1 the first time in this HOME, then 0);
   on SIGTERM it writes $HOME/stub-runs/PID.term and exits 0, or ignores the
-  signal when STUB_JCLIP_IGNORE_TERM=1.
+  signal when STUB_JCLIP_IGNORE_TERM=1. Like jclip.main it records how it ended in $JCLIP_STATUS_FILE.
 """
 
 from __future__ import annotations
@@ -71,8 +71,13 @@ def jclip_main(args: list[str]) -> int:
     runs.mkdir(exist_ok=True)
     pid = os.getpid()
 
+    def write_status(state: str, code: int) -> None:  # as jclip.main's --status_file (JCLIP_STATUS_FILE)
+        if os.environ.get("JCLIP_STATUS_FILE"):
+            Path(os.environ["JCLIP_STATUS_FILE"]).write_text(json.dumps({"state": state, "step": 7, "exit_code": code}))
+
     def on_term(signum, frame) -> None:
         (runs / f"{pid}.term").write_text("SIGTERM\n")
+        write_status("preempted", 0)
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("STUB_JCLIP_IGNORE_TERM") == "1" else on_term)
@@ -84,7 +89,9 @@ def jclip_main(args: list[str]) -> int:
     if os.environ.get("STUB_JCLIP_FAIL_ONCE") == "1" and not (runs / "failed-once").exists():
         (runs / "failed-once").write_text("")
         return 1
-    return int(os.environ.get("STUB_JCLIP_EXIT", "0"))
+    code = int(os.environ.get("STUB_JCLIP_EXIT", "0"))
+    write_status("finished" if code == 0 else "failed", code)
+    return code
 
 
 def main(argv: list[str]) -> int:

@@ -126,6 +126,21 @@ def test_sigterm_is_forwarded_to_python_and_waited_for(worker: Worker) -> None:
     assert "forwarding it to python" in process.stdout.read()
 
 
+def test_a_sigterm_straight_to_python_is_a_preemption_to_resume_not_a_finished_run(worker: Worker) -> None:
+    """Maintenance events (autocheckpoint) signal the process holding the TPU: jclip saves, exits 0 and says so
+    in its status file, and the state lets the babysitter rerun it."""
+    process = subprocess.Popen(worker.command("exec", "--run-name", "r", "--", "--config=x"),
+                               env={**worker.env, "STUB_JCLIP_SLEEP": "60"}, stdout=subprocess.PIPE, text=True)
+    try:
+        record = wait_for(worker.stub_runs, what="the stub python to start")[0]
+        os.kill(record["pid"], signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+    assert worker.state() == "preempted rc=0"
+    assert record["env"]["JCLIP_STATUS_FILE"] == str(worker.root / "logs" / "r" / "status.json")
+
+
 def test_start_detaches_and_stop_lets_python_finish_its_save(worker: Worker) -> None:
     started = worker.run("start", "--run-name", "r", "--env", "STUB_JCLIP_SLEEP=60", "--", "--config=x")
     assert started.returncode == 0, started.stderr
