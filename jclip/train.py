@@ -96,6 +96,11 @@ class RunResult:
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
     """Trains (or resumes) the configured run in `workdir`, until the last step or a SIGTERM."""
+    if "://" in str(workdir):
+        raise ConfigError(
+            f"--workdir={workdir}: URL workdirs (gs://...) are not supported yet; give a folder that every host "
+            "mounts at the same path (a shared disk, or the bucket mounted with gcsfuse)"
+        )
     workdir = pathlib.Path(workdir)
     mesh = _make_mesh(config)
     validate_config(config, mesh)
