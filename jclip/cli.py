@@ -44,7 +44,7 @@ def initialise_distributed() -> None:
         try:  # JAX's own detection: Cloud TPU VM metadata, Slurm, Open MPI, ...
             _initialize()
         except ValueError:  # no cluster: one process with a coordination (and preemption) service of its own
-            _initialize(coordinator_address=f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0)
+            _initialize(coordinator_address=f"127.0.0.1:{free_port()}", num_processes=1, process_id=0)
 
 
 def _initialize(**arguments) -> None:
@@ -57,7 +57,8 @@ def _initialize(**arguments) -> None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a loopback coordinator)."""
     import socket
 
     with socket.socket() as sock:

@@ -93,5 +93,6 @@ def _write_status(outcome: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(outcome) + "\n")
 
+
 if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)

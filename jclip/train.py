@@ -187,15 +187,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunRe
                     step, state, train_iterator, config, counters=_gather_counters(skip_counter), force=preempted
                 )
             if preempted:
-                checkpointer.wait()
-                if is_main:
-                    print(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; "
-                          "rerun the same command to resume", flush=True)
                 break
             final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
     if start_step >= total_steps and is_main:
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
-    checkpointer.close()
+    checkpointer.close()  # waits for the last save
+    if preempted and is_main:
+        print(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; rerun the same command to resume",
+              flush=True)
     writer.close()
     if hasattr(train_iterator, "close"):  # stops Grain worker processes and frees their shared memory
         train_iterator.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import socket
 import subprocess
 import time
 from typing import Any
@@ -101,12 +100,6 @@ def wait_for_checkpoint(workdir: pathlib.Path, processes: list[subprocess.Popen]
             return True
         time.sleep(0.05)
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_final_evaluation(workdir: pathlib.Path) -> dict[str, float]:

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from jclip_testing import REPO_ROOT, checkpoint_steps, free_port, micro_run_flags, read_losses, wait_for_checkpoint
+from jclip.cli import free_port
+from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_losses, wait_for_checkpoint
 
 STEPS = 60
 
@@ -88,4 +89,5 @@ def test_a_sigkilled_peer_stops_the_other_process_within_60_s(tmp_path, scenes_d
     assert codes[0] != 0, f"the survivor exited 0:\n{read_logs(logs)}"
     assert seconds < 60, f"the survivor took {seconds:.0f} s to stop"
     survivor = (logs / "process_0.log").read_text()
-    assert "lost contact with the others" in survivor or "heartbeat timeout" in survivor, survivor[-3000:]
+    # On CPU the dead peer's closed gloo connection fails the next collective (on TPU/GPU it would be the heartbeat).
+    assert "jclip: stopped: process 0 of 2 lost contact with the others" in survivor, survivor[-3000:]

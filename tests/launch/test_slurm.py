@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from jclip_testing import REPO_ROOT, checkpoint_steps, free_port, micro_run_flags, read_losses, wait_for_checkpoint
+from jclip.cli import free_port
+from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_losses, wait_for_checkpoint
 
 FAKE_SLURM = pathlib.Path(__file__).parent / "fake_slurm"
 SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"
