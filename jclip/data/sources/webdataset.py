@@ -26,7 +26,6 @@ training example carries its epoch in `jclip.data.pipeline.EPOCH_FIELD`, as the 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ import grain
 import msgpack
 
 from jclip.data.pipeline import EPOCH_FIELD, HostShard
+from jclip.paths import glob_files, is_file, is_url, open_file
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def _find_shards(spec: Any, base_dir: str | None) -> tuple[list[str], list[str]]
             continue
         if item.startswith("@"):
             list_file = _resolve(item[1:], base_dir)
-            if not os.path.isfile(list_file):
+            if not is_file(list_file):
                 raise FileNotFoundError(f"shard list file {list_file!r} does not exist")
-            with open(list_file, encoding="utf-8") as f:
+            with open_file(list_file, "r") as f:
                 lines = [line.strip() for line in f]
             entries = [line for line in lines if line and not line.startswith("#")]
             more_present, more_missing = _find_shards(entries, base_dir=os.path.dirname(list_file))
@@ -125,12 +125,12 @@ def _find_shards(spec: Any, base_dir: str | None) -> tuple[list[str], list[str]]
         for pattern in expand_braces(item):
             pattern = _resolve(pattern, base_dir)
             if _GLOB_CHARS.search(pattern):
-                matches = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+                matches = glob_files(pattern)
                 if matches:
                     present.extend(matches)
                 else:
                     missing.append(pattern)
-            elif os.path.isfile(pattern):
+            elif is_file(pattern):
                 present.append(pattern)
             else:
                 missing.append(pattern)
@@ -139,7 +139,7 @@ def _find_shards(spec: Any, base_dir: str | None) -> tuple[list[str], list[str]]
 
 def _resolve(path: str, base_dir: str | None) -> str:
     path = os.path.expanduser(path)
-    return path if base_dir is None or os.path.isabs(path) else os.path.join(base_dir, path)
+    return path if base_dir is None or os.path.isabs(path) or is_url(path) else os.path.join(base_dir, path)
 
 
 def expand_shards(
@@ -225,7 +225,7 @@ def shard_keys(path: str) -> Iterator[str]:
     """
     key = None
     try:
-        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:*") as tar:
+        with open_file(path) as file, tarfile.open(fileobj=file, mode="r:*") as tar:
             while True:
                 info = tar.next()
                 if info is None:
@@ -273,7 +273,7 @@ def _shard_samples(
 
     index, key, parts = -1, None, {}
     try:
-        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r:*") as tar:
+        with open_file(path) as file, tarfile.open(fileobj=file, mode="r:*") as tar:
             while True:
                 info = tar.next()
                 if info is None:
@@ -608,7 +608,7 @@ class ArrayRecordSource:
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
         info_path = os.path.join(self.directory, DATASET_INFO_FILE)
-        with open(info_path, encoding="utf-8") as f:
+        with open_file(info_path, "r") as f:
             self.info = json.load(f)
         if self.info.get("format") != DATASET_FORMAT:
             raise ValueError(f"{info_path} is not a {DATASET_FORMAT} dataset (format {self.info.get('format')!r})")

@@ -1,0 +1,99 @@
+"""Paths that may be local or on Cloud Storage (gs://, or any other fsspec URL), through etils' epath.
+
+A TPU pod has no shared disk, so workdirs, data, exports and teachers live in a bucket. epath reads and writes
+gs:// through gcsfs; Orbax and TensorStore speak GCS themselves. Local paths are made absolute, so that every
+message names the same folder whatever the current directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import uuid
+from typing import IO
+
+from etils import epath
+
+from jclip.errors import ConfigError
+
+PathLike = str | os.PathLike
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(path: PathLike) -> bool:
+    """Whether `path` names a file system by scheme (gs://bucket/x, s3://..., memory://...)."""
+    return bool(_URL.match(os.fspath(path)))
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An epath.Path for a local path (made absolute) or a URL (kept as it is)."""
+    text = os.fspath(path)
+    return epath.Path(text) if is_url(text) else epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def check_writable(path: PathLike, what: str = "workdir") -> epath.Path:
+    """Creates `path` and writes and removes a probe file in it, so that a missing bucket, bad credentials or a
+    read-only disk stop the run at start-up with a message naming the path, not at the first checkpoint."""
+    directory = as_path(path)
+    probe = directory / f".jclip-write-probe-{uuid.uuid4().hex}"
+    _check_gcs_credentials(path, what)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("jclip")
+        probe.unlink()
+    except Exception as error:  # gcsfs and google-auth raise many types: any of them means "cannot write here"
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:400]
+        hint = (" Check that the bucket exists and that these credentials may write to it (gcloud auth "
+                "application-default login, or GOOGLE_APPLICATION_CREDENTIALS)." if is_url(path) else "")
+        raise ConfigError(f"cannot write the {what} {os.fspath(path)}: {reason}.{hint}") from error
+    return directory
+
+
+def _check_gcs_credentials(path: PathLike, what: str) -> None:
+    """For gs:// (not an emulator): Google's application-default credentials must load. Without them gcsfs
+    falls back to anonymous access and fails later, after retries, with a network error."""
+    if not os.fspath(path).startswith("gs://") or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        google.auth.default()
+    except DefaultCredentialsError as error:
+        reason = " ".join(str(error).split())[:400]
+        raise ConfigError(
+            f"cannot write the {what} {os.fspath(path)}: no usable Google credentials ({reason}). Run `gcloud auth "
+            "application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key file; on "
+            "a Cloud TPU VM or GCE the VM's service account is used."
+        ) from error
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def is_file(path: PathLike) -> bool:
+    return as_path(path).is_file() if is_url(path) else os.path.isfile(path)
+
+
+def open_file(path: PathLike, mode: str = "rb") -> IO:
+    """Opens a local or URL file; a URL is read ahead in 8 MiB blocks, as sequential readers (tar) want."""
+    if not is_url(path):
+        return open(path, mode)
+    import fsspec
+
+    return fsspec.open(os.fspath(path), mode, cache_type="readahead", block_size=8 << 20).open()
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files matching a glob pattern, sorted: local (glob.glob) or a URL (epath, listing the bucket under the
+    pattern's longest literal folder)."""
+    if not is_url(pattern):
+        return sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    literal = next(i for i, part in enumerate(parts) if _GLOB.search(part))
+    if literal == 0:
+        raise ValueError(f"{pattern}: a bucket name cannot be a glob")
+    root = epath.Path(f"{scheme}://{'/'.join(parts[:literal])}")
+    return sorted(os.fspath(path) for path in root.glob("/".join(parts[literal:])) if path.is_file())
