@@ -37,9 +37,7 @@ setup(
         "gguf>=0.10",
         # gs:// workdirs, data and exports (etils epath reads and writes them through gcsfs; Orbax and
         # TensorStore speak GCS themselves).
-        # gcsfs 2026.8 and later (their adaptive prefetcher) stop for good when a shard is read in one thread while
-        # another writes, or when a shard is opened again (found against fake-gcs-server; 2026.7 does not).
-        "gcsfs>=2025.9,<2026.8",
+        "gcsfs>=2025.9",
     ],
     extras_require={
         "sentencepiece": ["sentencepiece>=0.2"],

@@ -65,17 +65,6 @@ def test_a_mesh_the_devices_cannot_fill_names_both(tmp_path):
     assert "jax sees 2 cpu device(s) in 1 process(es), 2 per process" in result.stderr
 
 
-def test_a_url_workdir_is_refused_rather_than_written_as_a_local_folder(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "jclip.main", f"--config={REPO_ROOT}/configs/clip.py", "--workdir=gs://bucket/run"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "--workdir=gs://bucket/run: URL workdirs (gs://...) are not supported yet" in result.stderr
-    assert not (tmp_path / "gs:").exists()
-
-
 def test_arg_strings_and_unknown_losses():
     config = clip.get_config("model=B/32,batch=4096,steps=10")
     assert config.model.vision.patch_size == 32 and config.data.batch_size == 4096 and config.total_steps == 10

