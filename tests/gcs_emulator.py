@@ -45,8 +45,8 @@ def _wait_until_ready(process: subprocess.Popen, url: str, log: pathlib.Path, ti
 
 @contextlib.contextmanager
 def gcs_emulator(root: pathlib.Path, binary: pathlib.Path) -> Iterator[str]:
-    """Serves a bucket store under `root` on 127.0.0.1 and points gcsfs (STORAGE_EMULATOR_HOST) and TensorStore
-    (TENSORSTORE_GCS_HTTP_URL) at it, in this process and its children; yields the server's URL. Its log is
+    """Serves a bucket store under `root` on 127.0.0.1 and points gcsfs (STORAGE_EMULATOR_HOST), TensorStore
+    (TENSORSTORE_GCS_HTTP_URL) and ArrayRecord (CLOUD_STORAGE_EMULATOR_ENDPOINT) at it, in this process and its children; yields the server's URL. Its log is
     `root/server.log`."""
     url = f"http://127.0.0.1:{free_port()}"
     (root / "buckets").mkdir(parents=True, exist_ok=True)
@@ -61,6 +61,7 @@ def gcs_emulator(root: pathlib.Path, binary: pathlib.Path) -> Iterator[str]:
         _wait_until_ready(process, url, log)
         os.environ["STORAGE_EMULATOR_HOST"] = url
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
+        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = url  # google-cloud-cpp, inside ArrayRecord's reader
         # gcsfs 2026 first probes each bucket over gRPC, which an emulator answers only after 60 s.
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
         yield url
