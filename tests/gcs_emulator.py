@@ -46,8 +46,8 @@ def _wait_until_ready(process: subprocess.Popen, url: str, log: pathlib.Path, ti
 @contextlib.contextmanager
 def gcs_emulator(root: pathlib.Path, binary: pathlib.Path) -> Iterator[str]:
     """Serves a bucket store under `root` on 127.0.0.1 and points gcsfs (STORAGE_EMULATOR_HOST), TensorStore
-    (TENSORSTORE_GCS_HTTP_URL) and ArrayRecord (CLOUD_STORAGE_EMULATOR_ENDPOINT) at it, in this process and its children; yields the server's URL. Its log is
-    `root/server.log`."""
+    (TENSORSTORE_GCS_HTTP_URL) and ArrayRecord (CLOUD_STORAGE_EMULATOR_ENDPOINT) at it, in this process and its
+    children; yields the server's URL. Its log is `root/server.log`."""
     url = f"http://127.0.0.1:{free_port()}"
     (root / "buckets").mkdir(parents=True, exist_ok=True)
     log = root / "server.log"
