@@ -7,10 +7,14 @@ message names the same folder whatever the current directory.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import posixpath
 import re
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import IO
 
 from etils import epath
@@ -97,3 +101,51 @@ def glob_files(pattern: str) -> list[str]:
         raise ValueError(f"{pattern}: a bucket name cannot be a glob")
     root = epath.Path(f"{scheme}://{'/'.join(parts[:literal])}")
     return sorted(os.fspath(path) for path in root.glob("/".join(parts[literal:])) if path.is_file())
+
+
+def _filesystem(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike) -> Iterator[str]:
+    """A local path to read `path` from: `path` itself, or for a URL a temporary download of the file or
+    folder, removed afterwards (for readers that need a local file: torch.load, safetensors, memory maps).
+    FileNotFoundError names a URL that does not exist."""
+    text = os.fspath(path)
+    if not is_url(text):
+        yield text
+        return
+    fs, remote = _filesystem(text)
+    if not fs.exists(remote):
+        raise FileNotFoundError(f"no such file or folder: {text}")
+    with tempfile.TemporaryDirectory(prefix="jclip-download-") as folder:
+        local = os.path.join(folder, posixpath.basename(remote.rstrip("/")) or "download")
+        fs.get(remote.rstrip("/") + ("/" if fs.isdir(remote) else ""), local, recursive=fs.isdir(remote))
+        yield local
+
+
+@contextlib.contextmanager
+def local_output(path: PathLike) -> Iterator[str]:
+    """A local folder to write an output folder into: `path` itself, or for a URL a temporary folder whose
+    files are uploaded to `path` once the body finishes without error (for writers that need local files).
+    FileExistsError up front when the URL already holds files."""
+    text = os.fspath(path)
+    if not is_url(text):
+        yield text
+        return
+    fs, remote = _filesystem(text)
+    if fs.exists(remote) and fs.ls(remote):
+        raise FileExistsError(f"{text} exists and is not empty; choose a new folder")
+    with tempfile.TemporaryDirectory(prefix="jclip-upload-") as folder:
+        local = os.path.join(folder, "output")
+        yield local
+        fs.put(local + "/", remote.rstrip("/"), recursive=True)
+
+
+def as_written(local: PathLike, staged: str, destination: PathLike) -> str:
+    """The name under `destination` of a file written at `local` inside the `local_output` folder `staged`."""
+    relative = os.path.relpath(os.fspath(local), staged)
+    return os.fspath(destination) if relative == "." else posixpath.join(os.fspath(destination), relative)

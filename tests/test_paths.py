@@ -161,3 +161,54 @@ def test_unusable_credentials_stop_at_start_up_naming_the_path(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "cannot write the workdir gs://some-bucket/run: no usable Google credentials" in result.stderr
     assert str(key) in result.stderr
+
+
+def test_a_run_in_the_bucket_is_a_teacher_an_init_from_source_and_converts_to_and_from_the_bucket(
+        gcs, scenes_data_dir, tmp_path):
+    """Teacher, init_from and every `jclip.convert` command read and write gs:// and give exactly what they give
+    for a local copy of the same run."""
+    import gcsfs
+    import jax
+    import ml_collections
+
+    from jclip import parallel
+    from jclip.build import TrainSetup
+    from jclip.convert import params_io
+    from jclip.convert.__main__ import main as convert_main
+    from jclip.init_from import initial_params
+    from jclip.teacher import load_teacher
+
+    run = f"gs://{BUCKET}/trained"
+    result = run_main(run, micro_run_flags(scenes_data_dir, total_steps=3, checkpoint_every=3))
+    assert result.returncode == 0, result.stderr[-5000:]
+    local = tmp_path / "trained"
+    gcsfs.GCSFileSystem(token="anon", project="test").get(f"{BUCKET}/trained/", str(local), recursive=True)
+    reference = params_io.read(local)
+
+    mesh = parallel.make_mesh({"data": -1})
+    config = ml_collections.ConfigDict(json.loads((local / "config.json").read_text()))
+    config.teacher = {"checkpoint": run, "step": None}
+    teacher = params_io.flatten(jax.device_get(load_teacher(config, mesh).params))
+    assert teacher.keys() == reference.params.keys()
+    for path, value in reference.params.items():
+        np.testing.assert_array_equal(teacher[path], value)
+
+    export, openclip, reimported = (f"gs://{BUCKET}/{name}" for name in ("export", "openclip", "reimported"))
+    assert convert_main(["params", "--checkpoint", run, "--output", export]) == 0
+    assert convert_main(["openclip", "--checkpoint", export, "--output", openclip]) == 0
+    assert convert_main(["openclip", "--checkpoint", str(local), "--output", str(tmp_path / "openclip")]) == 0
+    assert convert_main(["import", "--source", openclip, "--output", reimported]) == 0
+    from etils import epath
+
+    for name in ("open_clip_model.safetensors", "open_clip_config.json"):
+        assert epath.Path(openclip, name).read_bytes() == (tmp_path / "openclip" / name).read_bytes(), name
+    assert convert_main(["openclip", "--checkpoint", export, "--output", openclip]) == 2  # not empty: refused
+
+    for source in (run, export, reimported):
+        config.init_from = source
+        setup = TrainSetup.create(config, mesh)
+        params, kept = initial_params(config, setup, setup.init_state()["params"])
+        assert kept == [], source
+        flat = params_io.flatten(jax.device_get(params))
+        for path, value in reference.params.items():
+            np.testing.assert_array_equal(flat[path], value, err_msg=f"{source}: {path}")

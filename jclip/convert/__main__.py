@@ -6,16 +6,18 @@
   import    an OpenCLIP/OpenAI state dict or folder, or a transformers CLIPModel folder -> a params export
 
 Runs on the CPU; PyTorch is not needed for any of it. LoRA adapters (jclip.models.lora) are merged into the
-weights by every export: the exported model config has no `model.lora`.
+weights by every export: the exported model config has no `model.lora`. Every source and output may be a
+gs:// URL (PyTorch-format files are staged in a temporary local folder and copied).
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
+import contextlib
 import sys
 import time
 
+from jclip import paths
 from jclip.convert.params_io import HostModel
 from jclip.data.ops.image import CLIP_MEAN, CLIP_STD
 
@@ -79,14 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if args.command == "import":
-            model = formats.import_model(args.source, openclip_config=args.openclip_config, preset=args.preset,
-                                         quick_gelu=args.quick_gelu, head_width=args.head_width)
+            with contextlib.ExitStack() as downloads:
+                source = downloads.enter_context(paths.local_copy(args.source))
+                openclip_config = (None if args.openclip_config is None
+                                   else downloads.enter_context(paths.local_copy(args.openclip_config)))
+                model = formats.import_model(source, openclip_config=openclip_config, preset=args.preset,
+                                             quick_gelu=args.quick_gelu, head_width=args.head_width)
             print(f"read {args.source}: {_describe(model)}", flush=True)
             if (model.preprocessing["mean"], model.preprocessing["std"]) != (list(CLIP_MEAN), list(CLIP_STD)):
                 print(f"note: the source normalises images with mean {model.preprocessing['mean']} and std "
                       f"{model.preprocessing['std']}; jclip's input pipeline uses CLIP's {list(CLIP_MEAN)} and "
                       f"{list(CLIP_STD)}", file=sys.stderr)
-            written = params_io.write(args.output, model, {"imported_from": str(pathlib.Path(args.source).absolute())})
+            written = params_io.write(args.output, model, {"imported_from": str(paths.as_path(args.source))})
         else:
             model = params_io.read(args.checkpoint, args.step)
             print(f"read {args.checkpoint}: {_describe(model)}", flush=True)
@@ -96,14 +102,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"merged the LoRA adapters (rank {lora['rank']}, alpha {lora['alpha']}, "
                       f"{'/'.join(lora['targets'])}) into the weights: {_describe(model)}", flush=True)
             if args.command == "params":
-                written = params_io.write(args.output, model, {"checkpoint": str(pathlib.Path(args.checkpoint).absolute()),
+                written = params_io.write(args.output, model, {"checkpoint": str(paths.as_path(args.checkpoint)),
                                                                "step": args.step})
-            elif args.command == "openclip":
-                written = formats.export_openclip(model, args.output, weights=args.weights,
-                                                  drop_prototype_heads=args.drop_prototype_heads)
             else:
-                written = formats.export_hf(model, args.output, drop_logit_bias=args.drop_logit_bias,
-                                            drop_prototype_heads=args.drop_prototype_heads)
+                with paths.local_output(args.output) as staged:
+                    if args.command == "openclip":
+                        written = formats.export_openclip(model, staged, weights=args.weights,
+                                                          drop_prototype_heads=args.drop_prototype_heads)
+                    else:
+                        written = formats.export_hf(model, staged, drop_logit_bias=args.drop_logit_bias,
+                                                    drop_prototype_heads=args.drop_prototype_heads)
+                    written = paths.as_written(written, staged, args.output) if paths.is_url(args.output) else written
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
         print(f"jclip.convert: {error}", file=sys.stderr)
         return 2
