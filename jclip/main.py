@@ -23,6 +23,11 @@ _STATUS_FILE = flags.DEFINE_string(
     "status_file", os.environ.get("JCLIP_STATUS_FILE"),
     "A local file where process 0 writes how the run ended (JSON: state finished|preempted|failed, step, exit_code).",
 )
+_PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
+    "preempted_exit_code", int(os.environ.get("JCLIP_PREEMPTED_EXIT_CODE", "0")),
+    "Exit status after a preemption save. 0 suits launchers that read --status_file (Slurm, the TPU babysitter); "
+    "a non-zero value makes orchestrators that rerun only failed work (Kubernetes Jobs and JobSets) resume the run.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -64,6 +69,10 @@ def _train(config, workdir: str, outcome: dict) -> None:
     try:
         result = train.run(config, workdir)
         outcome.update(state="preempted" if result.preempted else "finished", step=result.step, exit_code=0)
+        if result.preempted and _PREEMPTED_EXIT_CODE.value:
+            _stop(outcome, _PREEMPTED_EXIT_CODE.value,
+                  f"jclip: exiting with status {_PREEMPTED_EXIT_CODE.value} (--preempted_exit_code) so that the job is "
+                  "rerun; the rerun resumes from the saved step")
     except ConfigError as error:
         _stop(outcome, 2, f"jclip: invalid config: {error}")
     except TooManyBadExamples as error:

@@ -49,6 +49,19 @@ def read_logs(logs: pathlib.Path) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(logs.glob("*.log")))
 
 
+def test_preempted_exit_code_makes_a_preemption_save_exit_non_zero(tmp_path, scenes_data_dir):
+    """For Kubernetes, which reruns only failed pods: the save is the same, the exit status is the one asked for."""
+    flags = micro_run_flags(scenes_data_dir, total_steps=STEPS, checkpoint_every=5)
+    run, logs, status = tmp_path / "run", tmp_path / "logs", tmp_path / "status.json"
+    process = start(run, [*flags, f"--status_file={status}", "--preempted_exit_code=143"], logs)
+    assert wait_for_checkpoint(run, process, 5), read_logs(logs)
+    process[0].send_signal(signal.SIGTERM)
+    assert finish(process, logs, timeout=120) == [143], read_logs(logs)
+    stopped_at = max(read_losses(run))
+    assert stopped_at < STEPS and max(checkpoint_steps(run)) == stopped_at, read_logs(logs)
+    assert json.loads(status.read_text()) == {"state": "preempted", "step": stopped_at, "exit_code": 143}
+
+
 def test_sigterm_saves_and_exits_0_and_the_rerun_resumes_exactly(tmp_path, scenes_data_dir):
     """One process without jax.distributed: jclip's own SIGTERM handler; --status_file says how it ended."""
     flags = micro_run_flags(scenes_data_dir, total_steps=STEPS, checkpoint_every=5)
