@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -67,9 +69,6 @@ def micro_run_flags(data_dir: pathlib.Path, **overrides) -> list[str]:
 
 def run_jclip_main(workdir: pathlib.Path, config: str, flags: list[str], timeout: int = 600) -> str:
     """Runs `python -m jclip.main` in a subprocess; asserts success and returns its stdout."""
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -369,3 +368,36 @@ def gemma_style_tokenizer(words: list[str]) -> dict[str, Any]:
             "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
             "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
+
+
+def start_processes(workdir: pathlib.Path | str, flags: list[str], logs: pathlib.Path, processes: int = 1) -> list[subprocess.Popen]:
+    """`processes` jclip.main processes of one job (joined over 127.0.0.1 when more than one), each on one CPU
+    device, logging to `logs/process_<i>.log`."""
+    from jclip.cli import free_port
+
+    port = free_port()
+    logs.mkdir(exist_ok=True)
+    started = []
+    for index in range(processes):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        if processes > 1:
+            env.update(JCLIP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JCLIP_NUM_PROCESSES=str(processes),
+                       JCLIP_PROCESS_ID=str(index), JCLIP_HEARTBEAT_TIMEOUT_SECONDS="10")
+        command = [sys.executable, "-m", "jclip.main", "--config=configs/clip.py", f"--workdir={workdir}", *flags]
+        log = open(logs / f"process_{index}.log", "w")
+        started.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return started
+
+
+def finish_processes(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: float = 600) -> list[int]:
+    """The exit codes of `processes`; every one is killed, and the logs shown, if one outlives `timeout`."""
+    try:
+        return [process.wait(timeout=timeout) for process in processes]
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        raise AssertionError(f"a process did not exit within {timeout} s:\n{read_logs(logs)}")
+
+
+def read_logs(logs: pathlib.Path) -> str:
+    return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(logs.glob("*.log")))

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from gcs_emulator import emulator_binary, gcs_emulator
-from jclip_testing import REPO_ROOT, micro_run_flags
+from jclip_testing import REPO_ROOT, finish_processes, micro_run_flags, read_logs, start_processes
 
 BUCKET = "jclip-test"
 SHARDS, PER_SHARD = 2, 48
@@ -212,3 +212,30 @@ def test_a_run_in_the_bucket_is_a_teacher_an_init_from_source_and_converts_to_an
         flat = params_io.flatten(jax.device_get(params))
         for path, value in reference.params.items():
             np.testing.assert_array_equal(flat[path], value, err_msg=f"{source}: {path}")
+
+
+def test_two_processes_save_one_step_to_the_bucket_on_sigterm_and_resume_from_it(gcs, scenes_data_dir, tmp_path):
+    """A pod's hosts: both processes write their parts of each checkpoint (and their own data positions) to the
+    bucket; SIGTERM to one makes both save the same step there, and the rerun resumes from it."""
+    run, logs = f"gs://{BUCKET}/two-processes", tmp_path / "logs"
+    steps = 40
+    flags = micro_run_flags(scenes_data_dir, total_steps=steps, checkpoint_every=5) + ["--config.mesh.data=2"]
+    processes = start_processes(run, flags, logs, processes=2)
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in processes) and not gcs_checkpoint_steps(run):
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in processes), read_logs(logs)
+    processes[1].send_signal(signal.SIGTERM)
+    assert finish_processes(processes, logs, timeout=180) == [0, 0], read_logs(logs)
+    stopped_at = max(gcs_checkpoint_steps(run))
+    assert stopped_at < steps and f"saved step {stopped_at}" in read_logs(logs), read_logs(logs)
+    from etils import epath
+
+    data_states = sorted(p.name for p in epath.Path(run, "checkpoints", str(stopped_at), "data").glob("process_*"))
+    assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    rerun_logs = tmp_path / "rerun_logs"
+    assert finish_processes(start_processes(run, flags, rerun_logs, processes=2), rerun_logs) == [0, 0], (
+        read_logs(rerun_logs))
+    assert f"resumed from {run}/checkpoints at step {stopped_at}" in (rerun_logs / "process_0.log").read_text()
+    assert sorted(gcs_losses(run)) == list(range(1, steps + 1))

@@ -5,48 +5,15 @@ processes stopping at one step after a SIGTERM are tested through the Slurm scri
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from jclip.cli import free_port
-from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_losses, wait_for_checkpoint
+from jclip_testing import (checkpoint_steps, finish_processes as finish, micro_run_flags, read_losses, read_logs,
+                           start_processes as start, wait_for_checkpoint)
 
 STEPS = 60
-
-
-def start(workdir: pathlib.Path, flags: list[str], logs: pathlib.Path, processes: int = 1) -> list[subprocess.Popen]:
-    """`processes` jclip.main processes of one job (joined over 127.0.0.1 when more than one)."""
-    port = free_port()
-    logs.mkdir(exist_ok=True)
-    started = []
-    for index in range(processes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-        if processes > 1:
-            env.update(JCLIP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JCLIP_NUM_PROCESSES=str(processes),
-                       JCLIP_PROCESS_ID=str(index), JCLIP_HEARTBEAT_TIMEOUT_SECONDS="10")
-        command = [sys.executable, "-m", "jclip.main", "--config=configs/clip.py", f"--workdir={workdir}", *flags]
-        log = open(logs / f"process_{index}.log", "w")
-        started.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return started
-
-
-def finish(processes: list[subprocess.Popen], logs: pathlib.Path, timeout: float = 600) -> list[int]:
-    try:
-        return [process.wait(timeout=timeout) for process in processes]
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        raise AssertionError(f"a process did not exit within {timeout} s:\n{read_logs(logs)}")
-
-
-def read_logs(logs: pathlib.Path) -> str:
-    return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(logs.glob("*.log")))
 
 
 def test_preempted_exit_code_makes_a_preemption_save_exit_non_zero(tmp_path, scenes_data_dir):
