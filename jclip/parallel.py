@@ -40,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("channels", None),
     ("proj", None),
     ("prototypes", "tensor"),
+    ("layers", None),  # the leading axis of stacked (model.scan_layers) block parameters: every device has all
 )
 
 
