@@ -73,7 +73,7 @@ def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int,
     return results
 
 
-def _make_mesh(config: ml_collections.ConfigDict):
+def run_mesh(config: ml_collections.ConfigDict):
     """The config's mesh over every device of the job; a mismatch is a config error naming both sides."""
     try:
         return parallel.make_mesh(dict(config.mesh))
@@ -102,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunRe
             "mounts at the same path (a shared disk, or the bucket mounted with gcsfuse)"
         )
     workdir = pathlib.Path(workdir)
-    mesh = _make_mesh(config)
+    mesh = run_mesh(config)
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
     if is_main:
