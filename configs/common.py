@@ -51,12 +51,15 @@ def split_arg(arg: str | None, **defaults: Any) -> tuple[ml_collections.ConfigDi
 
 
 def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict:
-    """A model preset by name (`tiny`, `B/32`, `B/16`, `L/14`) as a ConfigDict, with compute options."""
+    """A model preset by name (`tiny`, `B/32`, `B/16`, `L/14`, `g/14`) as a ConfigDict, with compute options."""
     model = ml_collections.ConfigDict(presets.get_preset(name))
     # The text tower owns its tokenizer: OpenAI's BPE, or "sentencepiece:/path/model.model[:lower]".
     model.text.tokenizer = "clip"
     model.dtype = dtype
     model.remat = False
+    # Stack each tower's blocks and apply them with jax.lax.scan: one block in the compiled program, so big
+    # models compile in seconds rather than minutes (parameters `.../transformer/blocks/<name>` [layers, ...]).
+    model.scan_layers = False
     return model
 
 

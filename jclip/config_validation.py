@@ -39,6 +39,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     _require(model.dtype in COMPUTE_DTYPES, f"model.dtype must be one of {COMPUTE_DTYPES}, got {model.dtype!r}")
+    if model.get("scan_layers"):
+        named = {str(rule[0]) for rule in (config.get("sharding_rules") or parallel.DEFAULT_RULES)}
+        _require("layers" in named, "model.scan_layers stacks the blocks on a logical axis `layers`, which "
+                                    "sharding_rules do not name; add ['layers', None] (replicated)")
 
     data = config.data
     try:

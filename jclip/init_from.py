@@ -11,6 +11,9 @@ LoRA (`model.lora`, jclip.models.lora) is no architecture difference: a plain so
 weights and its adapters keep their initialisation (B = 0, so the run starts from the source's function). A
 source trained with other LoRA settings than the run's (or with LoRA, into a model without) has its adapters
 merged into its kernels first; a source with the run's own settings gives its adapters too.
+
+Stacked and per-layer blocks (`model.scan_layers`, jclip.models.stacking) are no difference either: the source's
+blocks are put into the run's layout.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jclip import checkpoint
 from jclip.errors import ConfigError
 from jclip.restore import restore_export, restore_run
 from jclip.models.clip_model import architecture_differences
+from jclip.models import stacking
 from jclip.models.lora import lora_settings, merge_lora
 
 
@@ -44,10 +48,12 @@ def initial_params(config: ml_collections.ConfigDict, setup: Any, params: Any) -
     if differences:
         raise ConfigError(f"init_from: {path} has another architecture than config.model (source vs config): "
                           + "; ".join(differences))
+    loaded = unflatten_dict(stacking.unstack(flatten_dict(loaded)))  # per layer, as merge_lora reads it
     source_lora = lora_settings(model_config)
     if source_lora is not None and source_lora != lora_settings(config.model):
         loaded, model_config = merge_lora(loaded, model_config)
-    fresh, source = flatten_dict(params), flatten_dict(loaded)
+    fresh = flatten_dict(params)
+    source = stacking.to_layout(flatten_dict(loaded), fresh)
     unplaced = sorted("/".join(map(str, p)) for p in set(source) - set(fresh))
     if unplaced:
         raise ConfigError(f"init_from: the model has no place for these parameters of {path}: {unplaced}")

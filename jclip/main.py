@@ -3,6 +3,10 @@
 Parses the config (unknown keys and invalid values stop here, before any compilation), starts
 `jax.distributed` when running as several processes, and hands over to `jclip.train.run`. Rerunning the
 same command resumes from the latest checkpoint in the workdir.
+
+`--compile_only` (no workdir needed) compiles the train step for the config's mesh on abstract inputs and
+prints its memory and FLOPs report (jclip.compile_only), then exits 0; with `--fake_devices=N` it runs on N
+CPU devices, e.g. to size a pod's run on a laptop.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from jclip.cli import initialise_distributed, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:model=B/32.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and TensorBoard logs.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False,
+    "Compile the train step for the config's mesh on abstract inputs (no data, no weights, no checkpoints), print "
+    "per-device memory and FLOPs, and exit.",
+)
+_FAKE_DEVICES = flags.DEFINE_integer(
+    "fake_devices", int(os.environ.get("JCLIP_FAKE_DEVICES", "0")) or None,
+    "Run on this many CPU devices instead of the machine's accelerators (for --compile_only on a laptop).",
+)
 _STATUS_FILE = flags.DEFINE_string(
     "status_file", os.environ.get("JCLIP_STATUS_FILE"),
     "A local file where process 0 writes how the run ended (JSON: state finished|preempted|failed, step, exit_code).",
@@ -35,6 +48,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/clip.py")
+    if _FAKE_DEVICES.value:
+        _use_fake_devices(_FAKE_DEVICES.value)
+    if _COMPILE_ONLY.value:
+        _compile_only(_CONFIG.value)
+        return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     from absl import logging as absl_logging
@@ -85,6 +103,33 @@ def _train(config, workdir: str, outcome: dict) -> None:
         _stop(outcome, 1, f"jclip: stopped: process {jax.process_index()} of {jax.process_count()} lost contact "
                           f"with the others ({str(error).splitlines()[0]}); another process has probably died: see "
                           "its log. Rerun the job to resume from the last checkpoint.")
+
+
+def _use_fake_devices(count: int) -> None:
+    """N CPU devices instead of the accelerators; before anything asks jax for its devices."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", int(count))
+
+
+def _compile_only(config) -> None:
+    """Prints the compile report of the config's train step (process 0) and exits 0; 2 for a config error."""
+    from jclip.errors import ConfigError
+
+    if not _FAKE_DEVICES.value:
+        initialise_distributed()
+    import jax
+
+    from jclip import compile_only
+
+    try:
+        report = compile_only.compile_report(config)
+    except ConfigError as error:
+        _stop({}, 2, f"jclip: invalid config: {error}")
+    if jax.process_index() == 0:
+        print(f"jclip compile_only: {compile_only.describe(config)}")
+        print("\n".join(report.lines()), flush=True)
 
 
 def _stop(outcome: dict, code: int, message: str) -> None:

@@ -40,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("channels", None),
     ("proj", None),
     ("prototypes", "tensor"),
+    ("layers", None),  # the leading axis of stacked (model.scan_layers) block parameters: every device has all
 )
 
 
@@ -116,6 +117,17 @@ def batch_spec(ndim: int) -> PartitionSpec:
 def batch_shards(mesh: Mesh) -> int:
     """How many ways the global batch is split (the product of the batch mesh axes)."""
     return math.prod(mesh.shape[axis] for axis in BATCH_MESH_AXES)
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs with shardings (the largest shard of
+    each leaf: every device holds one; replicated leaves count whole)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = tuple(leaf.shape) if sharding is None else sharding.shard_shape(tuple(leaf.shape))
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -22,6 +22,8 @@ after OpenCLIP's --lock-image / --lock-text, compile to "frozen" rules placed BE
   `transformer/blocks` then `ln_post`, `projection`; for `clip` text `transformer/blocks` then `ln_final`,
   `projection`) when k > 0 (OpenCLIP's --lock-text-unlocked-layers; for the image tower
   OpenCLIP counts groups, where the projection alone is the first group: here k counts blocks for both);
+  With `model.scan_layers` the blocks are stacked (one parameter per weight, jclip.models.stacking), so only
+  k = 0 or k = layers is possible; another k is a ConfigError at start-up;
 - `freeze_layer_norm = False`: leave the LayerNorms of the locked part out of the lock too (OpenCLIP's
   --lock-text-freeze-layer-norm, inverted: True, the default, freezes them with the rest).
 
@@ -125,9 +127,16 @@ def lock_rules(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
                 f"[0, model.{tower}.layers = {layers}], got {unlocked!r}"
             )
         left_out = []  # what the lock leaves to the table: a negative lookahead after the tower's prefix
+        if unlocked and unlocked < layers and config.model.get("scan_layers"):
+            raise ConfigError(
+                f"optim.tower_locks.{tower}.unlocked_layers={unlocked} locks some of the tower's blocks but not "
+                "others, and with model.scan_layers the blocks are stacked in one parameter per weight; lock the "
+                f"whole tower (unlocked_layers=0 or {layers}) or set model.scan_layers=False"
+            )
         if unlocked:
             blocks = "|".join(str(index) for index in range(layers - unlocked, layers))
-            left_out.append(f"{spec.blocks}/(?:{blocks})/")
+            # per layer `<blocks>/<i>/...`; stacked (all of them unlocked) `<blocks>/<name>...`
+            left_out.append(f"{spec.blocks}/" if config.model.get("scan_layers") else f"{spec.blocks}/(?:{blocks})/")
             left_out += [f"{name}(?:/|$)" for name in spec.after_blocks]
         if not entry.get("freeze_layer_norm", True):
             left_out.append(_NORM_PATH)

@@ -139,16 +139,23 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
     return train_step
 
 
-def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array], teacher: Teacher | None = None) -> Callable:
-    """`step(state, batch)` jitted with declared shardings; the state is donated so its buffers are updated
-    in place. A teacher's parameters are an argument (not constants baked into the program)."""
+def jit_train_step(setup: TrainSetup, example_batch: dict[str, Any], teacher: Teacher | None = None) -> Any:
+    """The train step under `jax.jit` with the declared shardings of the state, the batch (fields like
+    `example_batch`'s: arrays or ShapeDtypeStructs) and the teacher; the state is donated. Trace, lower or call it
+    inside `parallel.sharding_context(setup.mesh, setup.rules)`."""
     batch_shardings = {name: setup.batch_sharding(x.ndim) for name, x in example_batch.items()}
-    jitted = jax.jit(
+    return jax.jit(
         make_train_step(setup, teacher),
         in_shardings=(setup.state_shardings, batch_shardings, None if teacher is None else teacher.shardings),
         out_shardings=(setup.state_shardings, None),
         donate_argnums=(0,),
     )
+
+
+def compile_train_step(setup: TrainSetup, example_batch: dict[str, jax.Array], teacher: Teacher | None = None) -> Callable:
+    """`step(state, batch)` jitted with declared shardings; the state is donated so its buffers are updated
+    in place. A teacher's parameters are an argument (not constants baked into the program)."""
+    jitted = jit_train_step(setup, example_batch, teacher)
     teacher_params = None if teacher is None else teacher.params
 
     def step(state, batch):

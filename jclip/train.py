@@ -73,7 +73,7 @@ def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int,
     return results
 
 
-def _make_mesh(config: ml_collections.ConfigDict):
+def run_mesh(config: ml_collections.ConfigDict):
     """The config's mesh over every device of the job; a mismatch is a config error naming both sides."""
     try:
         return parallel.make_mesh(dict(config.mesh))
@@ -97,7 +97,7 @@ class RunResult:
 def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
     """Trains (or resumes) the configured run in `workdir`, until the last step or a SIGTERM."""
     workdir = as_path(workdir)
-    mesh = _make_mesh(config)
+    mesh = run_mesh(config)
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
     if is_main:

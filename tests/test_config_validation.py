@@ -62,3 +62,21 @@ def test_a_term_reading_hard_negatives_without_pools_is_told_how_to_make_them():
                                           r"preprocessing op writes; set data.hard_negatives=DIR \(candidate pools "
                                           r"made by python -m jclip.make_negatives\) to provide it"):
         validate_config(fscclip.get_config())
+
+
+def test_scanned_layers_need_a_rule_for_the_layers_axis_and_scannable_towers():
+    from configs import clip
+    from jclip.config_validation import validate_config
+    from jclip.models import pretrained_text_tower
+
+    config = clip.get_config()
+    config.model.scan_layers = True
+    validate_config(config)  # the default rules name `layers`
+    config.sharding_rules = [rule for rule in config.sharding_rules if rule[0] != "layers"]
+    with pytest.raises(ConfigError, match=r"model.scan_layers .* add \['layers', None\]"):
+        validate_config(config)
+    config = clip.get_config()
+    config.model.scan_layers = True
+    config.model.text = pretrained_text_tower("minilm-l6")
+    with pytest.raises(ConfigError, match="model.text.kind 'bert' has no scanned layout"):
+        validate_config(config)

@@ -48,6 +48,30 @@ def test_params_come_from_the_export_on_the_runs_shardings(tmp_path) -> None:
     assert float(flat[("logit_bias",)]) == -10.0
 
 
+def test_a_scanned_run_takes_a_per_layer_export_and_reads_back_per_layer(tmp_path) -> None:
+    """`model.scan_layers` stacks the blocks: an export (per layer, OpenCLIP's layout) fills a scanned run exactly,
+    and the run's parameters read back (params_io, what every converter writes) per layer again."""
+    from jclip.models import stacking
+
+    config = micro_config(init_from=str(tmp_path / "export"))
+    config.model.vision.layers = 3
+    config.model.scan_layers = True
+    plain = micro_config()
+    plain.model.vision.layers = 3
+    source = _export(tmp_path / "export", plain, seed=1)
+    setup, fresh = _setup_and_fresh(config)
+    params, kept = initial_params(config, setup, fresh)
+    assert kept == []
+    stacked_kernel = ("visual", "transformer", "blocks", "mlp", "c_fc", "kernel")
+    kernel = params_io.flatten(params)[stacked_kernel]
+    assert kernel.shape[0] == 3 and kernel.sharding == params_io.flatten(fresh)[stacked_kernel].sharding
+    host = params_io._to_host(params)
+    assert set(host) == set(source) and not stacking.is_stacked(host)
+    for path, value in source.items():
+        np.testing.assert_array_equal(host[path], value)
+    assert "scan_layers" not in params_io.plain_model_config(config.model)
+
+
 def test_another_architecture_or_extra_parameters_are_refused(tmp_path) -> None:
     _export(tmp_path / "export", micro_config(), seed=1)
     config = micro_config(init_from=str(tmp_path / "export"))

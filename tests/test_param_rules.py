@@ -156,6 +156,30 @@ def test_the_locked_parts_norms_can_stay_trainable():
     } - blocks("visual", range(VISION_LAYERS), BLOCK_NORMS)
 
 
+def stacked(tower: str, names=BLOCK) -> set[str]:
+    """A scanned tower's block parameters (`model.scan_layers`): one per weight, every layer in it."""
+    return {f"{tower}/transformer/blocks/{name}" for name in names}
+
+
+def test_locks_of_scanned_towers_lock_all_or_none_of_the_stacked_blocks():
+    from jclip import param_rules
+    from jclip.errors import ConfigError
+
+    def scanned(**locks):
+        config = config_with(**locks)
+        config.model.scan_layers = True
+        return config
+
+    assert frozen_paths(scanned(vision={})) == prefixed("visual", VISUAL_PRE + VISUAL_POST) | stacked("visual")
+    # every block unlocked: only the parts before the blocks stay locked, as per layer
+    assert frozen_paths(scanned(text={"unlocked_layers": TEXT_LAYERS})) == prefixed("text", TEXT_PRE)
+    keep_norms = {"freeze_layer_norm": False}
+    assert frozen_paths(scanned(vision=keep_norms)) == prefixed("visual", VISUAL_PRE[:3]) | {"visual/projection"} | \
+        stacked("visual", [name for name in BLOCK if name not in BLOCK_NORMS])
+    with pytest.raises(ConfigError, match=r"tower_locks.vision.unlocked_layers=1 .* model.scan_layers"):
+        param_rules.compile_rules(scanned(vision={"unlocked_layers": 1}))
+
+
 def test_what_a_lock_leaves_out_falls_through_to_the_table():
     rules = [["visual/.*", 0.1], ["text/ln_.*", 3.0], [".*", "trainable"]]
     actions = actions_by_path(config_with(rules, vision={"unlocked_layers": 1}, text={}))

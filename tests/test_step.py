@@ -101,6 +101,27 @@ def test_remat_gives_the_same_step_and_bfloat16_stays_close():
     np.testing.assert_allclose(bf16["train/grad_norm"], reference["train/grad_norm"], rtol=0.1)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per-layer", "scanned"])
+def test_training_on_data_fsdp_tensor_2x2x2_equals_one_device(scan_layers):
+    """A few steps on a (data 2, fsdp 2, tensor 2) mesh of 8 fake devices: parameters split over fsdp and
+    tensor, the batch over data x fsdp. Same losses and weights as on one device (scanned blocks too)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices; tests/conftest.py sets XLA_FLAGS before jax is imported")
+    config = micro_config(**{"model.vision.layers": 2, "model.scan_layers": scan_layers})
+    _, initial, final, history = run_steps(config, 3, {"data": 1})
+    setup, sharded_initial, sharded_final, sharded_history = run_steps(config, 3, {"data": 2, "fsdp": 2, "tensor": 2})
+    mlp = setup.state_shardings["params"]["visual"]["transformer"]["blocks"]
+    mlp = (mlp if scan_layers else mlp[0])["mlp"]["c_fc"]["kernel"]
+    assert "fsdp" in mlp.spec and "tensor" in mlp.spec
+    for got, want in zip(jax.tree.leaves(sharded_initial["params"]), jax.tree.leaves(initial["params"])):
+        np.testing.assert_array_equal(got, want)  # the same initialisation however it is laid out
+    for sharded, single in zip(sharded_history, history):
+        np.testing.assert_allclose(sharded["loss/total"], single["loss/total"], rtol=1e-5)
+        np.testing.assert_allclose(sharded["train/grad_norm"], single["train/grad_norm"], rtol=1e-4)
+    for got, want in zip(jax.tree.leaves(sharded_final["params"]), jax.tree.leaves(final["params"])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 # Parameter rules (jclip/param_rules.py): frozen parameters, learning-rate multipliers, the default table.
 
 

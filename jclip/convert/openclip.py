@@ -9,6 +9,9 @@ head_dim] — so a converted model reproduces OpenCLIP's `encode_image`/`encode_
 Both directions are checked against OpenCLIP's layout written out independently (`openclip_state_shapes`):
 a source key left unused, a target key or parameter left unfilled, or a shape mismatch stops the conversion
 with every such key named. No PyTorch needed: state dicts are dicts of NumPy arrays.
+
+A scanned model's stacked blocks (`model.scan_layers`, jclip.models.stacking) keep OpenCLIP's per-layer names:
+they are split into layers on export and stacked again on import.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jclip.models import stacking
 from jclip.models.clip_model import CLIP_INIT_LOGIT_SCALE, CLIPModel
 
 ParamPath = tuple[Any, ...]
@@ -329,10 +333,14 @@ def strip_openai_metadata(state_dict: Mapping[str, Any]) -> StateDict:
 
 def flat_params_from_openclip(state_dict: Mapping[str, Any],
                               target: Mapping[ParamPath, jax.ShapeDtypeStruct]) -> dict[ParamPath, np.ndarray]:
-    """jclip parameters {path: array} for the parameter shapes/dtypes `target`, from an OpenCLIP state dict.
+    """jclip parameters {path: array} for the parameter shapes/dtypes `target`, from an OpenCLIP state dict
+    (stacked where `target`'s blocks are).
 
     Raises ValueError listing every unconsumed source key, unfilled target parameter and shape mismatch.
     """
+    if stacking.is_stacked(target):
+        per_layer = stacking.unstack({path: jax.ShapeDtypeStruct(v.shape, v.dtype) for path, v in target.items()})
+        return stacking.to_layout(flat_params_from_openclip(state_dict, per_layer), target)
     source = strip_openai_metadata(state_dict)
     consumed: set[str] = set()
     problems: list[str] = []
@@ -370,6 +378,7 @@ def openclip_state_dict_from_flat_params(params: Mapping[ParamPath, Any], model_
     The result is checked against `openclip_state_shapes(model_config)`. Prototype heads (nCLIP/xCLIP) have
     no OpenCLIP counterpart: they stop the export unless `drop_prototype_heads`.
     """
+    params = stacking.unstack(params)  # a scanned model's stacked blocks, layer by layer
     heads = sorted("/".join(map(str, p)) for p in params if p[0] in PROTOTYPE_HEADS)
     if heads and not drop_prototype_heads:
         raise ValueError("OpenCLIP's CLIP has no prototype heads; these parameters would be lost: "

@@ -1,7 +1,9 @@
 """A jclip model's parameters on the host, with its model config and preprocessing: what every converter
 reads and writes. Sources are params-only exports (`jclip.checkpoint.save_params`) and training checkpoints
 (a workdir, its checkpoints/ folder or a step folder). A model with LoRA adapters (jclip.models.lora) is read
-as it is and merged (`without_lora`) by every writer: exports are plain models."""
+as it is and merged (`without_lora`) by every writer: exports are plain models. Blocks are per layer on the host
+(OpenCLIP's layout): a scanned run's stacked blocks (`model.scan_layers`, jclip.models.stacking) are split on
+reading, and `scan_layers`, a compute option, is not part of an export's model config."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from flax import nnx, traverse_util
 from jclip import checkpoint
 from jclip.data.tokenizer import START_OF_TEXT, VOCAB_SIZE
 from jclip.data.ops.image import CLIP_MEAN, CLIP_STD
-from jclip.models import clip_model, towers
+from jclip.models import clip_model, stacking, towers
 from jclip.models.lora import merge_lora, plain_lora_config
 
 ParamPath = tuple[Any, ...]
@@ -25,7 +27,8 @@ ParamPath = tuple[Any, ...]
 
 @dataclasses.dataclass(frozen=True)
 class HostModel:
-    """Parameters {path: NumPy array} (paths as in the NNX model), the model config, the preprocessing."""
+    """Parameters {path: NumPy array} (paths as in the NNX model, blocks per layer), the model config, the
+    preprocessing."""
 
     model_config: dict[str, Any]
     params: dict[ParamPath, np.ndarray]
@@ -33,9 +36,10 @@ class HostModel:
 
 
 def plain_model_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model config as JSON-ready plain data, without compute options (dtype, remat, name)."""
+    """The model config as JSON-ready plain data, without compute options (dtype, remat, scan_layers, name)."""
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-    config = {k: v for k, v in config.items() if k not in ("dtype", "param_dtype", "remat", "name") and v is not None}
+    compute_options = ("dtype", "param_dtype", "remat", "scan_layers", "name")
+    config = {k: v for k, v in config.items() if k not in compute_options and v is not None}
     for tower in ("vision", "text"):
         config[tower] = dict(config[tower])
     size = config["vision"]["image_size"]
@@ -118,7 +122,8 @@ def read(path: str | pathlib.Path, step: int | None = None) -> HostModel:
 
 
 def _to_host(params: Any) -> dict[ParamPath, np.ndarray]:
-    return {path: np.asarray(jax.device_get(value)) for path, value in flatten(params).items()}
+    """Host arrays, blocks per layer."""
+    return stacking.unstack({path: np.asarray(jax.device_get(value)) for path, value in flatten(params).items()})
 
 
 def build(model: HostModel) -> clip_model.CLIPModel:

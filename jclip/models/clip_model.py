@@ -31,7 +31,7 @@ SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al. 2023
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 MODEL_KEYS = {"name", "embed_dim", "quick_gelu", "vision", "text", "init_logit_scale", "init_logit_bias",
-              "dtype", "param_dtype", "remat", "prototype_heads", "embedding", "lora"}
+              "dtype", "param_dtype", "remat", "scan_layers", "prototype_heads", "embedding", "lora"}
 #: The model's attribute (and parameter-path prefix) of each modality's tower.
 TOWER_ATTRIBUTES = {"vision": "visual", "text": "text"}
 #: The towers jclip ships (importing their modules registers them): OpenCLIP's ViT and causal text Transformer,
@@ -75,7 +75,7 @@ class CLIPModel(nnx.Module):
     def __init__(self, *, embed_dim: int, vision: Mapping[str, Any], text: Mapping[str, Any],
                  quick_gelu: bool = False, init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
                  init_logit_bias: float | None = None, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: bool = False,
+                 param_dtype: Any = jnp.float32, remat: bool = False, scan_layers: bool = False,
                  prototype_heads: Mapping[str, int] | None = None, embedding: str = "projection",
                  lora: Mapping[str, Any] | None = None, rngs: nnx.Rngs) -> None:
         check_embedding(embedding, prototype_heads)
@@ -85,13 +85,16 @@ class CLIPModel(nnx.Module):
         self.embed_dim = embed_dim
         self.vision_tower = towers.tower_for({"vision": vision}, "vision")
         self.text_tower = towers.tower_for({"text": text}, "text")
-        # LoRA adapters (jclip.models.lora), passed only when on so that towers without them still build.
-        adapters = {modality: towers.tower_lora({"lora": lora, modality: config}, modality)
-                    for modality, config in (("vision", vision), ("text", text))}
-        self.visual = self.vision_tower.module(**self.vision_tower.build_args(vision), **common,
-                                               **({"lora": adapters["vision"]} if adapters["vision"] else {}))
-        self.text = self.text_tower.module(**self.text_tower.build_args(text), **common,
-                                           **({"lora": adapters["text"]} if adapters["text"] else {}))
+        # LoRA adapters (jclip.models.lora) and stacked layers (model.scan_layers), passed only when on so that
+        # towers without them still build.
+        options = {}
+        for modality, config in (("vision", vision), ("text", text)):
+            section = {"lora": lora, "scan_layers": scan_layers, modality: config}
+            adapters = towers.tower_lora(section, modality)
+            options[modality] = {**({"lora": adapters} if adapters else {}),
+                                 **({"scan_layers": True} if towers.tower_scan(section, modality) else {})}
+        self.visual = self.vision_tower.module(**self.vision_tower.build_args(vision), **common, **options["vision"])
+        self.text = self.text_tower.module(**self.text_tower.build_args(text), **common, **options["text"])
         self.logit_scale = logical_param(rngs, nnx.initializers.constant(init_logit_scale), (), (), param_dtype)
         self.logit_bias = (
             None if init_logit_bias is None
@@ -261,7 +264,8 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
 
     Keys: `embed_dim`, `vision`, `text` (required); `quick_gelu` (False), `init_logit_scale` (ln(1/0.07)),
     `init_logit_bias` (None: no bias), `dtype` (compute dtype, "float32"), `param_dtype` ("float32"),
-    `remat` (False), `prototype_heads` (None, or {num_prototypes, hidden_dim, bottleneck_dim, layers}
+    `remat` (False), `scan_layers` (False: each tower's blocks one by one; True: stacked on a leading
+    `layers` axis and applied by `jax.lax.scan`, which compiles large models much faster), `prototype_heads` (None, or {num_prototypes, hidden_dim, bottleneck_dim, layers}
     for nCLIP/xCLIP: see `jclip.models.heads`), `embedding` ("projection", or "prototypes": evaluations
     and teachers compare the heads' prototype logits, for nCLIP alone), `lora` (None, or {rank, alpha,
     targets}: LoRA adapters, see `jclip.models.lora`; rank 0 is off), `name` (ignored).
@@ -280,6 +284,7 @@ def build_model(model_config: Mapping[str, Any], rngs: nnx.Rngs) -> CLIPModel:
         dtype=_dtype(config.get("dtype")),
         param_dtype=_dtype(config.get("param_dtype")),
         remat=bool(config.get("remat", False)),
+        scan_layers=bool(config.get("scan_layers") or False),
         prototype_heads=head_config(config.get("prototype_heads")),
         embedding=str(config.get("embedding") or "projection"),
         lora=config.get("lora"),

@@ -256,25 +256,64 @@ _apply_block_remat = nnx.remat(_apply_block)
 
 
 class Transformer(nnx.Module):
-    """A stack of `ResidualBlock`s (OpenCLIP `Transformer.resblocks`); optionally rematerialised per block."""
+    """A stack of `ResidualBlock`s (OpenCLIP `Transformer.resblocks`); optionally rematerialised per block.
+
+    `scan_layers=False`: `blocks` is a list of blocks, parameters `blocks/<i>/...`, applied in a Python loop
+    (one copy of the block in the compiled program per layer). `scan_layers=True`: `blocks` is ONE block whose
+    parameters carry a leading axis of `num_layers` (logical name `layers`, replicated), applied with
+    `jax.lax.scan`, so the program holds the block once and compiles in about the time of one layer. The two
+    compute the same function of the same weights (`jclip.models.stacking` converts between the layouts).
+    """
 
     def __init__(self, width: int, num_layers: int, num_heads: int, mlp_ratio: float, *, causal: bool,
-                 quick_gelu: bool, remat: bool = False, dtype: Any = jnp.float32,
+                 quick_gelu: bool, remat: bool = False, scan_layers: bool = False, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
                  rngs: nnx.Rngs | None = None) -> None:
         mlp_hidden = int(width * mlp_ratio)
         self.remat = remat
-        self.blocks = nnx.List([
-            ResidualBlock(width, num_heads, mlp_hidden, causal=causal, quick_gelu=quick_gelu,
-                          num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
-            for _ in range(num_layers)
-        ])
+        self.scan_layers = scan_layers
+
+        def make_block(block_rngs: nnx.Rngs | None) -> ResidualBlock:
+            return ResidualBlock(width, num_heads, mlp_hidden, causal=causal, quick_gelu=quick_gelu,
+                                 num_layers=num_layers, dtype=dtype, param_dtype=param_dtype, lora=lora,
+                                 rngs=block_rngs)
+
+        if scan_layers:
+            self.blocks = _stacked_blocks(make_block, num_layers, rngs if rngs is not None else nnx.Rngs(0))
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(num_layers)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.scan_layers:
+            return _scan_blocks(self.blocks, x, self.remat)
         apply = _apply_block_remat if self.remat else _apply_block
         for block in self.blocks:
             x = apply(block, x)
         return x
+
+
+def _stacked_blocks(make_block: Callable[[nnx.Rngs], ResidualBlock], num_layers: int,
+                    rngs: nnx.Rngs) -> ResidualBlock:
+    """`num_layers` blocks created as one, each parameter stacked on a new leading `layers` axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(block_rngs: nnx.Rngs) -> ResidualBlock:
+        return make_block(block_rngs)
+
+    return create(rngs)
+
+
+def _scan_blocks(stacked: ResidualBlock, x: jax.Array, remat: bool) -> jax.Array:
+    """x through the stacked blocks in order, one `jax.lax.scan` step per layer (each step rematerialised
+    in the backward pass when `remat`)."""
+    graphdef, params, rest = nnx.split(stacked, nnx.Param, ...)
+
+    def body(hidden: jax.Array, layer_params: nnx.State) -> tuple[jax.Array, None]:
+        return nnx.merge(graphdef, layer_params, rest)(hidden), None
+
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, params)
+    return x
 
 
 def num_heads_for(width: int, head_width: int) -> int:

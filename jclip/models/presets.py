@@ -1,7 +1,8 @@
 """Model presets as plain dicts, ready for `build_model` and for ml_collections configs.
 
 `B/32`, `B/16` and `L/14` have OpenAI CLIP's shapes (Radford et al. 2021, table 20; OpenCLIP's
-`ViT-B-32.json`, `ViT-B-16.json`, `ViT-L-14.json`). Like those OpenCLIP configs they use the exact GELU; set
+`ViT-B-32.json`, `ViT-B-16.json`, `ViT-L-14.json`); `g/14` has OpenCLIP's `ViT-g-14.json` (the LAION-2B g/14:
+a 40-layer, 1408-wide ViT with 24 text layers). Like those OpenCLIP configs they use the exact GELU; set
 `quick_gelu=True` to match OpenAI's released weights (OpenCLIP's `-quickgelu` variants). `tiny` is for
 training on a laptop CPU in minutes with the real 49408-token CLIP tokenizer.
 
@@ -49,11 +50,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "mlp_ratio": 4.0},
         "text": {"kind": "clip", "context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
     },
+    # OpenCLIP's ViT-g-14 (LAION-2B; 1366.68 M parameters in its docs/model_profile.csv): 16 heads of width 88,
+    # an MLP of int(1408 x 4.3637) = 6144, and H/14's 24-layer text tower. Meant for scan_layers and remat on
+    # an FSDP mesh (README, "Big models").
+    "g/14": {
+        "embed_dim": 1024,
+        "quick_gelu": False,
+        "vision": {"kind": "vit", "image_size": 224, "patch_size": 14, "width": 1408, "layers": 40, "head_width": 88,
+                   "mlp_ratio": 4.3637},
+        "text": {"kind": "clip", "context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+    },
 }
 
 
 def get_preset(name: str, **overrides: Any) -> dict[str, Any]:
-    """A fresh copy of preset `name` with top-level keys overridden (e.g. `dtype="bfloat16"`, `remat=True`)."""
+    """A fresh copy of preset `name` with top-level keys overridden (e.g. `dtype="bfloat16"`, `remat=True`,
+    `scan_layers=True`)."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
     config = copy.deepcopy(PRESETS[name])

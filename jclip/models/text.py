@@ -26,7 +26,7 @@ class TextTransformer(TowerModule):
 
     def __init__(self, *, context_length: int, vocab_size: int, width: int, heads: int, layers: int,
                  output_dim: int, mlp_ratio: float = 4.0, quick_gelu: bool = False, remat: bool = False,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
+                 scan_layers: bool = False, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
                  rngs: nnx.Rngs | None = None) -> None:
         self.context_length = context_length
         self.vocab_size = vocab_size
@@ -37,7 +37,7 @@ class TextTransformer(TowerModule):
         self.positional_embedding = logical_param(rngs, normal(0.01), (context_length, width),
                                                   ("length", "embed"), param_dtype)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, causal=True, quick_gelu=quick_gelu,
-                                       remat=remat, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
+                                       remat=remat, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.ln_final = LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.projection = logical_param(rngs, normal(width ** -0.5), (width, output_dim), ("embed", "proj"),
                                         param_dtype)
@@ -91,4 +91,5 @@ CLIP_TEXT = register_tower(Tower(
     weight_formats=("openclip", "hf"),
     after_blocks=("ln_final", "projection"),
     lora_targets=("attention", "mlp"),
+    scannable=True,
 ))

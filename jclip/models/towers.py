@@ -8,6 +8,7 @@ tower is a module with `@register_tower`-ed `Tower` and a class with this interf
 
     tower = cls(**tower_config, output_dim=..., quick_gelu=..., remat=..., dtype=..., param_dtype=..., rngs=...)
                 [, lora=LoraSettings]  (only with model.lora on, for a tower that declares `lora_targets`)
+                [, scan_layers=True]   (only with model.scan_layers on, for a tower that declares `scannable`)
     tower(inputs) -> projected pooled features [batch, output_dim], float32
     tower.encode(inputs, tokens=True) -> {"features", "tokens" [batch, T, output_dim]} (+ "token_mask" [batch, T]
                                          for text), the tokens after the final norm and the projection
@@ -72,6 +73,9 @@ class Tower:
     after_blocks: tuple[str, ...] = ()
     #: The `model.lora.targets` the module adapts when built with `lora=` (jclip.models.lora); () for none.
     lora_targets: tuple[str, ...] = ()
+    #: Whether the module takes `scan_layers=True` (model.scan_layers): its blocks stacked on a leading `layers`
+    #: axis at `<blocks>/...` instead of `<blocks>/<i>/...` (jclip.models.stacking), applied by `jax.lax.scan`.
+    scannable: bool = False
     #: Pretrained towers: reads the file `weights` names into the module's layout (`jclip.pretrained`).
     load_weights: Callable[[Mapping[str, Any]], "PretrainedWeights"] | None = None
 
@@ -157,6 +161,27 @@ def check_tower(model_config: Mapping[str, Any], modality: str) -> None:
     tower = tower_for(model_config, modality)
     tower.check(tower.settings(_section(model_config, modality)))
     tower_lora(model_config, modality)
+    tower_scan(model_config, modality)
+
+
+def tower_scan(model_config: Mapping[str, Any], modality: str) -> bool:
+    """Whether the tower is built with `scan_layers=True` (`model.scan_layers`); ValueError when it is on and the
+    tower kind has no stacked layout."""
+    scan = bool(_get(model_config, "scan_layers", False))
+    tower = tower_for(model_config, modality)
+    if scan and not tower.scannable:
+        scannable = sorted(kind for kind, t in _TOWERS[modality].items() if t.scannable)
+        raise ValueError(f"model.scan_layers is on but model.{modality}.kind {tower.kind!r} has no scanned layout "
+                         f"(scannable {modality} towers: {scannable}); set model.scan_layers=False")
+    return scan
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+    try:
+        value = config[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
 
 
 def tower_lora(model_config: Mapping[str, Any], modality: str) -> LoraSettings | None:

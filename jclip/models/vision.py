@@ -34,7 +34,7 @@ class VisionTransformer(TowerModule):
 
     def __init__(self, *, image_size: int | Sequence[int], patch_size: int, width: int, layers: int,
                  output_dim: int, head_width: int = 64, mlp_ratio: float = 4.0, quick_gelu: bool = False,
-                 in_channels: int = 3, remat: bool = False, dtype: Any = jnp.float32,
+                 in_channels: int = 3, remat: bool = False, scan_layers: bool = False, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, lora: LoraSettings | None = None,
                  rngs: nnx.Rngs | None = None) -> None:
         image_height, image_width = _pair(image_size)
@@ -55,7 +55,7 @@ class VisionTransformer(TowerModule):
                                                   ("length", "embed"), param_dtype)
         self.ln_pre = LayerNorm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.transformer = Transformer(width, layers, num_heads_for(width, head_width), mlp_ratio,
-                                       causal=False, quick_gelu=quick_gelu, remat=remat, dtype=dtype,
+                                       causal=False, quick_gelu=quick_gelu, remat=remat, scan_layers=scan_layers, dtype=dtype,
                                        param_dtype=param_dtype, lora=lora, rngs=rngs)
         self.ln_post = LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.projection = logical_param(rngs, normal(scale), (width, output_dim), ("embed", "proj"), param_dtype)
@@ -135,4 +135,5 @@ VIT = register_tower(Tower(
     weight_formats=("openclip", "hf"),
     after_blocks=("ln_post", "projection"),
     lora_targets=("attention", "mlp", "patch_embedding"),
+    scannable=True,
 ))

@@ -156,3 +156,24 @@ def test_architecture_read_off_the_weights(reference_dir: pathlib.Path, name: st
     with pytest.raises(ValueError, match=r"not an OpenCLIP ViT state dict: missing \['visual.conv1.weight'\]"):
         model_config_from_openclip_state_dict({k: v for k, v in state.items() if k != "visual.conv1.weight"},
                                               quick_gelu=False)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_scanned_model_imports_and_exports_openclips_per_layer_names(reference_dir: pathlib.Path, name: str) -> None:
+    """A scanned model (`scan_layers`: stacked blocks) loads OpenCLIP's file, reproduces its features, and exports
+    the same file, per-layer names `visual.transformer.resblocks.{i}...` included, bit for bit."""
+    config, state, io = _load(reference_dir, name)
+    model_config = {**model_config_from_openclip(config), "scan_layers": True}
+    model = load_openclip_state_dict(state, build_model(model_config, nnx.Rngs(0)))
+    layers = model_config["vision"]["layers"]
+    assert model.visual.transformer.blocks.attn.in_kernel.shape[0] == layers  # stacked
+    images = jnp.asarray(io["images"].transpose(0, 2, 3, 1))
+    outputs = nnx.jit(lambda m, i, t: m({"images": i, "token_ids": t}))(model, images, jnp.asarray(io["token_ids"]))
+    np.testing.assert_allclose(outputs["image_features"], io["image_features"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(outputs["text_features"], io["text_features"], atol=1e-5, rtol=1e-5)
+    params = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    exported = openclip_state_dict_from_flat_params(params, model_config)
+    assert f"visual.transformer.resblocks.{layers - 1}.attn.in_proj_weight" in exported
+    assert set(exported) == set(state)
+    for key, value in state.items():
+        assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key

@@ -1,11 +1,13 @@
-"""Tests for jclip/models/presets.py and `count_params`: OpenCLIP's exact parameter counts; the pretrained text
-towers' configs (`pretrained_text_tower`)."""
+"""Tests for jclip/models/presets.py and `count_params`: OpenCLIP's exact parameter counts (and those of its
+docs/model_profile.csv, per tower); the pretrained text towers' configs (`pretrained_text_tower`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from jclip.models import PRESETS, count_params, get_preset, pretrained_files, pretrained_text_tower, tokenizer_spec, \
+from jclip.convert.openclip import openclip_state_shapes
+from jclip.models import PRESETS, abstract_model, count_params, get_preset, pretrained_files, pretrained_text_tower, tokenizer_spec, \
     tower_for
 
 
@@ -13,9 +15,40 @@ from jclip.models import PRESETS, count_params, get_preset, pretrained_files, pr
     ("B/32", 151_277_313),  # open_clip ViT-B-32, including logit_scale
     ("B/16", 149_620_737),
     ("L/14", 427_616_513),
+    ("g/14", 1_366_678_273),
 ])
 def test_parameter_counts_equal_openclip(name: str, expected: int) -> None:
     assert count_params(get_preset(name)) == expected
+    # OpenCLIP's state-dict shapes, written out independently of the model code (jclip.convert.openclip).
+    assert sum(int(np.prod(shape)) for shape in openclip_state_shapes(get_preset(name)).values()) == expected
+
+
+# OpenCLIP's docs/model_profile.csv: mparams, image_mparams, text_mparams (millions, two decimals).
+MODEL_PROFILE = {"B/16": (149.62, 86.19, 63.43), "L/14": (427.62, 303.97, 123.65), "g/14": (1366.68, 1012.65, 354.03)}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PROFILE))
+def test_tower_parameter_counts_equal_openclips_model_profile(name: str) -> None:
+    config = get_preset(name)
+    total, image, text = MODEL_PROFILE[name]
+    counted = {modality: tower_for(config, modality).count_params(config[modality], config["embed_dim"])
+               for modality in ("vision", "text")}
+    assert round(counted["vision"] / 1e6, 2) == image
+    assert round(counted["text"] / 1e6, 2) == text
+    assert round(count_params(config) / 1e6, 2) == total
+    assert counted["vision"] + counted["text"] + 1 == count_params(config)  # + logit_scale
+
+
+def test_g14_has_openclips_shapes_and_the_scanned_layout_the_same_count() -> None:
+    config = get_preset("g/14")
+    model = abstract_model(config)
+    block = model.visual.transformer.blocks[0]
+    assert block.mlp.c_fc.kernel.shape == (1408, 6144)  # OpenCLIP: int(1408 * 4.3637)
+    assert block.attn.in_kernel.shape == (1408, 3, 16, 88)  # 16 heads of width 88
+    assert len(model.visual.transformer.blocks) == 40 and len(model.text.transformer.blocks) == 24
+    scanned = abstract_model(get_preset("g/14", scan_layers=True))
+    assert scanned.visual.transformer.blocks.mlp.c_fc.kernel.shape == (40, 1408, 6144)
+    assert count_params(get_preset("g/14", scan_layers=True)) == count_params(config)
 
 
 def test_siglip_bias_adds_one_parameter() -> None:
@@ -28,7 +61,7 @@ def test_get_preset_returns_an_independent_copy() -> None:
     config["vision"]["width"] = 1
     assert PRESETS["tiny"]["vision"]["width"] != 1
     assert config["name"] == "tiny" and config["dtype"] == "bfloat16"
-    assert set(PRESETS) >= {"tiny", "B/32", "B/16", "L/14"}
+    assert set(PRESETS) >= {"tiny", "B/32", "B/16", "L/14", "g/14"}
     with pytest.raises(KeyError, match="unknown model preset"):
         get_preset("H/14")
 
