@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jclip import checkpoint, evals, init_from, parallel, pretrained
+from jclip import checkpoint, evals, init_from, parallel, pretrained, restore
 from jclip.errors import ConfigError
+from jclip.models.clip_model import architecture_differences
 from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
 from jclip.data import pipeline, robust
@@ -94,6 +95,21 @@ class RunResult:
     metrics: dict[str, float]
 
 
+def check_resumable(workdir: PathLike, model: ml_collections.ConfigDict) -> None:
+    """ConfigError unless the latest checkpoint in `workdir` was saved with `model`'s architecture and layer
+    layout (`scan_layers`): resuming another model would fail deep inside the restore."""
+    _, step, saved = restore.open_run(as_path(workdir) / "checkpoints")
+    differences = architecture_differences(saved.model, model)
+    if bool(saved.model.get("scan_layers", False)) != bool(model.get("scan_layers", False)):
+        differences.append(f"scan_layers: {saved.model.get('scan_layers', False)!r} vs {model.get('scan_layers', False)!r}")
+    if differences:
+        raise ConfigError(
+            f"the checkpoint of step {step} in {workdir} holds another model than config.model (saved vs config): "
+            + "; ".join(differences) + ". Resume with the model it was started with, or start a new workdir "
+            "(init_from takes the weights of another run, across scan_layers too)"
+        )
+
+
 def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
     """Trains (or resumes) the configured run in `workdir`, until the last step or a SIGTERM."""
     workdir = as_path(workdir)
@@ -106,6 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
 
     # Pretrained tower weights for a fresh start, read first so that a bad file stops the run at once.
     fresh = not checkpoint.has_checkpoints(workdir / "checkpoints")
+    if not fresh:
+        check_resumable(workdir, config.model)
     weights = pretrained.load_pretrained(config.model) if fresh else {}
     data = ConfiguredData(config.data, config.model)
     prepare_data(data, config)

@@ -164,3 +164,22 @@ def test_nclip_config_trains_and_evaluates_in_the_prototype_space(tmp_path, scen
     size = saved["model"]["vision"]["image_size"]
     shapes = jax.eval_shape(functions.encode_images, nnx.to_pure_dict(functions.abstract_state), jnp.zeros((2, size, size, 3)))
     assert shapes.shape == (2, 64)  # K prototypes, not embed_dim
+
+
+@pytest.mark.parametrize("change, difference", [
+    ("--config.model.scan_layers=True", "scan_layers: False vs True"),
+    ("--config.model.vision.width=64", "vision.width: 32 vs 64"),
+])
+def test_resuming_with_another_model_is_one_config_error(micro_clip_run, scenes_data_dir, tmp_path, change,
+                                                         difference):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(micro_clip_run, workdir)
+    flags = micro_run_flags(scenes_data_dir, total_steps=4, checkpoint_every=3) + [change]
+    result = subprocess.run(main_command(workdir, flags), cwd=REPO_ROOT, env=child_env(1), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"the checkpoint of step 3 in {workdir} holds another model than config.model" in result.stderr
+    assert difference in result.stderr
+    assert "Traceback" not in result.stderr
