@@ -119,11 +119,29 @@ def micro_config(**overrides):
     config.model.text.update(context_length=8, vocab_size=64, width=16, heads=2, layers=1)
     config.data.batch_size = 16
     for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
+        _set(config, key, value)
+    return config
+
+
+def _set(config, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        config = config[parent]
+    config[leaf] = value
+
+
+def config_with_flags(flags: list[str] | tuple[str, ...]):
+    """configs/clip.py's config with `--config.<key>=<value>` flags applied, each value read as its field's
+    type (what `python -m jclip.main` would train)."""
+    from configs import clip
+
+    config = clip.get_config()
+    for flag in flags:
+        key, value = flag.removeprefix("--config.").split("=")
+        node = config
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        _set(config, key, type(node[key.split(".")[-1]])(value))
     return config
 
 

@@ -10,7 +10,7 @@ import sys
 
 import jax
 from flax import nnx
-from jclip_testing import MICRO_MODEL_OVERRIDES, REPO_ROOT
+from jclip_testing import MICRO_MODEL_OVERRIDES, REPO_ROOT, config_with_flags
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -26,18 +26,10 @@ def _report(stdout: str) -> dict[str, str]:
 
 def _expected_param_bytes_per_device(model_overrides: tuple[str, ...]) -> int:
     """Each parameter's bytes divided by the mesh axes its partition spec (default rules) splits it over."""
-    from configs import clip
     from jclip.models import abstract_model
     from jclip.parallel import DEFAULT_RULES
 
-    config = clip.get_config()
-    for flag in model_overrides:
-        key, value = flag.removeprefix("--config.").split("=")
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = type(target[leaf])(value)
+    config = config_with_flags(model_overrides)
     params = nnx.state(abstract_model(config.model), nnx.Param)
     with nnx.logical_axis_rules(DEFAULT_RULES):
         specs = nnx.get_partition_spec(params)

@@ -16,7 +16,7 @@ from flax import nnx
 from jclip.convert import formats, params_io
 from jclip.convert.__main__ import main as convert_main
 from jclip.models import build_model
-from jclip_testing import MICRO_MODEL_OVERRIDES, micro_run_flags, run_jclip_main
+from jclip_testing import MICRO_MODEL_OVERRIDES, config_with_flags, micro_run_flags, run_jclip_main
 
 LORA_TARGETS = ("attention", "mlp", "patch_embedding")
 CONFIG = '''
@@ -35,17 +35,7 @@ def get_config(arg=None):
 
 def micro_model_config():
     """configs/clip.py's model with the micro run's overrides (what `micro_run_flags` trains)."""
-    from configs import clip
-
-    config = clip.get_config()
-    for flag in MICRO_MODEL_OVERRIDES:
-        key, value = flag.removeprefix("--config.").split("=")
-        *parents, leaf = key.split(".")
-        target = config
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = type(target[leaf])(value)
-    return config.model
+    return config_with_flags(MICRO_MODEL_OVERRIDES).model
 
 
 @pytest.fixture(scope="module")
