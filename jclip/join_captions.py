@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import copy
 import json
-import pathlib
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from jclip.cli import parse_flags
@@ -45,7 +46,7 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "The training config whose data the captions join.",
                                     lock_config=True)
     flags.DEFINE_string("captions", None, 'The JSONL file of {"key": ..., "caption": ...} lines.')
-    flags.DEFINE_string("output", None, "The recaptions folder to write.")
+    flags.DEFINE_string("output", None, "The recaptions folder to write (local, or gs://).")
     flags.DEFINE_string("field", "dense_caption", "The caption field joined_captions writes (recorded in the "
                         "folder; data.recaptions uses it).")
     flags.DEFINE_string("split", None, "The split whose keys to join (default: each component's train split).")
@@ -62,10 +63,10 @@ class CaptionsFileError(ValueError):
     """A captions file that cannot be joined as it is (a malformed line, a key given twice)."""
 
 
-def read_captions(path: str | pathlib.Path, log: Callable[[str], None] = print) -> tuple[dict[str, str], int, int]:
-    """(key -> caption in file order, lines read, blank lines) of a captions JSONL file; `CaptionsFileError` for
-    a malformed line or a key given twice, naming the line(s)."""
-    path = pathlib.Path(path)
+def read_captions(path: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[dict[str, str], int, int]:
+    """(key -> caption in file order, lines read, blank lines) of a captions JSONL file, local or a URL (gs://);
+    `CaptionsFileError` for a malformed line or a key given twice, naming the line(s)."""
+    path = epath.Path(path)
     captions: dict[str, str] = {}
     first_line: dict[str, int] = {}
     lines = blank = 0
@@ -90,7 +91,7 @@ def read_captions(path: str | pathlib.Path, log: Callable[[str], None] = print) 
     return captions, lines, blank
 
 
-def _parse_line(line: str, number: int, path: pathlib.Path) -> tuple[str, str]:
+def _parse_line(line: str, number: int, path: epath.Path) -> tuple[str, str]:
     where = f"{path} line {number}"
     try:
         record = json.loads(line)
@@ -152,7 +153,7 @@ def source_keys(config: Any, split: str | None = None, component: str | None = N
     return keys, counts
 
 
-def join_captions(config: Any, captions_path: str | pathlib.Path, output: str | pathlib.Path, *,
+def join_captions(config: Any, captions_path: str | os.PathLike, output: str | os.PathLike, *,
                   field: str = "dense_caption", split: str | None = None, component: str | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Joins the captions file onto the config's training keys, writes the folder `output`, returns the report."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import copy
-import pathlib
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +27,7 @@ from ml_collections import config_flags
 from jclip.cli import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config whose captions to parse.", lock_config=True)
-_OUTPUT = flags.DEFINE_string("output", None, "The pools folder to write.")
+_OUTPUT = flags.DEFINE_string("output", None, "The pools folder to write (local, or gs://).")
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "spacy", "lexicon"],
                              "The generator: spacy (a parser), lexicon (no parser), or auto (spacy when installed).")
 _SEED = flags.DEFINE_integer("seed", 0, "The generator's seed (which candidates are kept when there are too many).")
@@ -87,7 +87,7 @@ def _source_description(config: Any, limit: int | None) -> dict[str, Any]:
 
 
 def make_negatives(
-    config: Any, output: str | pathlib.Path, *, backend: str = "auto", seed: int = 0, max_per_kind: int = 16,
+    config: Any, output: str | os.PathLike, *, backend: str = "auto", seed: int = 0, max_per_kind: int = 16,
     max_words: int = 100, limit: int | None = None, generator: Generator | None = None, chunk_size: int = CHUNK_SIZE,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO
 
+import numpy as np
 from etils import epath
 
 from jclip.errors import ConfigError
@@ -103,6 +106,38 @@ def glob_files(pattern: str) -> list[str]:
     return sorted(os.fspath(path) for path in root.glob("/".join(parts[literal:])) if path.is_file())
 
 
+def load_array(path: PathLike, *, mmap: bool = False) -> np.ndarray:
+    """A `.npy` file: local ones memory-mapped read-only when `mmap`; a URL's is read whole (a bucket cannot be
+    memory-mapped, so each process that opens it holds its own copy)."""
+    if is_url(path):
+        return np.load(io.BytesIO(epath.Path(path).read_bytes()))
+    return np.load(path, mmap_mode="r" if mmap else None)
+
+
+def save_array(path: PathLike, array: np.ndarray) -> None:
+    """`np.save` to a local path or a URL (through epath; never a local folder named `gs:`)."""
+    if not is_url(path):
+        np.save(path, array)
+        return
+    with epath.Path(path).open("wb") as file:
+        np.save(file, array)
+
+
+def upload_folder(local: PathLike, target: PathLike, *, last: Iterable[str] = ()) -> None:
+    """Copies every file under the local folder `local` to the same relative path under `target` (a URL, or a
+    local folder). The files named in `last` (relative paths) go after all others: a reader that waits for them
+    (dataset_info.json, dataset.json) never sees a half-copied folder."""
+    root = os.fspath(local)
+    files = sorted(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+                   for folder, _, names in os.walk(root) for name in names)
+    final = [name for name in last if name in files]
+    destination = epath.Path(os.fspath(target))
+    for name in [name for name in files if name not in final] + final:
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(root, name), "rb") as source, (destination / name).open("wb") as copy:
+            shutil.copyfileobj(source, copy, 16 << 20)
+
+
 def _filesystem(url: str):
     import fsspec
 
@@ -142,7 +177,7 @@ def local_output(path: PathLike) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="jclip-upload-") as folder:
         local = os.path.join(folder, "output")
         yield local
-        fs.put(local + "/", remote.rstrip("/"), recursive=True)
+        upload_folder(local, text)
 
 
 def as_written(local: PathLike, staged: str, destination: PathLike) -> str:

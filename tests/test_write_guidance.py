@@ -4,6 +4,7 @@ guidance folder SoftCLIP's guidance='batch' trains with."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,21 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, scenes_data_dir):
     result = run_module("jclip.write_guidance", "--config=configs/softclip.py", f"--checkpoint={tmp_path / 'none'}",
                         f"--output={tmp_path / 'out'}", *micro_run_flags(scenes_data_dir))
     assert result.returncode == 2 and "jclip.write_guidance:" in result.stderr
+
+
+def test_the_command_writes_into_a_bucket(gcs, guide_run, guidance_dir, scenes_data_dir, tmp_path):
+    """--output=gs://…: the same files as the local folder, in the bucket (and no local folder named gs:)."""
+    from etils import epath
+
+    from gcs_emulator import BUCKET
+
+    output = f"gs://{BUCKET}/guidance"
+    result = subprocess.run([sys.executable, "-m", "jclip.write_guidance", f"--config={REPO_ROOT}/configs/softclip.py",
+                             f"--checkpoint={guide_run}", f"--output={output}", "--batch_size=32",
+                             *micro_run_flags(scenes_data_dir)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"guidance features written to {output}" in result.stdout
+    for name in ("keys.npy", "image.npy", "text.npy"):
+        assert epath.Path(output, name).read_bytes() == (guidance_dir / name).read_bytes(), name
+    assert not (tmp_path / "gs:").exists()

@@ -14,7 +14,7 @@ A pools folder holds:
     <kind>_utf8.npy    [B_k]   uint8   the candidate texts of that kind, UTF-8 bytes end to end
     <kind>_bounds.npy  [T_k+1] int64   candidate t is <kind>_utf8[bounds[t]:bounds[t+1]]
 
-Texts are packed as UTF-8 with bounds and memory-mapped (`jclip.data.packed_texts`, shared with joined
+Texts are packed as UTF-8 with bounds and memory-mapped when local (`jclip.data.packed_texts`, shared with joined
 recaptions); a caption is found by binary search over the sorted captions, decoding about log2(M) of them.
 """
 
@@ -23,11 +23,12 @@ from __future__ import annotations
 import collections
 import datetime
 import json
-import pathlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from etils import epath
 
 from jclip.data.packed_texts import META_FILE, PackedTexts, StoredFolder, pack_texts, sorted_row, write_folder
 
@@ -71,15 +72,15 @@ def problem_counts(results: Sequence[CaptionNegativesLike], kinds: Sequence[str]
 
 
 def write_pools(
-    directory: str | pathlib.Path, results: Sequence[CaptionNegativesLike], *, backend: str, seed: int,
+    directory: str | os.PathLike, results: Sequence[CaptionNegativesLike], *, backend: str, seed: int,
     source: Any = None, kinds: Sequence[str] | None = None, extra_meta: Mapping[str, Any] | None = None,
-) -> pathlib.Path:
-    """Writes a pools folder (see the module) from one generator result per caption.
+) -> epath.Path:
+    """Writes a pools folder (see the module), local or a URL (gs://), from one generator result per caption.
 
     `kinds` defaults to every kind the results name, in the order first seen. Captions must be unique;
     `source` (e.g. the config's data sources) and `extra_meta` are recorded in meta.json as given.
     """
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     if kinds is None:
         kinds = list(dict.fromkeys(kind for result in results for kind in result.pools))
     kinds = [str(kind) for kind in kinds]
@@ -121,10 +122,10 @@ def write_pools(
 
 
 class NegativePools:
-    """A pools folder opened for look-up by caption text (arrays memory-mapped; pickles as its path)."""
+    """A pools folder opened for look-up by caption text (local arrays memory-mapped; pickles as its path)."""
 
-    def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory)
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = epath.Path(directory)
         self._folder = StoredFolder(self.directory, "negative pools", MAKE_COMMAND)
         meta_path = self._folder.meta_path()
         try:

@@ -4,8 +4,9 @@ Hard-negative pools (`jclip.data.negative_pools`, keyed by caption) and joined r
 (`jclip.data.recaptions`, keyed by example key) are folders of 1-D `.npy` arrays plus a `meta.json`
 written last. Texts are packed as UTF-8 bytes end to end with [n+1] int64 bounds rather than as fixed-width
 unicode arrays, which pad every entry to the longest at 4 bytes a character (for COCO's 500K captions with
-48 negatives each, about 20 GB instead of 1.3 GB). The arrays are memory-mapped, so Grain worker processes
-share the pages; a text is found by binary search over sorted texts, decoding about log2(n) of them.
+48 negatives each, about 20 GB instead of 1.3 GB). Local arrays are memory-mapped, so Grain worker processes
+share the pages (a folder in a bucket, gs://, is read whole by each process that opens it); a text is found by
+binary search over sorted texts, decoding about log2(n) of them.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-import pathlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import numpy as np
+from etils import epath
+
+from jclip.paths import load_array, save_array
 
 META_FILE = "meta.json"
 
@@ -79,14 +83,14 @@ def sorted_row(texts: PackedTexts, text: str) -> int | None:
     return row if row < len(view) and view[row] == encoded else None
 
 
-def write_folder(directory: str | pathlib.Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> pathlib.Path:
+def write_folder(directory: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> epath.Path:
     """Writes `<name>.npy` per array and then meta.json, which is removed first: a folder left half-rewritten
-    does not open."""
-    directory = pathlib.Path(directory)
+    does not open. `directory` is local or a URL (gs://)."""
+    directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)
     for name, array in arrays.items():
-        np.save(directory / f"{name}.npy", array)
+        save_array(directory / f"{name}.npy", array)
     (directory / META_FILE).write_text(json.dumps(dict(meta), indent=2, default=str) + "\n")
     return directory
 
@@ -95,11 +99,11 @@ def write_folder(directory: str | pathlib.Path, arrays: Mapping[str, np.ndarray]
 class StoredFolder:
     """Opens the arrays of a folder of `what` (e.g. "negative pools"), with errors naming `make_command`."""
 
-    directory: pathlib.Path
+    directory: epath.Path
     what: str
     make_command: str
 
-    def meta_path(self) -> pathlib.Path:
+    def meta_path(self) -> epath.Path:
         """meta.json's path; FileNotFoundError (with the command that makes the folder) if it or the folder is absent."""
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.what}: no folder {self.directory}; make it with {self.make_command}")
@@ -110,13 +114,13 @@ class StoredFolder:
         return path
 
     def array(self, name: str) -> np.ndarray:
-        """`<name>.npy` memory-mapped: 1-D uint8 for `*_utf8`, else 1-D int64."""
+        """`<name>.npy` (memory-mapped if local): 1-D uint8 for `*_utf8`, else 1-D int64."""
         path = self.directory / f"{name}.npy"
         if not path.is_file():
             raise FileNotFoundError(f"{self.what}: no {path.name} in {self.directory}; remake the folder with "
                                     f"{self.make_command}")
         try:
-            array = np.load(path, mmap_mode="r")
+            array = load_array(path, mmap=True)
         except (ValueError, OSError) as error:
             self.corrupt(path.name, f"{type(error).__name__}: {error}")
         expected = np.uint8 if name.endswith("_utf8") else np.int64

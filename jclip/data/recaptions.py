@@ -6,7 +6,7 @@ image. `python -m jclip.join_captions` takes such captions from any captioner as
 writes this folder; the `joined_captions` op (`jclip.data.ops.recaptions`) then looks each example's `key`
 up and writes its recaption into a caption field, for `caption_rule` to choose from.
 
-A recaptions folder holds (texts packed as in `jclip.data.packed_texts`, memory-mapped):
+A recaptions folder holds (texts packed as in `jclip.data.packed_texts`, memory-mapped when local):
 
     meta.json                  format, field, counts, the join's report, captions file, source, jclip version, date
     keys_utf8.npy     [B]      uint8   the example keys, sorted and unique, UTF-8 bytes end to end
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import pathlib
+import os
 from collections.abc import Mapping
 from typing import Any
+
+from etils import epath
 
 from jclip.data.packed_texts import PackedTexts, StoredFolder, pack_texts, sorted_row, write_folder
 
@@ -32,13 +34,14 @@ MAKE_COMMAND = ("python -m jclip.join_captions --config=<the training config> --
 DEFAULT_FIELD = "dense_caption"
 
 
-def write_recaptions(directory: str | pathlib.Path, captions: Mapping[str, str], *, field: str = DEFAULT_FIELD,
-                     source: Any = None, extra_meta: Mapping[str, Any] | None = None) -> pathlib.Path:
-    """Writes a recaptions folder (see the module) from key -> caption; keys and captions must be non-empty str.
+def write_recaptions(directory: str | os.PathLike, captions: Mapping[str, str], *, field: str = DEFAULT_FIELD,
+                     source: Any = None, extra_meta: Mapping[str, Any] | None = None) -> epath.Path:
+    """Writes a recaptions folder (see the module), local or a URL (gs://), from key -> caption; keys and captions
+    must be non-empty str.
 
     `field` (the caption field the op writes by default) and `source` are recorded in meta.json with `extra_meta`.
     """
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     for key, caption in captions.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"recaptions {directory}: a key must be a non-empty str, got {key!r}")
@@ -61,10 +64,10 @@ def write_recaptions(directory: str | pathlib.Path, captions: Mapping[str, str],
 
 
 class Recaptions:
-    """A recaptions folder opened for look-up by example key (arrays memory-mapped; pickles as its path)."""
+    """A recaptions folder opened for look-up by example key (local arrays memory-mapped; pickles as its path)."""
 
-    def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory)
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = epath.Path(directory)
         folder = StoredFolder(self.directory, "recaptions", MAKE_COMMAND)
         meta_path = folder.meta_path()
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import html
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +17,8 @@ from typing import Any
 import ftfy
 import instant_clip_tokenizer
 import numpy as np
+
+from jclip.paths import is_file, is_url
 
 VOCAB_SIZE = 49408
 START_OF_TEXT = 49406
@@ -107,7 +108,12 @@ class SentencePieceTokenizer(_FixedLengthTokenizer):
 
         if context_length < 1:
             raise ValueError(f"context_length must be at least 1 (the end token), got {context_length}")
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        if is_url(model_path):  # SentencePiece reads local files only: give it the model's bytes
+            from etils import epath
+
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=epath.Path(model_path).read_bytes())
+        else:
+            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         self.context_length = context_length
         self.lower = lower
         self.end_of_text = self.processor.get_piece_size()
@@ -192,13 +198,21 @@ def _pretrained_tokenizer(kind: str, argument: str, context_length: int) -> Pret
     if unknown:
         raise ValueError(f"unknown tokenizer options {unknown} in {kind}:{argument}; known: append_eos")
     append_eos = int(options["append_eos"]) if "append_eos" in options else None
-    if not os.path.isfile(path):
+    if not is_file(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist (model.text.tokenizer {kind}:{argument})")
+    if kind == "gguf" and is_url(path):
+        raise ValueError(f"model.text.tokenizer {kind}:{argument}: a GGUF tokenizer is read from a local file only; "
+                         f"copy it to local disk (gcloud storage cp {path} .)")
     if kind == "hf":
         import tokenizers
 
         try:
-            loaded = tokenizers.Tokenizer.from_file(path)
+            if is_url(path):
+                from etils import epath
+
+                loaded = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())
+            else:
+                loaded = tokenizers.Tokenizer.from_file(path)
         except Exception as error:  # the library raises a bare Exception for a malformed file
             raise ValueError(f"tokenizer file {path} could not be read as a tokenizer.json: {error}") from None
     else:

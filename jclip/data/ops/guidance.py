@@ -10,22 +10,25 @@ teacher every step. A guidance folder holds NumPy files:
 
 The op `guidance(dir=DIR)` gives each training example its key's rows as `guidance_image_features` /
 `guidance_text_features`; the loss normalises them. `data.guidance_features=DIR` is a shorthand that appends
-that op to `data.preprocess`. The arrays are memory-mapped, so a large dataset's features are not copied into
-every process. A training example whose key is not in the file stops the run with the key named: guidance
-is never silently missing for part of a batch. `python -m jclip.write_guidance` writes the folder with a
-finished jclip run's embeddings; `write_guidance_features` writes it from any arrays.
+that op to `data.preprocess`. Local arrays are memory-mapped, so a large dataset's features are not copied into
+every process; a folder in a bucket (gs://) is read whole by each process that opens it. A training example
+whose key is not in the file stops the run with the key named: guidance is never silently missing for part of a
+batch. `python -m jclip.write_guidance` writes the folder with a finished jclip run's embeddings;
+`write_guidance_features` writes it from any arrays.
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from jclip.data.ops.registry import Op, OpContext, register_op
 from jclip.data.robust import example_key
+from jclip.paths import load_array, save_array
 
 #: modality -> the batch key the loss terms read (jclip.losses.soft.BATCH_GUIDANCE_KEYS).
 BATCH_KEYS = {"image": "guidance_image_features", "text": "guidance_text_features"}
@@ -40,18 +43,18 @@ class MissingGuidanceError(KeyError):
 
 
 def write_guidance_features(
-    directory: str | pathlib.Path, keys: Sequence[str], *, image: np.ndarray | None = None,
+    directory: str | os.PathLike, keys: Sequence[str], *, image: np.ndarray | None = None,
     text: np.ndarray | None = None,
-) -> pathlib.Path:
-    """Writes a guidance folder (see the module); rows of `image`/`text` follow `keys`."""
-    directory = pathlib.Path(directory)
+) -> epath.Path:
+    """Writes a guidance folder (see the module), local or a URL (gs://); rows of `image`/`text` follow `keys`."""
+    directory = epath.Path(directory)
     keys = np.asarray([str(key) for key in keys])
     arrays = {name: np.asarray(value) for name, value in (("image", image), ("text", text)) if value is not None}
     _check_arrays(keys, arrays, str(directory))
     directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / KEYS_FILE, keys)
+    save_array(directory / KEYS_FILE, keys)
     for name, value in arrays.items():
-        np.save(directory / f"{name}.npy", value)
+        save_array(directory / f"{name}.npy", value)
     return directory
 
 
@@ -73,15 +76,15 @@ def _check_arrays(keys: np.ndarray, arrays: Mapping[str, np.ndarray], where: str
 
 
 class GuidanceFeatures:
-    """A guidance folder opened for look-up by example key (arrays memory-mapped)."""
+    """A guidance folder opened for look-up by example key (local arrays memory-mapped; a URL's read whole)."""
 
-    def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory)
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = epath.Path(directory)
         if not (self.directory / KEYS_FILE).is_file():
             raise FileNotFoundError(f"data.guidance_features: no {KEYS_FILE} in {self.directory}")
-        keys = np.load(self.directory / KEYS_FILE)
+        keys = load_array(self.directory / KEYS_FILE)
         self.arrays = {
-            name: np.load(self.directory / f"{name}.npy", mmap_mode="r")
+            name: load_array(self.directory / f"{name}.npy", mmap=True)
             for name in BATCH_KEYS
             if (self.directory / f"{name}.npy").is_file()
         }

@@ -9,7 +9,9 @@ in order) is the i-th sample of the input in listed order: the output is determi
 the worker count. Samples lacking an image or a caption are counted and left out unless `--keep_incomplete`;
 truncated shards contribute the samples before the damage and are listed. `dataset.json` (written last, so a
 directory without it is an unfinished conversion) records the count, the files and the source shards.
-Read the result with `jclip.data.sources.webdataset.ArrayRecordSource(output)`.
+Read the result with `jclip.data.sources.webdataset.ArrayRecordSource(output)`. Shards may be read from a bucket
+(gs://); an `--output` in a bucket is written in a local temporary folder (ArrayRecord's writer writes local
+files only), then copied up, `dataset.json` last.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ import logging
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
+from etils import epath
+
 from jclip.data.sources import webdataset
+from jclip.paths import is_url, upload_folder
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,10 @@ def convert(
         log.warning("%d output files asked for %d shards: writing %d", num_output_shards, len(present), len(present))
         num_output_shards = len(present)
     info_path = os.path.join(output, webdataset.DATASET_INFO_FILE)
+    if is_url(output):
+        return _convert_to_url(present, missing, output, num_output_shards=num_output_shards, num_workers=num_workers,
+                               keep_incomplete=keep_incomplete, writer_options=writer_options, log_every=log_every,
+                               overwrite=overwrite)
     if os.path.exists(info_path) and not overwrite:
         raise FileExistsError(f"{info_path} exists: {output} already holds a converted dataset (use --overwrite)")
     os.makedirs(output, exist_ok=True)
@@ -161,6 +171,24 @@ def convert(
     return info
 
 
+def _convert_to_url(present: list[str], missing: list[str], output: str, *, overwrite: bool, **options) -> dict:
+    """`convert` to a URL: into a local temporary folder, then copied up with dataset.json last (removed first when
+    overwriting, so that a reader never opens a half-replaced dataset)."""
+    info_path = epath.Path(output) / webdataset.DATASET_INFO_FILE
+    if info_path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{info_path} exists: {output} already holds a converted dataset (use --overwrite)")
+        info_path.unlink()
+    with tempfile.TemporaryDirectory(prefix="jclip-convert-") as local:
+        info = convert(present, local, allow_missing=True, **options)
+        info["missing_shards"] = missing
+        with open(os.path.join(local, webdataset.DATASET_INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        log.info("copying %d files to %s", len(info["files"]), output)
+        upload_folder(local, output, last=[webdataset.DATASET_INFO_FILE])
+    return info
+
+
 def summary_text(info: dict) -> str:
     """A few lines saying what the conversion read, wrote and left out."""
     lines = [
@@ -178,7 +206,7 @@ def summary_text(info: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jclip.data.sources.convert_webdataset", description=__doc__.split("\n")[0])
     parser.add_argument("--shards", required=True, help="shard spec: 'dir/{00000..00099}.tar', glob, or @list.txt")
-    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--output", required=True, help="output directory (local, or gs://bucket/folder)")
     parser.add_argument("--num_output_shards", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=1, help="processes, one output file each at a time")
     parser.add_argument("--allow_missing", action="store_true", help="skip missing shards (with a warning)")

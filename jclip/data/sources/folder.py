@@ -31,12 +31,15 @@ import csv
 import io
 import json
 import operator
+import pathlib
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
+
+from jclip.paths import is_url
 
 #: Files `folder_from_class_dirs` takes as images (lower-cased suffixes).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -138,14 +141,18 @@ def folder_from_class_dirs(root: str, *, extensions: Sequence[str] = IMAGE_EXTEN
     root_path = epath.Path(root)
     if not root_path.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    class_names = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    suffixes = tuple(e.lower() for e in extensions)
+    if is_url(root):
+        class_names, files_by_class = _listed_in_bucket(root, suffixes)
+    else:
+        class_names = sorted(p.name for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files_by_class = {name: _image_files(root_path / name, suffixes) for name in class_names}
     if not class_names:
         raise ValueError(f"image folder {root} has no class folders (expected {root}/<class>/<image>)")
-    suffixes = tuple(e.lower() for e in extensions)
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
-        files = _image_files(root_path / name, suffixes)
+        files = files_by_class[name]
         paths += [f"{name}/{f}" for f in files]
         labels += [label] * len(files)
     if not paths:
@@ -164,6 +171,31 @@ def _image_files(folder: epath.Path, suffixes: tuple[str, ...]) -> list[str]:
         elif entry.suffix.lower() in suffixes:
             found.append(entry.name)
     return found
+
+
+def _listed_in_bucket(root: str, suffixes: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    """(class names, class -> its image files) under a URL, from one recursive listing rather than a request per
+    folder and file (ImageNet has 1.3M files). The same as the local walk: hidden names skipped at any depth,
+    each folder's entries in name order (a sort by path components)."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    entries = fs.find(base, withdirs=True, detail=True)
+    class_names: set[str] = set()
+    files: dict[str, list[list[str]]] = {}
+    for path, info in entries.items():
+        parts = path[len(base):].strip("/").split("/")
+        if not parts[0] or any(part.startswith(".") for part in parts):
+            continue
+        if info.get("type") == "directory":
+            if len(parts) == 1:
+                class_names.add(parts[0])
+        elif len(parts) > 1:
+            class_names.add(parts[0])  # a folder that only the objects under it make
+            if pathlib.PurePosixPath(parts[-1]).suffix.lower() in suffixes:
+                files.setdefault(parts[0], []).append(parts[1:])
+    return sorted(class_names), {name: ["/".join(p) for p in sorted(files.get(name, []))] for name in class_names}
 
 
 # ---------------------------------------------------------------------------------------------------------

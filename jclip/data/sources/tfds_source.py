@@ -28,6 +28,8 @@ import fcntl
 import importlib
 import logging
 import operator
+import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +38,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import file_adapters, naming, registered
 from tensorflow_datasets.core.utils import file_utils
+
+from jclip.paths import is_url, upload_folder
 
 #: Builders that make their data without network, by name -> the module whose import registers them.
 #: A builder class can also declare `BUILDS_WITHOUT_NETWORK = True`. Only these may use `download=True`.
@@ -206,6 +210,8 @@ def _build_locally(name: str, base: str, data_dir: str | None,
             f"builders declaring BUILDS_WITHOUT_NETWORK = True); {name!r} is not one.\n"
             + _not_prepared_message(name, base, data_dir, manual_dir)
         )
+    if data_dir is not None and is_url(data_dir):
+        return _build_and_upload(name, data_dir, manual_dir)
     builder = tfds.builder(name, data_dir=data_dir)
     config_dir = epath.Path(builder.data_dir).parent
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +227,22 @@ def _build_locally(name: str, base: str, data_dir: str | None,
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return tfds.builder_from_directory(builder.data_dir)
+
+
+def _build_and_upload(name: str, data_dir: str, manual_dir: str | None) -> tfds.core.DatasetBuilder:
+    """Builds a local builder in a local temporary data dir (ArrayRecord's writer writes local files only), then
+    copies it to the URL `data_dir`, dataset_info.json last, so that a reader never opens a half-copied dataset.
+    Processes that start together each build and copy the same files (no lock spans hosts); the result is one
+    dataset."""
+    with tempfile.TemporaryDirectory(prefix="jclip-tfds-") as local_dir:
+        builder = tfds.builder(name, data_dir=local_dir)
+        logging.info("%s: building in %s to copy to %s (download=True, local builder)", name, local_dir, data_dir)
+        builder.download_and_prepare(file_format=_ARRAY_RECORD,
+                                     download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        version_dir = os.path.relpath(os.fspath(builder.data_dir), local_dir)
+        upload_folder(os.path.join(local_dir, version_dir), epath.Path(data_dir) / version_dir,
+                      last=["dataset_info.json"])
+        return tfds.builder_from_directory(epath.Path(data_dir) / version_dir)
 
 
 def _not_prepared_message(name: str, base: str, data_dir: str | None, manual_dir: str | None) -> str:

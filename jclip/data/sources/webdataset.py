@@ -603,13 +603,19 @@ def decode_example(record: bytes) -> RawExample:
 
 
 class ArrayRecordSource:
-    """Random access (len, [i]) to a converted directory: item i is the i-th raw example, in source order."""
+    """Random access (len, [i]) to a converted directory, local or a URL (gs://, which ArrayRecord's reader reads
+    itself): item i is the i-th raw example, in source order."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
         info_path = os.path.join(self.directory, DATASET_INFO_FILE)
-        with open_file(info_path, "r") as f:
-            self.info = json.load(f)
+        try:
+            with open_file(info_path, "r") as f:
+                self.info = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{info_path} does not exist: {self.directory} is not a converted dataset (or its "
+                                    f"conversion did not finish); make it with python -m "
+                                    f"jclip.data.sources.convert_webdataset") from None
         if self.info.get("format") != DATASET_FORMAT:
             raise ValueError(f"{info_path} is not a {DATASET_FORMAT} dataset (format {self.info.get('format')!r})")
         paths = [os.path.join(self.directory, entry["path"]) for entry in self.info["files"]]
