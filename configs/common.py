@@ -169,8 +169,12 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
 
     config.log_every = 25
     config.checkpoint_every = 200
-    config.keep_checkpoints = 3
+    config.keep_checkpoints = 3  # deleted by jclip only after a newer save has been checked (README, Failure handling)
     config.async_checkpointing = True
+    # A failed checkpoint save (a full disk, a write error, saved files that do not check out): "stop" ends the
+    # run with exit status 4; "continue" warns and trains on, saving again at the next checkpoint step. The last
+    # save of a run (the final step, a preemption) stops with status 4 either way.
+    config.checkpoint_failure = "stop"
 
     config.evals = ml_collections.ConfigDict()
     config.evals.retrieval = ml_collections.ConfigDict(

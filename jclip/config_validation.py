@@ -9,6 +9,7 @@ from jclip import parallel
 from jclip.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+CHECKPOINT_FAILURE_POLICIES = ("stop", "continue")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -24,6 +25,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     _require(int(config.total_steps) > 0, f"total_steps must be positive, got {config.total_steps}")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _require(int(config[name]) > 0, f"{name} must be positive, got {config[name]}")
+    _require(config.get("checkpoint_failure", "stop") in CHECKPOINT_FAILURE_POLICIES,
+             f"checkpoint_failure must be one of {CHECKPOINT_FAILURE_POLICIES}, got {config.get('checkpoint_failure')!r}")
 
     model = config.model
     _require(int(model.embed_dim) > 0, f"model.embed_dim must be positive, got {model.embed_dim}")

@@ -59,6 +59,9 @@ def main(argv: list[str]) -> None:
 
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/TFDS INFO lines would drown the progress line.
+        from jclip.checkpoint import quiet_orbax_errors
+
+        quiet_orbax_errors()  # a failed save is reported in one line, not a traceback per Orbax thread
     from jclip.config_validation import validate_config
     from jclip.errors import ConfigError
 
@@ -83,6 +86,7 @@ def _train(config, workdir: str, outcome: dict) -> None:
 
     from jclip import train
     from jclip.data.robust import TooManyBadExamples
+    from jclip.errors import CheckpointSaveError, NoIntactCheckpoint
 
     try:
         result = train.run(config, workdir)
@@ -95,6 +99,11 @@ def _train(config, workdir: str, outcome: dict) -> None:
         _stop(outcome, 2, f"jclip: invalid config: {error}")
     except TooManyBadExamples as error:
         _stop(outcome, 3, f"jclip: stopped: {error}")
+    except CheckpointSaveError as error:
+        _stop(outcome, 4, f"jclip: stopped: {error}. Free some space (or fix the path) and rerun the same command: "
+                          "it resumes from the last good checkpoint")
+    except NoIntactCheckpoint as error:
+        _stop(outcome, 2, f"jclip: cannot resume: {error}")
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jclip import checkpoint, evals, init_from, parallel, pretrained, restore
-from jclip.errors import ConfigError
+from jclip.errors import CheckpointSaveError, ConfigError
 from jclip.models.clip_model import architecture_differences
 from jclip.build import TrainSetup, TrainState, prepare_data
 from jclip.config_validation import validate_config
@@ -95,19 +96,45 @@ class RunResult:
     metrics: dict[str, float]
 
 
-def check_resumable(workdir: PathLike, model: ml_collections.ConfigDict) -> None:
-    """ConfigError unless the latest checkpoint in `workdir` was saved with `model`'s architecture and layer
-    layout (`scan_layers`): resuming another model would fail deep inside the restore."""
-    _, step, saved = restore.open_run(as_path(workdir) / "checkpoints")
+def check_resumable(checkpointer: checkpoint.Checkpointer, model: ml_collections.ConfigDict) -> None:
+    """ConfigError unless the newest readable checkpoint was saved with `model`'s architecture and layer layout
+    (`scan_layers`): resuming another model would fail deep inside the restore."""
+    newest = checkpointer.newest_config()
+    if newest is None:  # no step's config reads: the restore names each step's damage
+        return
+    step, saved = newest[0], ml_collections.ConfigDict(newest[1])
     differences = architecture_differences(saved.model, model)
     if bool(saved.model.get("scan_layers", False)) != bool(model.get("scan_layers", False)):
         differences.append(f"scan_layers: {saved.model.get('scan_layers', False)!r} vs {model.get('scan_layers', False)!r}")
     if differences:
         raise ConfigError(
-            f"the checkpoint of step {step} in {workdir} holds another model than config.model (saved vs config): "
+            f"the checkpoint of step {step} in {checkpointer.directory} holds another model than config.model (saved vs config): "
             + "; ".join(differences) + ". Resume with the model it was started with, or start a new workdir "
             "(init_from takes the weights of another run, across scan_layers too)"
         )
+
+
+class SavePolicy:
+    """What a failed checkpoint save does (config.checkpoint_failure): "stop" raises it (exit status 4);
+    "continue" prints it as a warning and training goes on, to try again at the next save. The last save of a
+    run (the final step, a preemption) always raises: nothing later would retry it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, is_main: bool):
+        self.policy = str(config.get("checkpoint_failure", "stop"))
+        self.is_main = is_main
+
+    def __call__(self, action, *, last: bool = False) -> bool:
+        """Runs `action` (a save or a wait); True if it raised no CheckpointSaveError."""
+        try:
+            action()
+            return True
+        except CheckpointSaveError as error:
+            if self.policy == "stop" or last:
+                raise
+            if self.is_main:
+                print(f"jclip: warning: {error}; training goes on (checkpoint_failure=\"continue\") and saves again "
+                      "at the next checkpoint step", file=sys.stderr, flush=True)
+            return False
 
 
 def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
@@ -119,23 +146,42 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
     if is_main:
         check_writable(workdir)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+        removed = checkpoint.remove_unfinished(workdir / "checkpoints")
+        if removed:
+            print(f"jclip: removed {len(removed)} unfinished checkpoint save(s) left in {workdir / 'checkpoints'} by an "
+                  f"interrupted run: {', '.join(removed)}", file=sys.stderr, flush=True)
 
+    checkpointer = checkpoint.Checkpointer(
+        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
+    )
+    try:
+        return _run(config, workdir, mesh, checkpointer, is_main)
+    finally:
+        checkpointer.close()  # stops Orbax's writer threads on every way out (an error, Ctrl-C)
+
+
+def _run(config, workdir, mesh, checkpointer: checkpoint.Checkpointer, is_main: bool) -> RunResult:
     # Pretrained tower weights for a fresh start, read first so that a bad file stops the run at once.
-    fresh = not checkpoint.has_checkpoints(workdir / "checkpoints")
+    fresh = not checkpointer.all_steps()
     if not fresh:
-        check_resumable(workdir, config.model)
+        check_resumable(checkpointer, config.model)
     weights = pretrained.load_pretrained(config.model) if fresh else {}
     data = ConfiguredData(config.data, config.model)
     prepare_data(data, config)
     train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))
+    try:
+        return _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, weights)
+    finally:
+        if hasattr(train_iterator, "close"):  # stops Grain worker processes and frees their shared memory
+            train_iterator.close()
+
+
+def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, weights) -> RunResult:
     skip_counter = robust.SkipCounter(min_examples=int(config.data.skip_check_after))
     setup = TrainSetup.create(config, mesh)
     teacher = load_teacher(config, mesh)
-    checkpointer = checkpoint.Checkpointer(
-        workdir / "checkpoints", keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing)
-    )
-    latest = checkpointer.latest_step()
-    if latest is None:
+    restored = checkpointer.restore_newest(setup.abstract_state(), train_iterator)
+    if restored is None:
         state = setup.init_state()
         if weights:
             params, report = pretrained.place_pretrained(weights, state["params"])
@@ -149,8 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
                 print(f"initialised the parameters from {config.init_from}"
                       + (f"; kept at initialisation: {', '.join(kept)}" if kept else ""), flush=True)
     else:
-        state = checkpointer.restore(latest, setup.abstract_state(), train_iterator)
-        counters = checkpointer.restore_counters(latest)
+        latest, state, counters = restored
         if counters is not None:
             skip_counter = robust.SkipCounter.from_state(counters, min_examples=int(config.data.skip_check_after))
         if is_main:
@@ -170,6 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
             flush=True,
         )
 
+    save_policy = SavePolicy(config, is_main)
     train_step = None
     final_metrics: dict[str, float] = {}
     step = start_step
@@ -196,20 +242,20 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
                 writer.write(step, metrics)
                 global_skips.check(float(config.data.max_skip_rate))
             if step % int(config.checkpoint_every) == 0 or step == total_steps or preempted:
-                checkpointer.save(
-                    step, state, train_iterator, config, counters=_gather_counters(skip_counter), force=preempted
-                )
+                last = step == total_steps or preempted
+                save_policy(checkpointer.finish)  # the previous save: checked, then old steps deleted
+                counters = _gather_counters(skip_counter)
+                save_policy(lambda: checkpointer.save(step, state, train_iterator, config, counters=counters,
+                                                      force=preempted), last=last)
                 writer.sync()
             if preempted:
                 break
             final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
     if start_step >= total_steps and is_main:
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
-    checkpointer.close()  # waits for the last save
+    save_policy(checkpointer.finish, last=True)  # waits for the last save and checks it
     if preempted and is_main:
         print(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; rerun the same command to resume",
               flush=True)
     writer.close()
-    if hasattr(train_iterator, "close"):  # stops Grain worker processes and frees their shared memory
-        train_iterator.close()
     return RunResult(step=step, preempted=preempted, metrics=final_metrics)
