@@ -1,12 +1,15 @@
-"""Checkpoints: a state saved on one mesh restores, value for value, onto a differently shaped mesh."""
+"""Checkpoints: a state saved on one mesh restores, value for value, onto a differently shaped mesh; every save is
+checked before old steps are deleted; restore falls back past damaged steps and moves them aside."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from jclip import checkpoint, parallel
 from jclip.build import TrainSetup
+from jclip.errors import NoIntactCheckpoint
 from jclip_testing import micro_config
 
 
@@ -58,3 +61,84 @@ def test_has_checkpoints_counts_finished_steps_only(tmp_path):
     assert not has_checkpoints(tmp_path)
     (tmp_path / "200").mkdir()
     assert has_checkpoints(tmp_path)
+
+
+def _saved_steps(directory, steps, keep=5):
+    config = micro_config()
+    state = TrainSetup.create(config, parallel.make_mesh({"data": 8})).init_state()
+    manager = checkpoint.Checkpointer(directory, keep=keep)
+    for step in steps:
+        manager.save(step, state, None, config)
+    manager.close()  # closes without checking the last save (finish checks it)
+    return config, state
+
+
+def _truncate_largest(step_dir):
+    """Truncates the largest array data file of a step (OCDBT's `d/` files)."""
+    largest = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as file:
+        file.truncate(100)
+    return largest
+
+
+def test_each_save_is_checked_and_gets_a_manifest(tmp_path):
+    config = micro_config()
+    state = TrainSetup.create(config, parallel.make_mesh({"data": 8})).init_state()
+    manager = checkpoint.Checkpointer(tmp_path, keep=1)
+    manager.save(1, state, None, config)
+    manager.save(2, state, None, config)  # checks 1 first, deletes nothing yet: 2 is not checked
+    assert manager.all_steps() == [1, 2]
+    manager.finish()  # checks 2, then keeps 1 step
+    assert manager.all_steps() == [2]
+    assert (tmp_path / "2" / checkpoint.MANIFEST).is_file()
+    manager.close()
+    assert checkpoint.check_manifest(tmp_path / "2") is None
+    metadata = tmp_path / "2" / "state" / "_METADATA"
+    text = metadata.read_text()
+    metadata.write_text(text.replace("opt_state", "opt_stat_", 1))  # the same size, other bytes
+    assert checkpoint.check_manifest(tmp_path / "2") == "state/_METADATA changed since it was saved (its SHA-256 differs)"
+    metadata.write_text(text[:100])
+    assert checkpoint.check_manifest(tmp_path / "2") == f"state/_METADATA has 100 bytes, {len(text)} when it was saved"
+
+
+def test_restore_falls_back_to_the_newest_intact_step_and_moves_the_damaged_aside(tmp_path, capsys):
+    config, state = _saved_steps(tmp_path, (1, 2))
+    (tmp_path / "2" / checkpoint.MANIFEST).unlink(missing_ok=True)  # no manifest: Orbax's own read fails
+    _truncate_largest(tmp_path / "2")
+    setup = TrainSetup.create(config, parallel.make_mesh({"data": 8}))
+    manager = checkpoint.Checkpointer(tmp_path, keep=5)
+    step, restored, counters = manager.restore_newest(setup.abstract_state(), None)
+    assert step == 1 and counters is None
+    for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(state))):
+        np.testing.assert_array_equal(got, want)
+    assert manager.all_steps() == [1]
+    manager.close()
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("2.damaged-")]
+    assert (aside / "state").is_dir()  # moved, not deleted
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "the checkpoint of step 2" in warning and "resuming from step 1" in warning
+    assert "OUT_OF_RANGE" in warning  # Orbax's reason, in one line
+
+
+def test_no_intact_step_lists_each_and_moves_nothing(tmp_path):
+    config, _ = _saved_steps(tmp_path, (1, 2))
+    (tmp_path / "2" / "_CHECKPOINT_METADATA").write_text("{")
+    (tmp_path / "1" / "config" / "metadata").unlink()
+    setup = TrainSetup.create(config, parallel.make_mesh({"data": 8}))
+    manager = checkpoint.Checkpointer(tmp_path, keep=5)
+    with pytest.raises(NoIntactCheckpoint) as raised:
+        manager.restore_newest(setup.abstract_state(), None)
+    manager.close()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "step 2: _CHECKPOINT_METADATA" in message and "step 1: config/metadata is missing" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def test_remove_unfinished(tmp_path):
+    (tmp_path / "4.orbax-checkpoint-tmp").mkdir()
+    (tmp_path / "4.orbax-checkpoint-tmp" / "x").write_text("partial")
+    (tmp_path / "2").mkdir()
+    assert checkpoint.remove_unfinished(tmp_path) == ["4.orbax-checkpoint-tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]
+    assert checkpoint.remove_unfinished(tmp_path / "absent") == []
