@@ -204,10 +204,18 @@ def _size(n: int) -> str:
 
 
 class _QuietOrbaxErrors(logging.Filter):
-    """Drops Orbax's ERROR log records (a traceback per failing thread): jclip reports each failure in one line."""
+    """Drops Orbax's ERROR log records (a traceback per failing thread), and asyncio's "exception was never
+    retrieved" for the writes of a failed save that Orbax left ungathered: jclip reports the failure in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname.replace(os.sep, "/"))
+        if record.levelno < logging.ERROR:
+            return True
+        if "/orbax/" in record.pathname.replace(os.sep, "/"):
+            return False
+        if record.name == "asyncio":
+            message = record.getMessage()
+            return not ("never retrieved" in message and (UNFINISHED in message or "OCDBT" in message))
+        return True
 
 
 def _closed_loop_callback(kind, value, traceback) -> bool:
@@ -221,9 +229,9 @@ def quiet_orbax_errors() -> None:
     """Keeps Orbax's own error logs (tracebacks from its writer threads) off stderr, and the late TensorStore
     callbacks of a failed save, which find Orbax's event loop closed (one "Event loop is closed" traceback per
     pending write, through `sys.unraisablehook`). `jclip.main` calls it unless `--verbosity` is given."""
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
-        logger.addFilter(_QuietOrbaxErrors())
+    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
+            logger.addFilter(_QuietOrbaxErrors())
     if not getattr(sys.unraisablehook, "jclip_quiet", False):
         previous = sys.unraisablehook
 
