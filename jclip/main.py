@@ -2,7 +2,10 @@
 
 Parses the config (unknown keys and invalid values stop here, before any compilation), starts
 `jax.distributed` when running as several processes, and hands over to `jclip.train.run`. Rerunning the
-same command resumes from the latest checkpoint in the workdir.
+same command resumes from the newest intact checkpoint in the workdir.
+
+Exit status (README, Failure handling): 0 finished or preempted; 1 an unexpected failure or a dead peer; 2 a config
+error or no checkpoint that can be restored; 3 too many bad examples; 4 a checkpoint save failed.
 
 `--compile_only` (no workdir needed) compiles the train step for the config's mesh on abstract inputs and
 prints its memory and FLOPs report (jclip.compile_only), then exits 0; with `--fake_devices=N` it runs on N

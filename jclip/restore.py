@@ -9,6 +9,7 @@ rules the step uses). A params export (`jclip.checkpoint.save_params`) carries i
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -61,14 +62,56 @@ def with_layout(saved: ml_collections.ConfigDict, config: Any, keys: tuple[str, 
 def restore_run(path: str, step: int | None, config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainSetup, Params, ml_collections.ConfigDict]:
     """A finished run's model rebuilt from its saved config and its parameters restored onto `mesh` (laid
     out by `config`'s mesh and sharding rules): (set-up, params, the saved config). ConfigError when the
-    path holds no such checkpoint."""
+    path holds no such checkpoint. Without `step`, a damaged newest step is named on stderr and the newest
+    intact one is read instead (nothing is moved: the run may belong to someone else, or be read-only)."""
     try:
-        directory, step, saved = open_run(path, step)
+        step = checkpoint.resolve_checkpoint(path, step)[1]  # a step folder names its step
+        directory, chosen, saved = open_run(path, step) if step is not None else _newest_readable(path)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(str(error)) from error
-    saved = with_layout(saved, config)
-    setup = TrainSetup.create(saved, mesh)
-    return setup, restore_params(directory, step, setup), saved
+    if step is not None:
+        candidates = [(chosen, saved)]
+    else:
+        checkpointer = checkpoint.Checkpointer(directory, keep=1_000_000, async_save=False)
+        try:
+            candidates = [(s, None) for s in sorted(checkpointer.all_steps(), reverse=True) if s <= chosen]
+        finally:
+            checkpointer.close()
+    tried = []
+    for candidate, candidate_config in candidates:
+        try:
+            if candidate_config is None:
+                _, _, candidate_config = open_run(directory, candidate)
+            merged = with_layout(candidate_config, config)
+            setup = TrainSetup.create(merged, mesh)
+            problem = checkpoint.inspect(directory / str(candidate), (checkpoint.STATE, checkpoint.CONFIG), 1)
+            if problem is not None:
+                raise ValueError(problem)
+            params = restore_params(directory, candidate, setup)
+        except ConfigError:
+            raise
+        except Exception as error:  # a damaged step: any read error
+            tried.append(f"step {candidate}: {checkpoint.one_line(error)}")
+            continue
+        if tried:
+            print(f"jclip: warning: {directory}: {'; '.join(tried)}; read step {candidate}, the newest intact one",
+                  file=sys.stderr, flush=True)
+        return setup, params, merged
+    raise ConfigError(f"no checkpoint in {directory} can be read: {'; '.join(tried)}")
+
+
+def _newest_readable(path: str) -> tuple[pathlib.Path, int, ml_collections.ConfigDict]:
+    """open_run's result for the newest step whose config reads (a damaged newer one is skipped)."""
+    directory, _ = checkpoint.resolve_checkpoint(path, None)
+    checkpointer = checkpoint.Checkpointer(directory, keep=1_000_000, async_save=False)
+    try:
+        newest = checkpointer.newest_config()
+        steps = checkpointer.all_steps()
+    finally:
+        checkpointer.close()
+    if newest is None:
+        raise FileNotFoundError(f"no readable checkpoint in {directory}; steps there: {steps}")
+    return directory, newest[0], ml_collections.ConfigDict(newest[1])
 
 
 def restore_export(path: str, setup: TrainSetup) -> tuple[dict[str, Any], Params]:

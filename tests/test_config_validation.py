@@ -80,3 +80,12 @@ def test_scanned_layers_need_a_rule_for_the_layers_axis_and_scannable_towers():
     config.model.text = pretrained_text_tower("minilm-l6")
     with pytest.raises(ConfigError, match="model.text.kind 'bert' has no scanned layout"):
         validate_config(config)
+
+
+def test_checkpoint_failure_takes_stop_or_continue():
+    config = clip.get_config()
+    config.checkpoint_failure = "continue"
+    validate_config(config)
+    config.checkpoint_failure = "retry"
+    with pytest.raises(ConfigError, match=r"checkpoint_failure must be one of \('stop', 'continue'\), got 'retry'"):
+        validate_config(config)
