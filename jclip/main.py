@@ -4,6 +4,9 @@ Parses the config (unknown keys and invalid values stop here, before any compila
 `jax.distributed` when running as several processes, and hands over to `jclip.train.run`. Rerunning the
 same command resumes from the latest checkpoint in the workdir.
 
+Exit status: 0 finished (or preempted and saved), 1 failure, 2 invalid config, 3 too many bad examples,
+5 stopped on a non-finite loss or gradient (jclip.nonfinite).
+
 `--compile_only` (no workdir needed) compiles the train step for the config's mesh on abstract inputs and
 prints its memory and FLOPs report (jclip.compile_only), then exits 0; with `--fake_devices=N` it runs on N
 CPU devices, e.g. to size a pod's run on a laptop.
@@ -83,6 +86,8 @@ def _train(config, workdir: str, outcome: dict) -> None:
 
     from jclip import train
     from jclip.data.robust import TooManyBadExamples
+    from jclip.nonfinite import EXIT_CODE as NONFINITE_EXIT_CODE
+    from jclip.nonfinite import NonfiniteHalt
 
     try:
         result = train.run(config, workdir)
@@ -95,6 +100,9 @@ def _train(config, workdir: str, outcome: dict) -> None:
         _stop(outcome, 2, f"jclip: invalid config: {error}")
     except TooManyBadExamples as error:
         _stop(outcome, 3, f"jclip: stopped: {error}")
+    except NonfiniteHalt as error:
+        outcome["step"] = error.step
+        _stop(outcome, NONFINITE_EXIT_CODE, f"jclip: stopped: {error}")
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise
