@@ -80,3 +80,17 @@ def test_scanned_layers_need_a_rule_for_the_layers_axis_and_scannable_towers():
     config.model.text = pretrained_text_tower("minilm-l6")
     with pytest.raises(ConfigError, match="model.text.kind 'bert' has no scanned layout"):
         validate_config(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("policy", "ignore", "nonfinite.policy must be one of ('halt', 'skip'), got 'ignore'"),
+    ("max_skips", -1, "nonfinite.max_skips must be an integer >= 0, got -1"),
+    ("window", 0, "nonfinite.window must be an integer >= 1, got 0"),
+])
+def test_the_non_finite_policy_is_checked(key, value, message):
+    config = clip.get_config()
+    assert dict(config.nonfinite) == {"policy": "halt", "max_skips": 10, "window": 1000}
+    config.nonfinite[key] = value
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert str(error.value) == message
