@@ -30,7 +30,7 @@ POLICIES = ("halt", "skip")
 EXIT_CODE = 5
 #: The metric of the step: 1 where its update was dropped as non-finite.
 FLAG_METRIC = "train/nonfinite"
-#: Keys of the batch's examples shown in the message (all of them go to a file in the workdir).
+#: Keys of the batch's examples shown in the message (the loop writes longer lists to a file in the workdir).
 SHOWN_KEYS = 32
 
 
@@ -69,8 +69,8 @@ class NonfiniteGuard:
         return {"nonfinite/skipped": self.total}
 
     def observe(self, step: int, metrics: Mapping[str, Any], keys: Sequence[str] | None = None) -> None:
-        """Takes step `step`'s metrics (its flag already read as non-zero or not by the caller is fine:
-        this reads `FLAG_METRIC`); raises `NonfiniteHalt` where the policy stops the run."""
+        """Takes step `step`'s metrics (host values; `FLAG_METRIC` says whether its update was dropped) and the
+        keys of its batch's examples; counts a skip, or raises `NonfiniteHalt` where the policy stops the run."""
         if not int(np.asarray(metrics[FLAG_METRIC])):
             return
         if self.policy == "halt":

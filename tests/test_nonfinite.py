@@ -58,6 +58,21 @@ def test_skip_halts_after_more_than_max_skips_within_the_window_and_its_state_re
         guard(max_skips=0).observe(7, BAD)
 
 
+def test_a_long_batch_has_all_its_keys_written_to_the_workdir(tmp_path):
+    from jclip.paths import as_path
+    from jclip.train import _keys_file
+
+    keys = [f"shard-{i:05d}" for i in range(SHOWN_KEYS + 1)]
+    with pytest.raises(NonfiniteHalt) as error:
+        guard("halt").observe(9, BAD, keys)
+    halt = _keys_file(error.value, as_path(tmp_path))
+    path = tmp_path / "nonfinite_step_9_keys.txt"
+    assert str(halt).endswith(f"All {SHOWN_KEYS + 1} keys: {path}") and halt.step == 9
+    assert path.read_text().splitlines() == keys
+    short = NonfiniteHalt("message", 3, keys[:2])
+    assert _keys_file(short, as_path(tmp_path)) is short  # the message shows them all: no file
+
+
 # End to end: micro runs (learning rate 1e9 unless a test sets it).
 
 
