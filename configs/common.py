@@ -167,6 +167,13 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding_rules = [list(rule) for rule in _default_rules()]
 
+    # Non-finite steps (jclip/nonfinite.py): the step drops every update whose loss, gradient norm or new state
+    # holds a NaN or inf. policy "halt": stop at the first one (exit status 5; nothing of it is saved; the message
+    # names the step, the loss terms, the gradient norm and the batch's example keys). "skip": go on without that
+    # update (metric nonfinite/skipped), and halt once more than max_skips updates were dropped within the last
+    # `window` steps.
+    config.nonfinite = ml_collections.ConfigDict({"policy": "halt", "max_skips": 10, "window": 1000})
+
     config.log_every = 25
     config.checkpoint_every = 200
     config.keep_checkpoints = 3  # deleted by jclip only after a newer save has been checked (README, Failure handling)

@@ -28,6 +28,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     _require(config.get("checkpoint_failure", "stop") in CHECKPOINT_FAILURE_POLICIES,
              f"checkpoint_failure must be one of {CHECKPOINT_FAILURE_POLICIES}, got {config.get('checkpoint_failure')!r}")
 
+    _check_nonfinite(config)
+
     model = config.model
     _require(int(model.embed_dim) > 0, f"model.embed_dim must be positive, got {model.embed_dim}")
     for modality in models.towers.MODALITIES:
@@ -102,6 +104,19 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
                     int(entry.batch_size) % shards == 0,
                     f"evals.{name}.batch_size ({entry.batch_size}) must be divisible by the {shards} batch shards",
                 )
+
+
+def _check_nonfinite(config: ml_collections.ConfigDict) -> None:
+    from jclip.nonfinite import POLICIES
+
+    nonfinite = config.get("nonfinite")
+    _require(nonfinite is not None, f"config.nonfinite is missing; add {{'policy': 'halt', 'max_skips': 10, 'window': 1000}}")
+    _require(nonfinite.get("policy") in POLICIES,
+             f"nonfinite.policy must be one of {POLICIES}, got {nonfinite.get('policy')!r}")
+    for name, low in (("max_skips", 0), ("window", 1)):
+        value = nonfinite.get(name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                 f"nonfinite.{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_tokenizer(model: ml_collections.ConfigDict) -> None:

@@ -5,7 +5,11 @@ Parses the config (unknown keys and invalid values stop here, before any compila
 same command resumes from the newest intact checkpoint in the workdir.
 
 Exit status (README, Failure handling): 0 finished or preempted; 1 an unexpected failure or a dead peer; 2 a config
-error or no checkpoint that can be restored; 3 too many bad examples; 4 a checkpoint save failed.
+error or no checkpoint that can be restored; 3 too many bad examples; 4 a checkpoint save failed; 5 a non-finite
+loss or gradient (nonfinite.policy).
+
+Exit status: 0 finished (or preempted and saved), 1 failure, 2 invalid config, 3 too many bad examples,
+5 stopped on a non-finite loss or gradient (jclip.nonfinite).
 
 `--compile_only` (no workdir needed) compiles the train step for the config's mesh on abstract inputs and
 prints its memory and FLOPs report (jclip.compile_only), then exits 0; with `--fake_devices=N` it runs on N
@@ -90,6 +94,8 @@ def _train(config, workdir: str, outcome: dict) -> None:
     from jclip import train
     from jclip.data.robust import TooManyBadExamples
     from jclip.errors import CheckpointSaveError, NoIntactCheckpoint
+    from jclip.nonfinite import EXIT_CODE as NONFINITE_EXIT_CODE
+    from jclip.nonfinite import NonfiniteHalt
 
     try:
         result = train.run(config, workdir)
@@ -107,6 +113,9 @@ def _train(config, workdir: str, outcome: dict) -> None:
                           "it resumes from the last good checkpoint")
     except NoIntactCheckpoint as error:
         _stop(outcome, 2, f"jclip: cannot resume: {error}")
+    except NonfiniteHalt as error:
+        outcome["step"] = error.step
+        _stop(outcome, NONFINITE_EXIT_CODE, f"jclip: stopped: {error}")
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise

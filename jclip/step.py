@@ -4,6 +4,15 @@ Loss of the configured terms over the model's outputs (shared/ARCHITECTURE.md, p
 with respect to the trainable parameters only (whole-batch, or accumulated over micro-batches by the
 GradCache scheme; frozen parameters are constants, jclip.param_rules), the optimizer update and CLIP's
 logit-scale clamp. `compile_train_step` jits it with the set-up's declared shardings and a donated state.
+
+Non-finite steps. Every step checks its loss, its global gradient norm and the state it would return
+(parameters, optimizer state, loss-term states); where any of them is NaN or infinite, the update is dropped:
+the returned state holds the incoming parameters, optimizer state and loss-term states (selected with
+`jnp.where`, so the donated buffers are reused), the step counter still advances (the data moves on past the
+batch), and the metric `train/nonfinite` is 1 (0 otherwise). The host reads that flag and applies
+`config.nonfinite.policy` (jclip.nonfinite): `halt` stops the run before anything of that step is saved,
+`skip` goes on. A dropped update also leaves the optimizer's own step count (the learning-rate schedule's
+position) where it was.
 """
 
 from __future__ import annotations
@@ -88,6 +97,17 @@ def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, max_log_scale)}
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """True where every floating-point element of `tree` is finite (integer leaves, e.g. counts, are skipped)."""
+    flags = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.array(True)
+
+
+def _keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `finite`, else `old`, leaf by leaf (the update of a non-finite step is dropped)."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callable[..., tuple[TrainState, dict]]:
     """The pure train step `(state, batch, teacher_params) -> (state, metrics)`: loss of the configured
     terms (with a frozen teacher's embeddings among the outputs when there is one), gradients of the
@@ -123,12 +143,18 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
                 setup, trainable, frozen, batch, loss_from_outputs, accum_steps
             )
         updates, opt_state = setup.optimizer.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        trainable = _clamp_logit_scale(trainable, float(config.optim.max_log_logit_scale))  # a frozen one stays put
-        params = setup.partition.merge(trainable, frozen)
+        new_trainable = optax.apply_updates(trainable, updates)
+        new_trainable = _clamp_logit_scale(new_trainable, float(config.optim.max_log_logit_scale))  # a frozen one stays put
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_trainable, opt_state, loss_state))
+        new_trainable, opt_state = _keep_if_finite(finite, (new_trainable, opt_state), (trainable, state["opt_state"]))
+        if loss_state:
+            loss_state = _keep_if_finite(finite, loss_state, state["loss_state"])
+        params = setup.partition.merge(new_trainable, frozen)
         metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.tree.norm(grads)
+        metrics["train/grad_norm"] = grad_norm
         metrics["train/learning_rate"] = schedule(step)
+        metrics["train/nonfinite"] = jnp.logical_not(finite).astype(jnp.int32)
         if "logit_scale" in params:
             metrics["train/logit_scale"] = jnp.exp(params["logit_scale"])
         new_state = {"step": step + 1, "params": params, "opt_state": opt_state}

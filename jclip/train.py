@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jclip import checkpoint, evals, init_from, parallel, pretrained, restore
+from jclip import checkpoint, evals, init_from, nonfinite, parallel, pretrained
 from jclip.errors import CheckpointSaveError, ConfigError
 from jclip.models.clip_model import architecture_differences
 from jclip.build import TrainSetup, TrainState, prepare_data
@@ -33,6 +33,8 @@ from jclip.step import compile_train_step
 from jclip.teacher import load_teacher
 
 log = logging.getLogger("jclip")
+#: The non-finite guard's entry in each process's checkpointed counters (jclip.nonfinite).
+NONFINITE_COUNTER = "nonfinite"
 
 
 def _gather_counters(counter: robust.SkipCounter) -> dict[str, dict]:
@@ -47,6 +49,33 @@ def _gather_counters(counter: robust.SkipCounter) -> dict[str, dict]:
             for row in gathered
         ]
     return {f"process_{index}": state for index, state in enumerate(states)}
+
+
+def _run_counters(counter: robust.SkipCounter, guard: nonfinite.NonfiniteGuard) -> dict[str, dict]:
+    """The checkpoint's counters: every process's data skip counters, each with the non-finite guard's state
+    (the same on every process: its decisions follow the global flags)."""
+    return {name: {**state, NONFINITE_COUNTER: guard.state()} for name, state in _gather_counters(counter).items()}
+
+
+def _read_nonfinite_flags(guard: nonfinite.NonfiniteGuard, pending: list, keep: int) -> None:
+    """Hands the flags of the `pending` steps (step, metrics, example keys), oldest first, to `guard`, all but
+    the last `keep`: the loop reads a step's flag one step late (the host does not wait for every step), and
+    at once before that step is logged or saved. Raises `nonfinite.NonfiniteHalt` where the policy stops."""
+    while len(pending) > keep:
+        step, metrics, keys = pending.pop(0)
+        if int(jax.device_get(metrics[nonfinite.FLAG_METRIC])):  # one scalar; the rest only when non-finite
+            guard.observe(step, jax.device_get(metrics), keys)
+
+
+def _keys_file(halt: nonfinite.NonfiniteHalt, workdir) -> nonfinite.NonfiniteHalt:
+    """Where the halted batch has more example keys than the message shows, writes them all to the workdir
+    (`nonfinite_step_<N>_keys[.process_<i>].txt`, one per line) and names the file in the message."""
+    if halt.keys is None or len(halt.keys) <= nonfinite.SHOWN_KEYS:
+        return halt
+    suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
+    path = workdir / f"nonfinite_step_{halt.step}_keys{suffix}.txt"
+    path.write_text("\n".join(halt.keys) + "\n")
+    return nonfinite.NonfiniteHalt(f"{halt} All {len(halt.keys)} keys: {path}", halt.step, halt.keys)
 
 
 def _global_skip_metrics(counter: robust.SkipCounter) -> robust.SkipCounter:
@@ -178,6 +207,7 @@ def _run(config, workdir, mesh, checkpointer: checkpoint.Checkpointer, is_main: 
 
 def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, weights) -> RunResult:
     skip_counter = robust.SkipCounter(min_examples=int(config.data.skip_check_after))
+    nonfinite_guard = nonfinite.NonfiniteGuard.from_config(config.nonfinite)
     setup = TrainSetup.create(config, mesh)
     teacher = load_teacher(config, mesh)
     restored = checkpointer.restore_newest(setup.abstract_state(), train_iterator)
@@ -198,6 +228,7 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
         latest, state, counters = restored
         if counters is not None:
             skip_counter = robust.SkipCounter.from_state(counters, min_examples=int(config.data.skip_check_after))
+            nonfinite_guard = nonfinite.NonfiniteGuard.from_config(config.nonfinite, counters.get(NONFINITE_COUNTER))
         if is_main:
             print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
     start_step = int(jax.device_get(state["step"]))
@@ -220,9 +251,12 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
     final_metrics: dict[str, float] = {}
     step = start_step
     preempted = False
+    halted: nonfinite.NonfiniteHalt | None = None
+    unread_flags: list = []  # (step, metrics, example keys) of the steps whose non-finite flag is not read yet
     with PreemptionWatch() as preemption:
         for step in range(start_step + 1, total_steps + 1):
             host_batch = skip_counter.update(next(train_iterator))
+            example_keys = robust.pop_example_keys(host_batch)
             batch = parallel.host_batch_to_global(host_batch, mesh)
             if train_step is None:
                 train_step = compile_train_step(setup, batch, teacher)
@@ -231,20 +265,27 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
                 jax.block_until_ready(metrics)
                 progress.start(step)
             preempted = preemption.reached(step)
+            unread_flags.append((step, metrics, example_keys))
+            logs_or_saves = (step % int(config.log_every) == 0 or step % int(config.checkpoint_every) == 0
+                             or step == total_steps or preempted)
+            try:
+                _read_nonfinite_flags(nonfinite_guard, unread_flags, keep=0 if logs_or_saves else 1)
+            except nonfinite.NonfiniteHalt as halt:
+                halted = _keys_file(halt, workdir)
+                break
             if step % int(config.log_every) == 0 or step == total_steps or preempted:
                 metrics = jax.device_get(metrics)
                 loss = float(metrics["loss/total"])
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}; metrics: {metrics}")
                 metrics.update(progress.update(step, loss))
                 global_skips = _global_skip_metrics(skip_counter)
                 metrics.update(global_skips.metrics())
+                metrics.update(nonfinite_guard.metrics())
                 writer.write(step, metrics)
                 global_skips.check(float(config.data.max_skip_rate))
             if step % int(config.checkpoint_every) == 0 or step == total_steps or preempted:
                 last = step == total_steps or preempted
                 save_policy(checkpointer.finish)  # the previous save: checked, then old steps deleted
-                counters = _gather_counters(skip_counter)
+                counters = _run_counters(skip_counter, nonfinite_guard)
                 save_policy(lambda: checkpointer.save(step, state, train_iterator, config, counters=counters,
                                                       force=preempted), last=last)
                 writer.sync()
@@ -254,8 +295,10 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
     if start_step >= total_steps and is_main:
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
     save_policy(checkpointer.finish, last=True)  # waits for the last save and checks it
-    if preempted and is_main:
+    if preempted and is_main and halted is None:
         print(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; rerun the same command to resume",
               flush=True)
     writer.close()
+    if halted is not None:
+        raise halted
     return RunResult(step=step, preempted=preempted, metrics=final_metrics)

@@ -89,3 +89,17 @@ def test_checkpoint_failure_takes_stop_or_continue():
     config.checkpoint_failure = "retry"
     with pytest.raises(ConfigError, match=r"checkpoint_failure must be one of \('stop', 'continue'\), got 'retry'"):
         validate_config(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("policy", "ignore", "nonfinite.policy must be one of ('halt', 'skip'), got 'ignore'"),
+    ("max_skips", -1, "nonfinite.max_skips must be an integer >= 0, got -1"),
+    ("window", 0, "nonfinite.window must be an integer >= 1, got 0"),
+])
+def test_the_non_finite_policy_is_checked(key, value, message):
+    config = clip.get_config()
+    assert dict(config.nonfinite) == {"policy": "halt", "max_skips": 10, "window": 1000}
+    config.nonfinite[key] = value
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert str(error.value) == message

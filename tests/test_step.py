@@ -310,3 +310,59 @@ def test_freezing_the_image_tower_removes_its_backward_flops():
           f"image forward {image_forward:.0f} (saved / forward = {saved / image_forward:.2f})")
     assert saved >= 1.5 * image_forward
     assert frozen_image > image_forward  # the frozen tower's forward still runs
+
+
+# Non-finite steps: the update is dropped inside the step (jclip.step's docstring).
+
+
+def test_a_non_finite_step_keeps_params_and_optimizer_state_advances_the_step_and_flags_it():
+    """A finite step is the plain AdamW update of the reference gradients (the guard changes nothing) with
+    train/nonfinite 0. A NaN pixel makes the loss and every gradient NaN: the step returns the incoming
+    parameters and optimizer state (bit-identical, through the donated buffers), step + 1 and train/nonfinite 1;
+    the next finite batch trains on from there."""
+    import optax
+
+    from jclip import parallel
+    from jclip.build import TrainSetup
+    from jclip.step import compile_train_step
+
+    config = micro_config()
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    setup = TrainSetup.create(config, mesh)
+    bad = random_batch(config, 1)
+    bad["images"][3, 0, 0, 0] = np.nan
+    batches = [parallel.host_batch_to_global(b, mesh) for b in (random_batch(config, 0), bad, random_batch(config, 2))]
+    step = compile_train_step(setup, batches[0])
+    state = setup.init_state()
+    initial = jax.device_get(state)  # a host copy: the step donates the state's buffers
+    state, first = step(state, batches[0])
+    before, first = jax.device_get(state), jax.device_get(first)
+    assert int(first["train/nonfinite"]) == 0 and int(before["step"]) == 1
+
+    def reference_update(params, opt_state):
+        loss, grads = reference_loss_and_grads(setup, params, batches[0])
+        updates, opt_state = setup.optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params["logit_scale"] = jax.numpy.clip(params["logit_scale"], 0.0, float(config.optim.max_log_logit_scale))
+        return loss, params, opt_state
+
+    with parallel.sharding_context(setup.mesh, setup.rules):
+        loss, params, opt_state = jax.device_get(jax.jit(reference_update)(initial["params"], initial["opt_state"]))
+    np.testing.assert_allclose(first["loss/total"], loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(params)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for got, want in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(opt_state)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8)  # mu, nu: gradients to float rounding
+
+    state, metrics = step(state, batches[1])
+    after, metrics = jax.device_get(state), jax.device_get(metrics)
+    assert int(metrics["train/nonfinite"]) == 1 and np.isnan(metrics["loss/total"]) and np.isnan(metrics["train/grad_norm"])
+    assert int(after["step"]) == 2
+    for got, want in zip(jax.tree.leaves((after["params"], after["opt_state"])),
+                         jax.tree.leaves((before["params"], before["opt_state"]))):
+        np.testing.assert_array_equal(got, want)
+    state, metrics = step(state, batches[2])
+    assert int(jax.device_get(metrics["train/nonfinite"])) == 0
+    moved = jax.device_get(state["params"])
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(moved))
+    assert any(np.any(g != w) for g, w in zip(jax.tree.leaves(moved), jax.tree.leaves(before["params"])))

@@ -7,6 +7,8 @@ a Grain `DatasetIterator` whose state goes into the checkpoint (exact resume). E
 reaches the preprocessing ops with `EPOCH_FIELD` (`_epoch`): how many full passes over its own source came
 before it (0 in the first), a pure function of its place in the stream, so a resumed iterator sees the same
 epochs; ops that change with the epoch (`caption_rule(rule='alternate')`) read it. It is never batched.
+Every training batch also carries its examples' keys as text (`jclip.data.robust.KEY_FIELD`, host only: the
+train loop pops it and names them when a step goes non-finite).
 
 Evaluation: the split in its stored order, padded with masked copies to a whole number of global
 batches, so that every process takes the same number of steps and each example is counted once.
@@ -60,7 +62,12 @@ class _RandomPreprocess(grain.transforms.RandomMap):
         self._preprocess = preprocess
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return self._preprocess(element, rng)
+        from jclip.data import robust
+
+        out = self._preprocess(element, rng)
+        if isinstance(out, dict):  # not a robust.Skipped marker
+            out[robust.KEY_FIELD] = np.asarray(robust.example_key(element) or "")
+        return out
 
 
 class _HostPart(grain.MapDataset):

@@ -51,6 +51,9 @@ SKIP_REASONS: tuple[str, ...] = (
 )
 SKIPPED_FIELD = "skipped_before"
 TRUNCATED_FIELD = "caption_truncated"
+#: The training pipeline's host-only field of example keys (str [batch]), for messages about a batch: the train
+#: loop pops it (`pop_example_keys`) before the batch goes to the devices.
+KEY_FIELD = "example_key"
 DEFAULT_MAX_CONSECUTIVE_BAD = 10_000
 
 _REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
@@ -97,6 +100,12 @@ def example_key(example: Mapping[str, Any], key_field: str = "key") -> str | Non
     if isinstance(key, (bytes, np.bytes_)):
         return bytes(key).decode("utf-8", errors="replace")
     return str(key)
+
+
+def pop_example_keys(batch: dict[str, Any]) -> list[str] | None:
+    """Pops `KEY_FIELD` from a training batch in place: its examples' keys ("" for none), or None without it."""
+    keys = batch.pop(KEY_FIELD, None)
+    return None if keys is None else [str(key) for key in np.asarray(keys).reshape(-1)]
 
 
 def _zero_counts() -> np.ndarray:

@@ -321,18 +321,25 @@ def measure_step(compiled: CompiledStep, config, steps: int, *, warmup: int = 2)
 
 def measure_together(compiled: CompiledStep, iterator: Iterator[dict[str, np.ndarray]], steps: int,
                      *, warmup: int = 1) -> dict[str, float]:
-    """Pull a batch, run a step (skip counters popped as in `jclip.train.run`), `steps` times: examples/s."""
+    """Pull a batch, run a step (skip counters and example keys popped as in `jclip.train.run`), `steps` times:
+    examples/s."""
     import jax
 
     from jclip.data import robust
 
     counter = robust.SkipCounter()
+
+    def next_batch():
+        batch = counter.update(next(iterator))
+        robust.pop_example_keys(batch)
+        return batch
+
     for _ in range(warmup):  # a real batch once, so a dtype difference would recompile here, not in the timing
-        jax.block_until_ready(compiled.run(counter.update(next(iterator))))
+        jax.block_until_ready(compiled.run(next_batch()))
     examples = 0
     started = time.perf_counter()
     for _ in range(steps):
-        host_batch = counter.update(next(iterator))
+        host_batch = next_batch()
         examples += len(host_batch["images"])
         metrics = compiled.run(host_batch)
     jax.block_until_ready((metrics, compiled.state))
