@@ -485,10 +485,17 @@ def worker_states(runner: Runner, target: Target, run_name: str) -> list[str] | 
     return re.findall(r"jclip-state: .*? state=(.*)", result.stdout)
 
 
+#: jclip's exit statuses that a rerun would end with again (jclip/main.py): babysit stops instead of retrying.
+FINAL_EXIT_STATUSES = {2: "a config error, or no checkpoint that can be restored", 5: "a non-finite loss or gradient"}
+
+
 def verdict(states: list[str]) -> str:
-    """One word for the whole run: finished, failed (rerun), none (never started here), running or unknown."""
+    """One word for the whole run: finished, stopped (a rerun would stop the same way), failed (rerun), none (never
+    started here), running or unknown."""
     if not states:
         return "unknown"
+    if any(state in (f"failed rc={code}" for code in FINAL_EXIT_STATUSES) for state in states):
+        return "stopped"
     if any(state.startswith(("failed", "signalled", "preempted", "lost")) for state in states):
         return "failed"
     if "none" in states:
@@ -617,6 +624,12 @@ class Babysitter:
               flush=True)
         if outcome == "finished":
             return True
+        if outcome == "stopped":
+            codes = sorted({int(state.split("rc=")[1]) for state in states if state.startswith("failed rc=")}
+                           & set(FINAL_EXIT_STATUSES))
+            reasons = "; ".join(f"exit status {code}: {FINAL_EXIT_STATUSES[code]}" for code in codes)
+            raise GiveUp(f"the run stopped on a worker ({reasons}), which a rerun would end with again; see "
+                         f"`python launch/tpu.py logs`, fix the cause and babysit again")
         if outcome == "failed":
             self.count_retry(f"the run ended on a worker: {', '.join(states)}")
             stop_run(self.runner, self.target, self.args.run_name, 60)

@@ -167,6 +167,17 @@ def test_babysit_reruns_a_failed_run_without_recreating(fake_cloud: FakeCloud) -
     assert all(len(fake_cloud.stub_runs("tpu-a", worker)) == 2 for worker in (0, 1))
 
 
+def test_babysit_stops_on_a_run_that_a_rerun_would_end_the_same_way(fake_cloud: FakeCloud) -> None:
+    """Exit status 5 (a non-finite loss): no retry, one message, exit 1."""
+    done = fake_cloud.tpu("babysit", *TARGET, *BABYSIT, f"--python={fake_cloud.python}", "--env=STUB_JCLIP_EXIT=5",
+                          "--", "--config=x")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert ("babysit: giving up: the run stopped on a worker (exit status 5: a non-finite loss or gradient), which a "
+            "rerun would end with again") in done.stderr
+    assert "retry" not in done.stdout
+    assert all(len(fake_cloud.stub_runs("tpu-a", worker)) == 1 for worker in (0, 1))
+
+
 def test_babysit_sets_up_and_starts_on_a_tpu_that_exists_already(fake_cloud: FakeCloud) -> None:
     fake_cloud.tpu("create", *TARGET, "--accelerator=v6e-8", "--wait", "--poll-seconds=0.01")
     done = fake_cloud.tpu("babysit", *TARGET, *BABYSIT, "--max-retries=0", f"--python={fake_cloud.python}",
