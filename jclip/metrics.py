@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from jclip.paths import PathLike, as_path, is_url
+from jclip.paths import PathLike, as_path, is_url, upload_folder
 
 
 def _scalar(value: Any) -> float:
@@ -75,11 +75,7 @@ class MetricsWriter:
     def _upload(self) -> None:
         """Copies the staged metrics.jsonl and event files to the URL workdir, whole (objects are immutable)."""
         self._tensorboard.flush()
-        staged = [self._staging / "metrics.jsonl", *sorted((self._staging / "tensorboard").glob("*"))]
-        for path in staged:
-            target = self._remote / path.relative_to(self._staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
+        upload_folder(self._staging, self._remote)
         self._uploaded_at = time.time()
 
     def close(self) -> None:

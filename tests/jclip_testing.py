@@ -110,6 +110,19 @@ def read_final_evaluation(workdir: pathlib.Path) -> dict[str, float]:
     return values
 
 
+def embedded_data_config(data_dir, embedded_config: str = "small", batch_size: int = 16, **data):
+    """configs/clip.py reading the embedded dataset `embedded_config` from `data_dir` on one thread, with
+    `config.data.<key>` overrides."""
+    from configs import clip
+
+    config = clip.get_config()
+    config.data.embedded_config, config.data.data_dir = embedded_config, str(data_dir)
+    config.data.batch_size, config.data.num_threads = batch_size, 1
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
 def micro_config(**overrides):
     from configs import clip
 

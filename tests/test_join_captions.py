@@ -18,18 +18,9 @@ from configs import clip
 from jclip import join_captions
 from jclip.data import recaptions, robust
 from jclip.data.pipeline import HostShard
-from jclip_testing import REPO_ROOT
+from jclip_testing import REPO_ROOT, embedded_data_config
 
 SMALL_TRAIN = 2000  # examples in the small embedded dataset's train split
-
-
-def embedded_config(data_dir, **data):
-    config = clip.get_config()
-    config.data.embedded_config, config.data.data_dir = "small", str(data_dir)
-    config.data.batch_size, config.data.num_threads = 16, 1
-    for key, value in data.items():
-        config.data[key] = value
-    return config
 
 
 def key(index: int) -> str:
@@ -56,7 +47,7 @@ def test_joins_by_key_and_reports_what_did_not_join(tmp_path, scenes_data_dir, d
     records[700:700] = [{"key": stranger, "caption": "not in the data"} for stranger in strangers]
     captions = write_jsonl(tmp_path / "recaps.jsonl", records, blank_lines=2)
     lines = []
-    report = join_captions.join_captions(embedded_config(scenes_data_dir), captions, tmp_path / "out", log=lines.append)
+    report = join_captions.join_captions(embedded_data_config(scenes_data_dir), captions, tmp_path / "out", log=lines.append)
 
     assert report["lines"] == 1503 + 2 and report["blank_lines"] == 2 and report["captions"] == 1503
     assert report["examples"] == SMALL_TRAIN and report["examples_per_component"] == {"main": SMALL_TRAIN}
@@ -84,9 +75,9 @@ def test_training_reads_the_joined_recaptions_and_counts_the_examples_without(tm
     from jclip.data.tokenizer import make_tokenizer
 
     records = [{"key": key(i), "caption": dense_captions[i]} for i in range(0, SMALL_TRAIN, 4) if i % 8]  # 250 of 2000
-    join_captions.join_captions(embedded_config(scenes_data_dir), write_jsonl(tmp_path / "r.jsonl", records),
+    join_captions.join_captions(embedded_data_config(scenes_data_dir), write_jsonl(tmp_path / "r.jsonl", records),
                                 tmp_path / "recaps", log=lambda line: None)
-    config = embedded_config(scenes_data_dir, recaptions=str(tmp_path / "recaps"), caption_rule="dense")
+    config = embedded_data_config(scenes_data_dir, recaptions=str(tmp_path / "recaps"), caption_rule="dense")
     data = configured.ConfiguredData(config.data, config.model)
     assert data.preprocess_spec().startswith(f"joined_captions(dir={str(tmp_path / 'recaps')!r})|caption_rule(rule='dense')|choose_caption")
     data.prepare(set())
@@ -102,7 +93,7 @@ def test_training_reads_the_joined_recaptions_and_counts_the_examples_without(tm
 
 
 def test_malformed_lines_and_repeated_keys_are_errors_naming_the_line(tmp_path, scenes_data_dir):
-    config = embedded_config(scenes_data_dir)
+    config = embedded_data_config(scenes_data_dir)
     good = {"key": key(0), "caption": "fine"}
     cases = [
         ([good, "{not json"], r"line 2 is not JSON"),

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import clip
 from gcs_emulator import BUCKET
 from jclip.data.sources.tfds_source import TfdsSource
+from jclip_testing import embedded_data_config
 
 ROOT = f"gs://{BUCKET}"
 TINY = "jclip_scenes/tiny"  # 128/32/32 examples
@@ -78,12 +78,7 @@ def tiny_url(gcs, tiny_dir):
 
 
 def tiny_config(data_dir, **data):
-    config = clip.get_config()
-    config.data.embedded_config, config.data.data_dir = "tiny", str(data_dir)
-    config.data.batch_size, config.data.num_threads = 8, 1
-    for key, value in data.items():
-        config.data[key] = value
-    return config
+    return embedded_data_config(data_dir, "tiny", batch_size=8, **data)
 
 
 # ----- TFDS -------------------------------------------------------------------------------------------------
