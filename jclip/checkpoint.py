@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jclip.errors import CheckpointSaveError, NoIntactCheckpoint
-from jclip.paths import PathLike, as_path, is_url
+from jclip.paths import PathLike, as_path, file_sizes, is_url
 
 STATE, DATA, COUNTERS, CONFIG = "state", "data", "counters", "config"
 MANIFEST = "jclip_manifest.json"
@@ -70,23 +70,6 @@ def one_line(error: BaseException, limit: int = 320) -> str:
     return text
 
 
-def _files(root: epath.Path) -> dict[str, int]:
-    """Every file under `root` (relative POSIX path -> size in bytes)."""
-    if not is_url(root):
-        found = {}
-        for folder, _, names in os.walk(os.fspath(root)):
-            for name in names:
-                full = os.path.join(folder, name)
-                found[os.path.relpath(full, os.fspath(root)).replace(os.sep, "/")] = os.path.getsize(full)
-        return found
-    found = {}
-    for folder, _, names in root.walk():
-        for name in names:
-            path = epath.Path(folder) / name
-            found[os.fspath(path)[len(os.fspath(root)) :].lstrip("/")] = int(path.stat().length)
-    return found
-
-
 def _sha256(path: epath.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -95,7 +78,7 @@ def check_structure(step_dir: PathLike, items: tuple[str, ...], processes: int) 
     """What is wrong with a step folder's layout (None: nothing): the folder of each of `items`, a non-empty
     file in every place of the state, JSON metadata that parses, one data-iterator state per process."""
     step_dir = as_path(step_dir)
-    files = _files(step_dir)
+    files = file_sizes(step_dir)
     if not files:
         return "the folder is empty or missing"
     for item in items:
@@ -125,7 +108,7 @@ def write_manifest(step_dir: PathLike, step: int) -> None:
     step_dir = as_path(step_dir)
     files = {
         name: {"size": size, "sha256": _sha256(step_dir / name) if size <= HASHED_BYTES else None}
-        for name, size in sorted(_files(step_dir).items()) if name != MANIFEST
+        for name, size in sorted(file_sizes(step_dir).items()) if name != MANIFEST
     }
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}
     (step_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -143,7 +126,7 @@ def check_manifest(step_dir: PathLike) -> str | None:
         assert recorded.get("format") == MANIFEST_FORMAT
     except Exception as error:  # a damaged manifest
         return f"{MANIFEST} does not parse ({one_line(error, 160)})"
-    present = _files(step_dir)
+    present = file_sizes(step_dir)
     for name, entry in sorted(files.items()):
         if name not in present:
             return f"{name} is missing"

@@ -138,6 +138,22 @@ def upload_folder(local: PathLike, target: PathLike, *, last: Iterable[str] = ()
             shutil.copyfileobj(source, copy, 16 << 20)
 
 
+def file_sizes(root: PathLike) -> dict[str, int]:
+    """Every file under the folder `root`, local or a URL: relative POSIX path -> size in bytes ({} if there is
+    no such folder). A URL is listed afresh, since others (TensorStore, other processes) write there too."""
+    text = os.fspath(root)
+    if not is_url(text):
+        return {os.path.relpath(os.path.join(folder, name), text).replace(os.sep, "/"):
+                os.path.getsize(os.path.join(folder, name))
+                for folder, _, names in os.walk(text) for name in names}
+    fs, remote = _filesystem(text)
+    remote = remote.rstrip("/")
+    fs.invalidate_cache(remote)
+    found = fs.find(remote, detail=True)
+    return {name[len(remote):].lstrip("/"): int(info.get("size") or 0)
+            for name, info in found.items() if info.get("type") != "directory"}
+
+
 def _filesystem(url: str):
     import fsspec
 

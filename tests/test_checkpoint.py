@@ -142,3 +142,37 @@ def test_remove_unfinished(tmp_path):
     assert checkpoint.remove_unfinished(tmp_path) == ["4.orbax-checkpoint-tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2"]
     assert checkpoint.remove_unfinished(tmp_path / "absent") == []
+
+
+def test_in_a_bucket_each_save_is_checked_and_a_damaged_step_is_moved_aside(gcs, capsys):
+    """The same checks on Cloud Storage (the emulator), where Orbax writes through TensorStore and jclip lists
+    and renames through gcsfs: the manifest is written, a shortened array file is caught, and restore goes
+    back to the intact step and keeps the damaged one, renamed, in the bucket."""
+    from etils import epath
+    from gcs_emulator import BUCKET
+
+    directory = f"gs://{BUCKET}/damaged-run/checkpoints"
+    config = micro_config()
+    state = TrainSetup.create(config, parallel.make_mesh({"data": 8})).init_state()
+    manager = checkpoint.Checkpointer(directory, keep=5)
+    manager.save(1, state, None, config)
+    manager.save(2, state, None, config)
+    manager.finish()
+    manager.close()
+    step_2 = epath.Path(directory) / "2"
+    assert checkpoint.check_manifest(step_2) is None and (step_2 / checkpoint.MANIFEST).exists()
+    largest = max(checkpoint.file_sizes(step_2).items(), key=lambda item: item[1] if "/d/" in item[0] else -1)[0]
+    (step_2 / largest).write_bytes((step_2 / largest).read_bytes()[:100])
+
+    setup = TrainSetup.create(config, parallel.make_mesh({"data": 8}))
+    manager = checkpoint.Checkpointer(directory, keep=5)
+    step, restored, _ = manager.restore_newest(setup.abstract_state(), None)
+    manager.close()
+    assert step == 1
+    for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(state))):
+        np.testing.assert_array_equal(got, want)
+    names = sorted(p.name for p in epath.Path(directory).iterdir())
+    assert names[0] == "1" and len(names) == 2 and names[1].startswith("2.damaged-"), names
+    assert (epath.Path(directory) / names[1] / largest).exists()  # moved, not deleted
+    warning = capsys.readouterr().err
+    assert f"{largest} has 100 bytes" in warning and "resuming from step 1" in warning

@@ -180,6 +180,6 @@ def test_resuming_with_another_model_is_one_config_error(micro_clip_run, scenes_
     result = subprocess.run(main_command(workdir, flags), cwd=REPO_ROOT, env=child_env(1), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"the checkpoint of step 3 in {workdir} holds another model than config.model" in result.stderr
+    assert f"the checkpoint of step 3 in {workdir / 'checkpoints'} holds another model than config.model" in result.stderr
     assert difference in result.stderr
     assert "Traceback" not in result.stderr
