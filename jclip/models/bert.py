@@ -21,7 +21,7 @@ from flax import nnx
 from jclip.models import pretrained_files, text_heads
 from jclip.models.layers import MLP, LayerNorm, MultiHeadSelfAttention, logical_param, normal
 from jclip.models.lora import LoraSettings
-from jclip.models.towers import PretrainedWeights, Tower, register_tower, require_positive
+from jclip.models.towers import PretrainedWeights, Tower, register_tower, require_multiple, require_positive
 from jclip.parallel import constrain
 
 BERT_LAYER_NORM_EPS = 1e-12
@@ -98,8 +98,7 @@ class BertTextTower(text_heads.PooledTextTower):
 def _check_bert(config: dict[str, Any]) -> None:
     require_positive("model.text", config, ("context_length", "vocab_size", "width", "heads", "layers", "mlp_dim",
                                             "max_positions", "type_vocab_size", "layer_norm_eps"))
-    if config["width"] % config["heads"]:
-        raise ValueError(f"model.text.width ({config['width']}) must be divisible by heads ({config['heads']})")
+    require_multiple("model.text", config, "width", "heads")
     if config["context_length"] > config["max_positions"]:
         raise ValueError(f"model.text.context_length ({config['context_length']}) exceeds the tower's "
                          f"max_positions ({config['max_positions']})")

@@ -320,7 +320,9 @@ def _check_decoder(config: dict[str, Any], positive: tuple[str, ...]) -> None:
                                             "head_dim", "mlp_dim", "norm_eps", "rope_base", "max_positions",
                                             *positive))
     if config["heads"] % config["kv_heads"]:
-        raise ValueError(f"model.text.heads ({config['heads']}) must be a multiple of kv_heads ({config['kv_heads']})")
+        divisors = [n for n in range(1, config["heads"] + 1) if config["heads"] % n == 0]
+        raise ValueError(f"model.text.heads ({config['heads']}) must be a multiple of kv_heads ({config['kv_heads']}): "
+                         f"set model.text.kv_heads to one of {divisors} or change model.text.heads")
     if config["head_dim"] % 2:
         raise ValueError(f"model.text.head_dim ({config['head_dim']}) must be even (RoPE rotates pairs)")
     if config["context_length"] > config["max_positions"]:

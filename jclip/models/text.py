@@ -17,7 +17,7 @@ from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, normal
 from jclip.models.lora import LoraSettings
-from jclip.models.towers import Tower, TowerModule, register_tower, require_positive
+from jclip.models.towers import Tower, TowerModule, register_tower, require_multiple, require_positive
 from jclip.parallel import constrain
 
 
@@ -70,8 +70,7 @@ class TextTransformer(TowerModule):
 
 def _check_clip_text(config: dict[str, Any]) -> None:
     require_positive("model.text", config, ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"))
-    if config["width"] % config["heads"]:
-        raise ValueError(f"model.text.width ({config['width']}) must be divisible by heads ({config['heads']})")
+    require_multiple("model.text", config, "width", "heads")
     if not isinstance(config["tokenizer"], str) or not config["tokenizer"]:
         raise ValueError(f"model.text.tokenizer must be a tokenizer spec such as 'clip', got {config['tokenizer']!r}")
 

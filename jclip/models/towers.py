@@ -218,3 +218,18 @@ def require_positive(where: str, config: Mapping[str, Any], keys: tuple[str, ...
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{where}.{key} must be positive, got {value!r}")
+
+
+def require_multiple(where: str, config: Mapping[str, Any], key: str, of: str) -> None:
+    """ValueError unless `config[key]` is a multiple of `config[of]`; the message names both keys and a value that
+    would do, so that a bad shape stops at validation, not deep inside the model's construction."""
+    value, step = config[key], config[of]
+    if value % step:
+        raise ValueError(f"{where}.{key} ({value}) must be divisible by {of} ({step}): "
+                         + multiple_hint(where, key, value, step, of))
+
+
+def multiple_hint(where: str, key: str, value: int, step: int, of: str) -> str:
+    """What to set when `where.key` (`value`) must be a multiple of `where.of` (`step`)."""
+    above = max(step, -(-int(value) // step) * step)
+    return f"set {where}.{key} to a multiple of {step} (e.g. {above}) or change {where}.{of}"

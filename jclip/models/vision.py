@@ -18,7 +18,7 @@ from flax import nnx
 
 from jclip.models.layers import LayerNorm, Transformer, logical_param, lora_a_init, normal, num_heads_for, zeros
 from jclip.models.lora import LoraSettings, adapter_delta
-from jclip.models.towers import Tower, TowerModule, register_tower, require_positive
+from jclip.models.towers import Tower, TowerModule, multiple_hint, register_tower, require_multiple, require_positive
 from jclip.parallel import constrain
 
 
@@ -115,11 +115,12 @@ class VisionTransformer(TowerModule):
 def _check_vit(config: dict[str, Any]) -> None:
     require_positive("model.vision", config, ("patch_size", "width", "layers", "head_width", "mlp_ratio", "in_channels"))
     height, width = _pair(config["image_size"])
-    if height <= 0 or width <= 0 or height % config["patch_size"] or width % config["patch_size"]:
+    patch = config["patch_size"]
+    if height <= 0 or width <= 0 or height % patch or width % patch:
         raise ValueError(f"model.vision.image_size ({config['image_size']}) must be a positive multiple of "
-                         f"patch_size ({config['patch_size']})")
-    if config["width"] % config["head_width"]:
-        raise ValueError(f"model.vision.width ({config['width']}) must be divisible by head_width ({config['head_width']})")
+                         f"patch_size ({patch}): "
+                         + multiple_hint("model.vision", "image_size", max(height, width, 1), patch, "patch_size"))
+    require_multiple("model.vision", config, "width", "head_width")
 
 
 VIT = register_tower(Tower(

@@ -344,7 +344,8 @@ def test_tower_locks_leave_the_top_four_blocks_the_final_norm_and_the_projection
 
 @pytest.mark.parametrize("change, message", [
     ({"bidirectional_top_k": 7}, r"bidirectional_top_k must be an integer in \[0, layers = 6\], got 7"),
-    ({"kv_heads": 3}, r"heads \(4\) must be a multiple of kv_heads \(3\)"),
+    ({"kv_heads": 3}, r"heads \(4\) must be a multiple of kv_heads \(3\): set model.text.kv_heads to one of "
+                      r"\[1, 2, 4\] or change model.text.heads$"),
     ({"context_length": 40000}, r"context_length \(40000\) exceeds the tower's max_positions \(32768\)"),
     ({"pool": "eos"}, "pool 'eos' needs model.text.eos_id"),
     ({"tokenizer": ""}, "model.text.tokenizer is needed"),

@@ -58,6 +58,25 @@ def test_unknown_kind_and_keys_are_rejected_with_what_is_known():
         towers.check_tower(config, "vision")
 
 
+@pytest.mark.parametrize("modality, change, message", [
+    ("vision", {"width": 100}, "model.vision.width (100) must be divisible by head_width (64): set model.vision.width "
+                               "to a multiple of 64 (e.g. 128) or change model.vision.head_width"),
+    ("vision", {"image_size": 30}, "model.vision.image_size (30) must be a positive multiple of patch_size (8): "
+                                   "set model.vision.image_size to a multiple of 8 (e.g. 32) or change "
+                                   "model.vision.patch_size"),
+    ("vision", {"width": 32}, "model.vision.width (32) must be divisible by head_width (64): set model.vision.width "
+                              "to a multiple of 64 (e.g. 64) or change model.vision.head_width"),
+    ("text", {"width": 65}, "model.text.width (65) must be divisible by heads (2): set model.text.width to a "
+                            "multiple of 2 (e.g. 66) or change model.text.heads"),
+])
+def test_a_shape_that_cannot_be_built_names_both_keys_and_a_value_that_would_do(modality, change, message):
+    config = get_preset("tiny")
+    config[modality] = dict(config[modality], **change)
+    with pytest.raises(ValueError) as error:
+        towers.check_tower(config, modality)
+    assert str(error.value) == message
+
+
 def test_validate_config_names_an_unknown_tower():
     from configs import clip
     from jclip.config_validation import validate_config
