@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 from absl import flags
 
@@ -22,6 +24,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", int(os.environ.get("JCLIP_HEARTBEAT_TIMEOUT_SECONDS", "30")),
     "A process that has not been heard from for this long is dead, and every other process stops (jax.distributed).",
+)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", os.environ.get("JCLIP_VERBOSE", "0").lower() not in ("", "0", "false", "no"),
+    "Print the traceback of a user error (a bad config value, a missing path) before its one-line message; "
+    "other errors always show their traceback. Also JCLIP_VERBOSE=1.",
 )
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout_seconds", int(os.environ.get("JCLIP_INITIALIZATION_TIMEOUT_SECONDS", "300")),
@@ -84,6 +91,32 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except Exception as error:  # ml_collections raises AttributeError/KeyError/ValueError/flags.Error here.
         reason = error.args[0] if error.args else error
-        text = " ".join(str(reason).replace("\\'", "'").replace("\\n", " ").split()).strip("'\"")
-        print(f"jclip: invalid command line or config: {text}", file=sys.stderr)
-        sys.exit(2)
+        text = " ".join(str(reason).replace("\\'", "'").replace("\\n", " ").split())
+        while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr quotes its message
+            text = text[1:-1]
+        user_error(f"jclip: invalid command line or config: {text}", error, verbose=_verbose_in(argv))
+
+
+def user_error(message: str, error: BaseException | None = None, *, code: int = 2,
+               verbose: bool | None = None) -> NoReturn:
+    """Stops on a user's mistake: `message` as one line on stderr and exit status `code`; with --verbose
+    (JCLIP_VERBOSE=1) `error`'s traceback first. Other exceptions are left to Python (a traceback, status 1).
+    `verbose` None: the --verbose flag (read from the command line itself when the flags did not parse)."""
+    if verbose is None:
+        verbose = _VERBOSE.value if flags.FLAGS.is_parsed() else _verbose_in(sys.argv)
+    if verbose and error is not None:
+        traceback.print_exception(error, file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _verbose_in(argv: list[str]) -> bool:
+    """--verbose as the command line gives it (its last --verbose, --noverbose or --verbose=X), for errors
+    that stop the flag parsing itself; else JCLIP_VERBOSE."""
+    verbose = _VERBOSE.default
+    for arg in argv[1:]:
+        if arg in ("--verbose", "--noverbose"):
+            verbose = arg == "--verbose"
+        elif arg.startswith("--verbose="):
+            verbose = arg.split("=", 1)[1].lower() in ("1", "true", "t", "yes", "y")
+    return verbose

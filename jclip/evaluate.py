@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jclip.cli import initialise_distributed, parse_flags
+from jclip.cli import initialise_distributed, parse_flags, user_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file whose `evals`, `data` and `mesh` to use (default: the checkpoint's own).",
@@ -118,8 +117,7 @@ def main(argv: list[str]) -> None:
     try:
         report = evaluate(_CHECKPOINT.value, _CONFIG.value, _STEP.value)
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"jclip.evaluate: {error}", file=sys.stderr)
-        sys.exit(2)
+        user_error(f"jclip.evaluate: {error}", error)
     from jclip.checkpoint import is_params_export, resolve_checkpoint
 
     if _OUTPUT.value:

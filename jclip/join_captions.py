@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,7 +36,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from jclip.cli import parse_flags
+from jclip.cli import parse_flags, user_error
 
 
 def _define_flags() -> None:
@@ -219,8 +218,7 @@ def main(argv: list[str]) -> None:
         report = join_captions(values.config, values.captions, values.output, field=values.field, split=values.split,
                                component=values.component, log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"jclip.join_captions: {error}", file=sys.stderr)
-        sys.exit(2)
+        user_error(f"jclip.join_captions: {error}", error)
     for line in summary_lines(report):
         print(line, flush=True)
 

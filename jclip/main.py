@@ -8,8 +8,10 @@ Exit status (README, Failure handling): 0 finished or preempted; 1 an unexpected
 error or no checkpoint that can be restored; 3 too many bad examples; 4 a checkpoint save failed; 5 a non-finite
 loss or gradient (nonfinite.policy).
 
-Exit status: 0 finished (or preempted and saved), 1 failure, 2 invalid config, 3 too many bad examples,
-5 stopped on a non-finite loss or gradient (jclip.nonfinite).
+A user's mistake (a config value, a model shape or mesh that cannot be built, a data path, init_from or teacher
+checkpoint that does not exist) stops with one line on stderr naming the key and the path, exit status 2, before
+the workdir is written or anything is compiled; `--verbose` (JCLIP_VERBOSE=1) prints its traceback first. Any
+other exception is a bug and keeps Python's traceback.
 
 `--compile_only` (no workdir needed) compiles the train step for the config's mesh on abstract inputs and
 prints its memory and FLOPs report (jclip.compile_only), then exits 0; with `--fake_devices=N` it runs on N
@@ -26,7 +28,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jclip.cli import initialise_distributed, parse_flags
+from jclip.cli import initialise_distributed, parse_flags, user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:model=B/32.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and TensorBoard logs.")
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> None:
         try:
             validate_config(config)
         except ConfigError as error:
-            _stop(outcome, 2, f"jclip: invalid config: {error}")
+            _stop(outcome, 2, f"jclip: invalid config: {error}", error)
         _train(config, _WORKDIR.value, outcome)
     finally:
         _write_status(outcome)
@@ -105,17 +107,17 @@ def _train(config, workdir: str, outcome: dict) -> None:
                   f"jclip: exiting with status {_PREEMPTED_EXIT_CODE.value} (--preempted_exit_code) so that the job is "
                   "rerun; the rerun resumes from the saved step")
     except ConfigError as error:
-        _stop(outcome, 2, f"jclip: invalid config: {error}")
+        _stop(outcome, 2, f"jclip: invalid config: {error}", error)
     except TooManyBadExamples as error:
-        _stop(outcome, 3, f"jclip: stopped: {error}")
+        _stop(outcome, 3, f"jclip: stopped: {error}", error)
     except CheckpointSaveError as error:
         _stop(outcome, 4, f"jclip: stopped: {error}. Free some space (or fix the path) and rerun the same command: "
-                          "it resumes from the last good checkpoint")
+                          "it resumes from the last good checkpoint", error)
     except NoIntactCheckpoint as error:
-        _stop(outcome, 2, f"jclip: cannot resume: {error}")
+        _stop(outcome, 2, f"jclip: cannot resume: {error}", error)
     except NonfiniteHalt as error:
         outcome["step"] = error.step
-        _stop(outcome, NONFINITE_EXIT_CODE, f"jclip: stopped: {error}")
+        _stop(outcome, NONFINITE_EXIT_CODE, f"jclip: stopped: {error}", error)
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise
@@ -123,7 +125,7 @@ def _train(config, workdir: str, outcome: dict) -> None:
         # timeout ends every process (TPU, GPU). Either way the message should point at the other logs.
         _stop(outcome, 1, f"jclip: stopped: process {jax.process_index()} of {jax.process_count()} lost contact "
                           f"with the others ({str(error).splitlines()[0]}); another process has probably died: see "
-                          "its log. Rerun the job to resume from the last checkpoint.")
+                          "its log. Rerun the job to resume from the last checkpoint.", error)
 
 
 def _use_fake_devices(count: int) -> None:
@@ -147,16 +149,17 @@ def _compile_only(config) -> None:
     try:
         report = compile_only.compile_report(config)
     except ConfigError as error:
-        _stop({}, 2, f"jclip: invalid config: {error}")
+        _stop({}, 2, f"jclip: invalid config: {error}", error)
     if jax.process_index() == 0:
         print(f"jclip compile_only: {compile_only.describe(config)}")
         print("\n".join(report.lines()), flush=True)
 
 
-def _stop(outcome: dict, code: int, message: str) -> None:
+def _stop(outcome: dict, code: int, message: str, error: BaseException | None = None) -> None:
+    """Records `code` for the status file and exits with it after `message`, one line on stderr (with --verbose,
+    after `error`'s traceback)."""
     outcome["exit_code"] = code
-    print(message, file=sys.stderr)
-    sys.exit(code)
+    user_error(message, error, code=code)
 
 
 def _write_status(outcome: dict) -> None:

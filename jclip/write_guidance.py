@@ -16,7 +16,6 @@ augmented view.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from jclip.cli import initialise_distributed, parse_flags
+from jclip.cli import initialise_distributed, parse_flags, user_error
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The training config whose data to embed.", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The guiding model: a workdir, its checkpoints/ folder or a step folder.")
@@ -97,8 +96,7 @@ def main(argv: list[str]) -> None:
         directory = write_guidance(_CHECKPOINT.value, _CONFIG.value, _OUTPUT.value, step=_STEP.value,
                                    batch_size=_BATCH_SIZE.value)
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"jclip.write_guidance: {error}", file=sys.stderr)
-        sys.exit(2)
+        user_error(f"jclip.write_guidance: {error}", error)
     if jax.process_index() == 0:
         print(f"guidance features written to {directory}", flush=True)
 
