@@ -7,6 +7,7 @@ from jax.sharding import Mesh
 
 from jclip import parallel
 from jclip.errors import ConfigError
+from jclip.paths import as_path
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 CHECKPOINT_FAILURE_POLICIES = ("stop", "continue")
@@ -104,6 +105,94 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
                     int(entry.batch_size) % shards == 0,
                     f"evals.{name}.batch_size ({entry.batch_size}) must be divisible by the {shards} batch shards",
                 )
+
+
+def check_inputs(config: ml_collections.ConfigDict, *, fresh: bool = True) -> None:
+    """The files and folders the config reads exist: the training and evaluation data sources, a compositional
+    benchmark's files, `init_from` (when `fresh`: a resumed run never reads it) and `teacher.checkpoint`.
+
+    Raises ConfigError naming the key and the path, so that a typo stops the run in one line before it saves its
+    config or anything is compiled; what the files hold is checked when they are opened. Paths may be URLs (gs://).
+    """
+    data = config.data
+    mixture = data.get("mixture") or {}
+    sources = ([(f"data.mixture.{name}.source", entry["source"]) for name, entry in mixture.items()]
+               or [("data.source", data.source)])
+    for name, entry in config.evals.items():
+        if _reads_benchmark_files(entry):
+            for option in ("path", "image_root"):
+                path = entry.get(option)
+                _require(not path or as_path(path).exists(),
+                         f"config.evals.{name}.{option}={path!r} does not exist; correct the path")
+        elif entry.get("source"):
+            sources.append((f"evals.{name}.source", entry.source))
+    for key, spec in sources:
+        problem = _source_problem(str(spec), data)
+        _require(problem is None, f"config.{key}={str(spec)!r}: {problem}")
+    if fresh and config.get("init_from"):
+        _check_run("init_from", str(config.init_from), None, exports=True)
+    teacher = config.get("teacher") or {}
+    if teacher.get("checkpoint"):
+        _check_run("teacher.checkpoint", str(teacher["checkpoint"]), teacher.get("step"), exports=False)
+
+
+def _reads_benchmark_files(entry: ml_collections.ConfigDict) -> bool:
+    """A compositional evaluator of a file format (`path`, `image_root`) instead of a data source."""
+    return str(entry.get("format") or "embedded") != "embedded"
+
+
+def _source_problem(spec: str, data: ml_collections.ConfigDict) -> str | None:
+    """What is missing of the files a source spec names (None: nothing, or a source that builds itself)."""
+    kind, _, argument = spec.partition(":")
+    if kind == "wds":
+        from jclip.data.sources import webdataset
+
+        present: list[str] = []
+        try:
+            present, missing = webdataset.find_shards(argument)
+            if not present or (missing and not data.get("allow_missing_shards")):
+                webdataset.check_missing_shards(argument, present, missing, allow_missing=False)
+        except (FileNotFoundError, ValueError) as error:  # missing shards or list file; a bad brace range
+            rest = (" (or set config.data.allow_missing_shards=True to train on the shards that exist)"
+                    if present else "")
+            return f"{error}; correct the path{rest}"
+    elif kind == "tfds":
+        from jclip.data.sources import tfds_source
+
+        data_dir = data.get("data_dir")
+        if data_dir and not as_path(data_dir).is_dir():
+            return (f"the TFDS data dir config.data.data_dir={data_dir!r} does not exist; set it to the folder that "
+                    "holds the prepared dataset (the --data_dir of `tfds build`)")
+        try:
+            tfds_source.check_prepared(argument, data_dir, data.get("manual_dir"))
+        except (FileNotFoundError, ValueError) as error:
+            return " ".join(str(error).split())
+    elif kind == "arrayrecord":
+        from jclip.data.sources.webdataset import DATASET_INFO_FILE
+
+        if not (as_path(argument) / DATASET_INFO_FILE).is_file():
+            return (f"{argument}/{DATASET_INFO_FILE} does not exist: correct the path, or convert tar shards there "
+                    "with python -m jclip.data.sources.convert_webdataset")
+    elif kind in ("folder", "docci") and not as_path(argument).is_file():
+        return f"the file {argument} does not exist; correct the path"
+    elif kind == "classfolders" and not as_path(argument).is_dir():
+        return f"the folder {argument} does not exist; correct the path"
+    return None
+
+
+def _check_run(key: str, path: str, step: int | None, *, exports: bool) -> None:
+    """`path` holds a jclip run's checkpoints (or, with `exports`, a params export): ConfigError naming `key`."""
+    from jclip import checkpoint
+
+    wanted = ("a finished jclip run (its workdir, checkpoints/ folder or a step folder)"
+              + (" or a params export (python -m jclip.convert params|import)" if exports else ""))
+    if exports and checkpoint.is_params_export(path):
+        return
+    _require(as_path(path).exists(), f"config.{key}={path!r} does not exist; set it to {wanted}")
+    try:
+        checkpoint.resolve_checkpoint(path, step)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"config.{key}={path!r}: {error}; set it to {wanted}") from error
 
 
 def _check_nonfinite(config: ml_collections.ConfigDict) -> None:

@@ -22,7 +22,7 @@ from jclip import checkpoint, evals, init_from, nonfinite, parallel, pretrained
 from jclip.errors import CheckpointSaveError, ConfigError
 from jclip.models.clip_model import architecture_differences
 from jclip.build import TrainSetup, TrainState, prepare_data
-from jclip.config_validation import validate_config
+from jclip.config_validation import check_inputs, validate_config
 from jclip.data import pipeline, robust
 from jclip.data.configured import ConfiguredData
 from jclip.evals.common import Encoders
@@ -173,7 +173,9 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike) -> RunResult:
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
     if is_main:
-        check_writable(workdir)
+        check_writable(workdir)  # first: a bucket without credentials is named as such, not by a failed read below
+    check_inputs(config, fresh=not checkpoint.has_checkpoints(workdir / "checkpoints"))  # data, init_from, teacher
+    if is_main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
         removed = checkpoint.remove_unfinished(workdir / "checkpoints")
         if removed:

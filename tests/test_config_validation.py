@@ -103,3 +103,141 @@ def test_the_non_finite_policy_is_checked(key, value, message):
     with pytest.raises(ConfigError) as error:
         validate_config(config)
     assert str(error.value) == message
+
+
+# ----- check_inputs: the paths a config names exist, before the workdir is written --------------------------
+
+
+def inputs_error(config, fresh: bool = True) -> str:
+    from jclip.config_validation import check_inputs
+
+    with pytest.raises(ConfigError) as error:
+        check_inputs(config, fresh=fresh)
+    return str(error.value)
+
+
+def test_missing_shards_are_named_with_the_key_and_what_to_set(tmp_path):
+    from jclip.config_validation import check_inputs
+
+    for shard in (0, 1):
+        (tmp_path / f"{shard}.tar").write_bytes(b"")
+    config = clip.get_config()
+    config.data.source = f"wds:{tmp_path}/{{0..3}}.tar"
+    assert inputs_error(config) == (
+        f"config.data.source='wds:{tmp_path}/{{0..3}}.tar': 2 of 4 shards are missing: {tmp_path}/2.tar, "
+        f"{tmp_path}/3.tar; correct the path (or set config.data.allow_missing_shards=True to train on the shards "
+        "that exist)")
+    config.data.allow_missing_shards = True
+    check_inputs(config)
+    config.data.source = "wds:/nonexistent/{000..001}.tar"
+    assert inputs_error(config) == ("config.data.source='wds:/nonexistent/{000..001}.tar': 2 of 2 shards are "
+                                    "missing: /nonexistent/000.tar, /nonexistent/001.tar; correct the path")
+    config.data.source = "wds:@/nonexistent/shards.txt"
+    assert inputs_error(config) == ("config.data.source='wds:@/nonexistent/shards.txt': shard list file "
+                                    "'/nonexistent/shards.txt' does not exist; correct the path")
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("folder:/nonexistent/captions.jsonl", "the file /nonexistent/captions.jsonl does not exist; correct the path"),
+    ("docci:/nonexistent/docci_descriptions.jsonlines",
+     "the file /nonexistent/docci_descriptions.jsonlines does not exist; correct the path"),
+    ("classfolders:/nonexistent/val", "the folder /nonexistent/val does not exist; correct the path"),
+    ("arrayrecord:/nonexistent/cc3m", "/nonexistent/cc3m/dataset.json does not exist: correct the path, or convert "
+                                      "tar shards there with python -m jclip.data.sources.convert_webdataset"),
+])
+def test_a_missing_file_or_folder_source_is_named(spec, problem):
+    config = clip.get_config()
+    config.data.source = spec
+    assert inputs_error(config) == f"config.data.source={spec!r}: {problem}"
+    config = clip.get_config()
+    config.data.mixture = {"web": {"source": "embedded", "weight": 1.0}, "extra": {"source": spec, "weight": 1.0}}
+    assert inputs_error(config) == f"config.data.mixture.extra.source={spec!r}: {problem}"
+    config = clip.get_config()
+    config.evals.zeroshot.source = spec
+    assert inputs_error(config) == f"config.evals.zeroshot.source={spec!r}: {problem}"
+
+
+def test_a_tfds_source_needs_its_data_dir_and_the_prepared_dataset(scenes_data_dir, tmp_path):
+    from jclip.config_validation import check_inputs
+
+    config = clip.get_config()
+    config.data.source, config.data.data_dir = "tfds:jclip_scenes/small", str(tmp_path / "nowhere")
+    assert inputs_error(config) == (
+        f"config.data.source='tfds:jclip_scenes/small': the TFDS data dir config.data.data_dir="
+        f"'{tmp_path / 'nowhere'}' does not exist; set it to the folder that holds the prepared dataset (the "
+        "--data_dir of `tfds build`)")
+    config.data.data_dir = str(tmp_path)
+    message = inputs_error(config)
+    assert message.startswith(f"config.data.source='tfds:jclip_scenes/small': TFDS dataset 'jclip_scenes/small' is "
+                              f"not prepared in {tmp_path}")
+    assert "\n" not in message
+    config.data.data_dir = str(scenes_data_dir)
+    check_inputs(config)
+    config.data.source, config.data.data_dir = "embedded", str(tmp_path / "nowhere")
+    check_inputs(config)  # the embedded dataset builds itself in its data dir
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_compositional_benchmark_file_is_checked_only_when_its_format_reads_one(tmp_path):
+    from jclip.config_validation import check_inputs
+
+    config = clip.get_config()
+    config.evals.compositional.path = "/nonexistent/sugarcrepe"
+    check_inputs(config)  # the embedded format reads no file
+    config.evals.compositional.format = "sugarcrepe"
+    assert inputs_error(config) == ("config.evals.compositional.path='/nonexistent/sugarcrepe' does not exist; "
+                                    "correct the path")
+    config.evals.compositional.path = str(tmp_path)
+    config.evals.compositional.source = "folder:/nonexistent/unread.jsonl"
+    check_inputs(config)
+
+
+RUN = "a finished jclip run (its workdir, checkpoints/ folder or a step folder)"
+
+
+def test_init_from_and_the_teacher_must_name_a_run(tmp_path):
+    from jclip.config_validation import check_inputs
+
+    config = clip.get_config()
+    config.init_from = "/nonexistent/run"
+    assert inputs_error(config) == (f"config.init_from='/nonexistent/run' does not exist; set it to {RUN} or a "
+                                    "params export (python -m jclip.convert params|import)")
+    check_inputs(config, fresh=False)  # a resumed run never reads init_from
+    config.init_from = str(tmp_path)
+    assert inputs_error(config) == (f"config.init_from='{tmp_path}': {tmp_path} holds no checkpoints (no "
+                                    f"checkpoints/ folder, no step folders); set it to {RUN} or a params export "
+                                    "(python -m jclip.convert params|import)")
+    (tmp_path / "jclip_export.json").write_text("{}")
+    check_inputs(config)  # a params export
+
+    config = clip.get_config()
+    config.teacher.checkpoint = "/nonexistent/teacher"
+    assert inputs_error(config, fresh=False) == (f"config.teacher.checkpoint='/nonexistent/teacher' does not exist; "
+                                                 f"set it to {RUN}")
+    (tmp_path / "run" / "checkpoints" / "3").mkdir(parents=True)
+    config.teacher.checkpoint = str(tmp_path / "run")
+    check_inputs(config, fresh=False)
+    config.teacher.checkpoint = str(tmp_path)  # a params export is no teacher
+    assert inputs_error(config).startswith(f"config.teacher.checkpoint='{tmp_path}': {tmp_path} holds no checkpoints")
+
+
+def test_paths_in_a_bucket_are_checked_too(gcs):
+    from etils import epath
+
+    from gcs_emulator import BUCKET
+    from jclip.config_validation import check_inputs
+
+    bucket = f"gs://{BUCKET}/check_inputs"
+    epath.Path(f"{bucket}/shards/0.tar").write_bytes(b"")
+    epath.Path(f"{bucket}/run/checkpoints/3/state/x").write_bytes(b"")
+    config = clip.get_config()
+    config.data.source = f"wds:{bucket}/shards/{{0..1}}.tar"
+    config.init_from = f"{bucket}/nothing"
+    config.teacher.checkpoint = f"{bucket}/run"
+    assert inputs_error(config).startswith(f"config.data.source='wds:{bucket}/shards/{{0..1}}.tar': 1 of 2 shards "
+                                           f"are missing: {bucket}/shards/1.tar; correct the path")
+    config.data.source = f"wds:{bucket}/shards/0.tar"
+    assert inputs_error(config) == (f"config.init_from='{bucket}/nothing' does not exist; set it to {RUN} or a "
+                                    "params export (python -m jclip.convert params|import)")
+    config.init_from = f"{bucket}/run"
+    check_inputs(config)

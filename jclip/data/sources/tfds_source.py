@@ -162,6 +162,12 @@ class TfdsSource:
 # Finding (or, for local builders, making) the prepared dataset.
 
 
+def check_prepared(name: str, data_dir: str | None, manual_dir: str | None = None) -> None:
+    """FileNotFoundError saying how to prepare TFDS dataset `name` unless it is prepared (as ArrayRecord: else a
+    ValueError) in `data_dir`; reads only its metadata, so that a run can check its data before it starts."""
+    _prepared_builder(name, data_dir, manual_dir, download=False)
+
+
 def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None,
                       download: bool) -> tfds.core.DatasetBuilder:
     """The read-only builder of the prepared dataset, in ArrayRecord; clear errors otherwise."""
