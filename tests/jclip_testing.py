@@ -55,6 +55,25 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+def copy_run_until(reference: pathlib.Path, target: pathlib.Path, step: int) -> pathlib.Path:
+    """A copy of a finished run's workdir whose metrics.jsonl stops at `step` (a rerun's later losses are its own)."""
+    import shutil
+
+    shutil.copytree(reference, target)
+    metrics = target / "metrics.jsonl"
+    lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step]
+    metrics.write_text("\n".join(lines) + "\n")
+    assert max(read_losses(target)) == step
+    return target
+
+
+def truncate_array_file(step_dir: pathlib.Path) -> str:
+    """Truncates the largest array file of a checkpoint step to 1000 bytes; the reason a restore gives for it."""
+    largest = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(largest, 1000)
+    return "bytes"
+
+
 def wait_for_checkpoint(workdir: pathlib.Path, processes: list[subprocess.Popen], step: int, timeout: float = 300) -> bool:
     """Waits until `workdir` holds a checkpoint at `step` or later; False if a process ended or time ran out."""
     deadline = time.time() + timeout
