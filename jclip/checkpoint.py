@@ -387,6 +387,9 @@ class Checkpointer:
                 reason = None
             except Exception as error:  # damage of any kind: Orbax, TensorStore, JSON, Grain
                 state, counters, reason = None, None, one_line(error)
+            if reason is not None and jax.process_index() > 0:  # process 0's warning names its own reason only
+                _warn(f"process {jax.process_index()} cannot restore the checkpoint of step {step} in "
+                      f"{self.directory}: {reason}")
             reason = _agree(reason, f"jclip_checkpoint_restore_{step}")
             if reason is None:
                 self._set_aside_damaged(tried, step)
@@ -401,19 +404,26 @@ class Checkpointer:
         )
 
     def _restore_whole(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None):
+        """(state, this process's counters or None) of `step`. Each item is read by its own handler, not through
+        the CheckpointManager, whose restore ends in a barrier of all processes: a process that failed to read its
+        part would skip that barrier and leave the others waiting in it, or pair it with its next collective (the
+        processes then disagree for good). Here a failure is this process's exception only; `restore_newest`
+        then joins every process's verdict in one collective."""
+        step_dir = self.step_dir(step)
         items = (STATE, CONFIG) + ((DATA,) if data_iterator is not None else ())
-        problem = inspect(self.step_dir(step), items, jax.process_count())
+        problem = inspect(step_dir, items, jax.process_count())
         if problem is not None:
             raise ValueError(problem)
-        args = {STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore()}
+        state = _read_item(ocp.StandardCheckpointHandler(), step_dir / STATE, ocp.args.StandardRestore(abstract_state))
+        _read_item(ocp.JsonCheckpointHandler(), step_dir / CONFIG, ocp.args.JsonRestore())  # must read, too
+        counters = None
+        if (step_dir / COUNTERS).exists():
+            saved = _read_item(ocp.JsonCheckpointHandler(), step_dir / COUNTERS, ocp.args.JsonRestore())
+            counters = saved.get(f"process_{jax.process_index()}")
         if data_iterator is not None:
-            args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        has_counters = (self.step_dir(step) / COUNTERS).exists()
-        if has_counters:
-            args[COUNTERS] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        counters = restored[COUNTERS].get(f"process_{jax.process_index()}") if has_counters else None
-        return restored[STATE], counters
+            _read_item(grain.checkpoint.CheckpointHandler(), step_dir / DATA,
+                       grain.checkpoint.CheckpointRestore(data_iterator))
+        return state, counters
 
     def _set_aside_damaged(self, tried: list[tuple[int, str]], restored: int) -> None:
         """Moves the newer steps that failed to restore aside (process 0) and names each on stderr."""
@@ -468,6 +478,14 @@ class Checkpointer:
         except Exception as error:  # the save in flight failed while the run was stopping for another reason
             step = pending[0] if pending else "?"
             _warn(f"the checkpoint save of step {step} to {self.directory} failed while stopping: {one_line(error)}")
+
+
+def _read_item(handler: Any, directory: epath.Path, args: Any) -> Any:
+    """One item of a checkpoint step read by its handler (no barrier: see `Checkpointer._restore_whole`)."""
+    try:
+        return handler.restore(directory, args=args)
+    finally:
+        handler.close()
 
 
 def _agree(reason: str | None, name: str) -> str | None:

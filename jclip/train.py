@@ -86,10 +86,14 @@ def _global_skip_metrics(counter: robust.SkipCounter) -> robust.SkipCounter:
 
 
 def run_evaluators(evaluators, state: TrainState, encoders: Encoders, step: int, writer: MetricsWriter, final: bool) -> dict:
+    """Runs the evaluators due at `step`; process 0 prints `evaluating <name> at step <N>` as each starts (a slow or
+    stuck evaluation shows in the log, and jclip.tools.fault_trials times its kills by it) and its results after."""
     results = {}
     for evaluator in evaluators:
         if not evaluator.due(step, final):
             continue
+        if jax.process_index() == 0:
+            print(f"evaluating {evaluator.name} at step {step}", flush=True)
         started = time.perf_counter()
         values = evaluator.run(state["params"], encoders)
         values = {f"eval/{evaluator.name}/{key}": value for key, value in values.items()}

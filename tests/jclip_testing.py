@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+# The micro run (compiles and steps in seconds on 2 CPU cores), shared with jclip.tools.fault_trials.
+from jclip.tools.micro_run import MICRO_MODEL_OVERRIDES, micro_run_flags  # noqa: F401 (re-exported)
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -26,45 +29,6 @@ def make_small_config(**overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
-
-
-# A model small enough that end-to-end tests compile and step in seconds on 2 CPU cores.
-MICRO_MODEL_OVERRIDES = (
-    "--config.model.embed_dim=32",
-    "--config.model.vision.image_size=32",
-    "--config.model.vision.patch_size=8",
-    "--config.model.vision.width=32",
-    "--config.model.vision.layers=1",
-    "--config.model.vision.head_width=16",
-    "--config.model.text.context_length=16",
-    "--config.model.text.width=32",
-    "--config.model.text.heads=2",
-    "--config.model.text.layers=1",
-)
-
-
-def micro_run_flags(data_dir: pathlib.Path, **overrides) -> list[str]:
-    """`jclip.main` flags for a micro CLIP run on the small embedded dataset, plus `--config.<k>=<v>`."""
-    flags = [
-        *MICRO_MODEL_OVERRIDES,
-        "--config.data.embedded_config=small",
-        f"--config.data.data_dir={data_dir}",
-        "--config.data.batch_size=16",
-        "--config.data.num_threads=1",
-        "--config.log_every=1",
-        "--config.evals.retrieval.every=0",
-        "--config.evals.retrieval.limit=64",
-        "--config.evals.retrieval.batch_size=32",
-        "--config.evals.zeroshot.every=0",
-        "--config.evals.zeroshot.limit=64",
-        "--config.evals.zeroshot.batch_size=32",
-        "--config.evals.compositional.every=0",
-        "--config.evals.compositional.limit=32",
-        "--config.evals.compositional.batch_size=32",
-        "--config.optim.warmup_steps=2",
-    ]
-    flags += [f"--config.{key}={value}" for key, value in overrides.items()]
-    return flags
 
 
 def run_jclip_main(workdir: pathlib.Path, config: str, flags: list[str], timeout: int = 600) -> str:
@@ -89,6 +53,25 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     """The finished checkpoint steps of a workdir (Orbax's unfinished `*.orbax-checkpoint-tmp` left out)."""
     directory = workdir / "checkpoints"
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def copy_run_until(reference: pathlib.Path, target: pathlib.Path, step: int) -> pathlib.Path:
+    """A copy of a finished run's workdir whose metrics.jsonl stops at `step` (a rerun's later losses are its own)."""
+    import shutil
+
+    shutil.copytree(reference, target)
+    metrics = target / "metrics.jsonl"
+    lines = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= step]
+    metrics.write_text("\n".join(lines) + "\n")
+    assert max(read_losses(target)) == step
+    return target
+
+
+def truncate_array_file(step_dir: pathlib.Path) -> str:
+    """Truncates the largest array file of a checkpoint step to 1000 bytes; the reason a restore gives for it."""
+    largest = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(largest, 1000)
+    return "bytes"
 
 
 def wait_for_checkpoint(workdir: pathlib.Path, processes: list[subprocess.Popen], step: int, timeout: float = 300) -> bool:

@@ -73,12 +73,13 @@ def _saved_steps(directory, steps, keep=5):
     return config, state
 
 
-def _truncate_largest(step_dir):
-    """Truncates the largest array data file of a step (OCDBT's `d/` files)."""
-    largest = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(largest, "r+b") as file:
-        file.truncate(100)
-    return largest
+def _truncate_array_files(step_dir):
+    """Truncates every array data file of a step (OCDBT's `d/` files). Not only the largest: in a model this small
+    it may be a per-process index file that the merged index no longer reads, and the step would restore."""
+    for path in (step_dir / "state").rglob("d/*"):
+        if path.is_file():
+            with open(path, "r+b") as file:
+                file.truncate(100)
 
 
 def test_each_save_is_checked_and_gets_a_manifest(tmp_path):
@@ -104,7 +105,7 @@ def test_each_save_is_checked_and_gets_a_manifest(tmp_path):
 def test_restore_falls_back_to_the_newest_intact_step_and_moves_the_damaged_aside(tmp_path, capsys):
     config, state = _saved_steps(tmp_path, (1, 2))
     (tmp_path / "2" / checkpoint.MANIFEST).unlink(missing_ok=True)  # no manifest: Orbax's own read fails
-    _truncate_largest(tmp_path / "2")
+    _truncate_array_files(tmp_path / "2")
     setup = TrainSetup.create(config, parallel.make_mesh({"data": 8}))
     manager = checkpoint.Checkpointer(tmp_path, keep=5)
     step, restored, counters = manager.restore_newest(setup.abstract_state(), None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pathlib
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,8 @@ import uuid
 
 import pytest
 
-from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_losses
+from jclip_testing import (REPO_ROOT, checkpoint_steps, copy_run_until, micro_run_flags, read_losses,
+                           truncate_array_file)
 
 STEPS, EVERY = 8, 2
 
@@ -42,23 +42,6 @@ def reference_run(scenes_data_dir, tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
-def copy_until(reference: pathlib.Path, target: pathlib.Path, step: int) -> pathlib.Path:
-    """A copy of the reference run whose metrics stop at `step` (so the rerun's losses are its own)."""
-    shutil.copytree(reference, target)
-    metrics = target / "metrics.jsonl"
-    lines = [line for line in metrics.read_text().splitlines() if f'"step": {step + 1}' not in line
-             and all(f'"step": {s}' not in line for s in range(step + 1, STEPS + 1))]
-    metrics.write_text("\n".join(lines) + "\n")
-    assert max(read_losses(target)) == step
-    return target
-
-
-def truncate_array_file(step_dir: pathlib.Path) -> str:
-    largest = max((p for p in (step_dir / "state").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
-    os.truncate(largest, 1000)
-    return "bytes"
-
-
 def delete_data_state(step_dir: pathlib.Path) -> str:
     (step_dir / "data" / "process_0-of-1.json").unlink()
     return "data/process_0-of-1.json is missing"
@@ -77,7 +60,7 @@ def corrupt_config_json(step_dir: pathlib.Path) -> str:
 
 @pytest.mark.parametrize("damage", [truncate_array_file, delete_data_state, corrupt_step_metadata, corrupt_config_json])
 def test_damaged_latest_checkpoint_falls_back_with_identical_losses(damage, reference_run, scenes_data_dir, tmp_path):
-    workdir = copy_until(reference_run, tmp_path / "run", 6)
+    workdir = copy_run_until(reference_run, tmp_path / "run", 6)
     expected_reason = damage(workdir / "checkpoints" / "8")
     (workdir / "checkpoints" / "10.orbax-checkpoint-tmp").mkdir()  # an interrupted save: removed and reported
     (workdir / "checkpoints" / "10.orbax-checkpoint-tmp" / "partial").write_bytes(b"x" * 100)
@@ -99,7 +82,7 @@ def test_damaged_latest_checkpoint_falls_back_with_identical_losses(damage, refe
 
 
 def test_no_intact_checkpoint_stops_with_one_message(reference_run, scenes_data_dir, tmp_path):
-    workdir = copy_until(reference_run, tmp_path / "run", 8)
+    workdir = copy_run_until(reference_run, tmp_path / "run", 8)
     for step in (4, 6, 8):
         corrupt_config_json(workdir / "checkpoints" / str(step))
     result = run(workdir, micro_run_flags(scenes_data_dir, total_steps=10, checkpoint_every=EVERY))

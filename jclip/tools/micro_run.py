@@ -1,0 +1,48 @@
+"""The micro CLIP run: a model and data small enough that `jclip.main` compiles and trains in seconds on CPU.
+
+Shared by the end-to-end tests (tests/jclip_testing.py re-exports it) and the fault trials
+(`jclip.tools.fault_trials`), which must train the same run.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: A one-block CLIP with 32-wide towers on 32-pixel images and 16-token texts.
+MICRO_MODEL_OVERRIDES = (
+    "--config.model.embed_dim=32",
+    "--config.model.vision.image_size=32",
+    "--config.model.vision.patch_size=8",
+    "--config.model.vision.width=32",
+    "--config.model.vision.layers=1",
+    "--config.model.vision.head_width=16",
+    "--config.model.text.context_length=16",
+    "--config.model.text.width=32",
+    "--config.model.text.heads=2",
+    "--config.model.text.layers=1",
+)
+
+
+def micro_run_flags(data_dir: str | os.PathLike, **overrides) -> list[str]:
+    """`jclip.main` flags for a micro CLIP run on the `small` embedded dataset in `data_dir` (built there on first
+    use), logging every step, evaluating only at the end on a few examples, plus `--config.<k>=<v>`."""
+    flags = [
+        *MICRO_MODEL_OVERRIDES,
+        "--config.data.embedded_config=small",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.batch_size=16",
+        "--config.data.num_threads=1",
+        "--config.log_every=1",
+        "--config.evals.retrieval.every=0",
+        "--config.evals.retrieval.limit=64",
+        "--config.evals.retrieval.batch_size=32",
+        "--config.evals.zeroshot.every=0",
+        "--config.evals.zeroshot.limit=64",
+        "--config.evals.zeroshot.batch_size=32",
+        "--config.evals.compositional.every=0",
+        "--config.evals.compositional.limit=32",
+        "--config.evals.compositional.batch_size=32",
+        "--config.optim.warmup_steps=2",
+    ]
+    flags += [f"--config.{key}={value}" for key, value in overrides.items()]
+    return flags
