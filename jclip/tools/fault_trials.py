@@ -20,11 +20,12 @@ classified by what the run was doing when it died: the last line it printed (a s
 final step) and whether a save folder was left unfinished; a kill that missed its phase counts as what it hit.
 
 The table and `<workdir>/fault_trials.json` give the kills by kind (injected, landed in the intended phase, what
-they hit), the resumes, steps lost (missing from the finished run's metrics.jsonl) and steps that differ from the
-reference, steps trained twice (redone after a resume: expected), checkpoints lost (a step that had been checked,
-i.e. had its jclip_manifest.json, and later was gone without being pruned by `keep`, or was moved aside as
-damaged), `.damaged-*` folders of any step, the exit codes of the runs and the wall time. The tool exits 1 when a
-trial lost or changed a step, lost a checkpoint, or a run ended other than by its kill or with status 0.
+they hit), the reruns and resumes, steps lost (missing from the finished run's metrics.jsonl) and steps that differ
+from the reference, steps trained twice (redone after a resume: expected), metrics lines that are not JSON,
+checkpoints lost (a step that had been checked, i.e. had its jclip_manifest.json, and later was gone without being
+pruned by `keep`, or was moved aside as damaged), `.damaged-*` folders of any step, the exit codes of the runs and
+the wall time. The tool exits 1 when a trial lost or changed a step, has a metrics line that is not JSON, lost a
+checkpoint, or had a run end other than by its kill (-9) or, the last, with status 0.
 
 A persistent XLA compilation cache in `<workdir>/jax_cache` (off with `--no_compilation_cache`) cuts each
 restart's compile time; it does not change what is computed (the reference populates it).
@@ -285,6 +286,7 @@ class Trial:
     steps_lost: list[int] = dataclasses.field(default_factory=list)
     steps_differ: list[int] = dataclasses.field(default_factory=list)
     steps_redone: int = 0
+    bad_metrics_lines: int = 0
     checkpoints_lost: list[int] = dataclasses.field(default_factory=list)
     damaged_folders: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -307,20 +309,25 @@ class Trial:
 
     @property
     def ok(self) -> bool:
-        return self.runs_ok and not (self.steps_lost or self.steps_differ or self.checkpoints_lost)
+        return self.runs_ok and not (self.steps_lost or self.steps_differ or self.checkpoints_lost
+                                     or self.bad_metrics_lines)
 
 
-def read_losses(workdir: pathlib.Path) -> tuple[dict[int, float], int]:
-    """step -> loss of a workdir's metrics.jsonl (a step's last line wins, as after a resume), and how many loss
-    lines repeat a step (steps trained again after a resume)."""
-    losses, lines = {}, 0
+def read_losses(workdir: pathlib.Path) -> tuple[dict[int, float], int, int]:
+    """step -> loss of a workdir's metrics.jsonl (a step's last line wins, as after a resume), how many loss lines
+    repeat a step (steps trained again after a resume), and how many lines are not JSON (a record cut by a kill)."""
+    losses, lines, bad = {}, 0, 0
     path = workdir / "metrics.jsonl"
     for line in (path.read_text().splitlines() if path.is_file() else []):
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
         if "loss/total" in record:
             losses[record["step"]] = record["loss/total"]
             lines += 1
-    return losses, lines - len(losses)
+    return losses, lines - len(losses), bad
 
 
 def observe(run: Run, checkpoints: pathlib.Path, total: int, evaluations: tuple[str, ...]) -> list[str]:
@@ -432,7 +439,7 @@ def run_reference(settings: Settings) -> tuple[dict[int, float], Timings, float]
     with CheckpointWatch(workdir / "checkpoints", interval=0.002) as watch:
         run = Run(settings, workdir, settings.workdir / "reference.log")
         code = run.finish(settings.run_timeout)
-    losses, _ = read_losses(workdir)
+    losses, _, _ = read_losses(workdir)
     if code != 0 or sorted(losses) != list(range(1, settings.steps + 1)):
         raise RuntimeError(f"the reference run failed (exit status {code}); see {settings.workdir / 'reference.log'}")
     return losses, Timings.measure(run, watch.save_seconds, settings), run.seconds()
@@ -472,7 +479,7 @@ def run_trial(index: int, settings: Settings, reference: dict[int, float], timin
             log(f"  trial {index} kill {number + 1}: {describe_kill(kill)}")
             if not kill.injected:  # the run ended by itself: nothing left to kill
                 break
-    losses, trial.steps_redone = read_losses(workdir)
+    losses, trial.steps_redone, trial.bad_metrics_lines = read_losses(workdir)
     trial.steps_lost = [step for step in reference if step not in losses]
     trial.steps_differ = [step for step in reference if step in losses and losses[step] != reference[step]]
     trial.checkpoints_lost, trial.damaged_folders = lost_checkpoints(watch.checked, checkpoints, settings.keep)
@@ -525,6 +532,7 @@ class Report:
             "steps_lost": sum(len(t.steps_lost) for t in trials),
             "steps_differ": sum(len(t.steps_differ) for t in trials),
             "steps_redone": sum(t.steps_redone for t in trials),
+            "bad_metrics_lines": sum(t.bad_metrics_lines for t in trials),
             "checkpoints_lost": sum(len(t.checkpoints_lost) for t in trials),
             "damaged_folders": sum(len(t.damaged_folders) for t in trials),
             "runs_ok": all(t.runs_ok for t in trials),
@@ -566,7 +574,8 @@ class Report:
     def _totals(self) -> str:
         n = self.to_json()
         return (f"reruns {n['reruns']} ({n['resumes']} resumed from a checkpoint), steps lost {n['steps_lost']}, "
-                f"steps that differ {n['steps_differ']}, steps redone {n['steps_redone']}, checkpoints lost "
+                f"steps that differ {n['steps_differ']}, steps redone {n['steps_redone']}, metrics lines that are "
+                f"not JSON {n['bad_metrics_lines']}, checkpoints lost "
                 f"{n['checkpoints_lost']}, damaged folders {n['damaged_folders']}, every run ended as expected: "
                 f"{n['runs_ok']}; wall time {self.wall_seconds:.0f} s; " + ("PASS" if self.ok else "FAIL"))
 

@@ -27,6 +27,7 @@ def test_two_trials_killed_in_a_step_a_save_and_an_evaluation_end_with_the_refer
         assert trial.exit_codes == [-signal.SIGKILL] * 3 + [0], table  # each killed run died of its kill
         assert read_losses(tmp_path / f"trial_{trial.index}") == reference, table  # every step, bit for bit
         assert (trial.steps_lost, trial.steps_differ, trial.checkpoints_lost) == ([], [], []), table
+        assert trial.bad_metrics_lines == 0, table
     written = json.loads((tmp_path / "fault_trials.json").read_text())
     totals = [written[key] for key in ("trials", "steps_lost", "steps_differ", "checkpoints_lost")]
     assert totals == [2, 0, 0, 0]
