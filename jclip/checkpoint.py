@@ -104,14 +104,21 @@ def check_structure(step_dir: PathLike, items: tuple[str, ...], processes: int) 
 
 
 def write_manifest(step_dir: PathLike, step: int) -> None:
-    """`jclip_manifest.json` in the step folder: each file's size, and the SHA-256 of the small ones."""
+    """`jclip_manifest.json` in the step folder: each file's size, and the SHA-256 of the small ones. Written
+    whole or not at all (a local file is renamed into place; a Cloud Storage object appears when complete), so a
+    kill while writing it leaves a step without a manifest, checked by its layout, never a half manifest."""
     step_dir = as_path(step_dir)
     files = {
         name: {"size": size, "sha256": _sha256(step_dir / name) if size <= HASHED_BYTES else None}
-        for name, size in sorted(file_sizes(step_dir).items()) if name != MANIFEST
+        for name, size in sorted(file_sizes(step_dir).items()) if not name.startswith(MANIFEST)
     }
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}
-    (step_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    text = json.dumps({"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}, indent=1)
+    if is_url(step_dir):
+        (step_dir / MANIFEST).write_text(text)
+        return
+    partial = step_dir / f"{MANIFEST}.partial"
+    partial.write_text(text)
+    os.replace(partial, step_dir / MANIFEST)
 
 
 def check_manifest(step_dir: PathLike) -> str | None:

@@ -177,3 +177,21 @@ def test_in_a_bucket_each_save_is_checked_and_a_damaged_step_is_moved_aside(gcs,
     assert (epath.Path(directory) / names[1] / largest).exists()  # moved, not deleted
     warning = capsys.readouterr().err
     assert f"{largest} has 100 bytes" in warning and "resuming from step 1" in warning
+
+
+def test_a_kill_while_the_manifest_is_written_leaves_a_step_checked_by_its_layout(tmp_path):
+    """The manifest is renamed into place: a kill mid-write leaves only `jclip_manifest.json.partial`, which the
+    checks ignore, so the step is judged by its layout instead of being moved aside for a half manifest."""
+    config = micro_config()
+    state = TrainSetup.create(config, parallel.make_mesh({"data": 8})).init_state()
+    manager = checkpoint.Checkpointer(tmp_path, keep=2, async_save=False)
+    manager.save(1, state, None, config)
+    manager.close()
+    manifest = tmp_path / "1" / checkpoint.MANIFEST
+    assert manifest.is_file() and not (tmp_path / "1" / f"{checkpoint.MANIFEST}.partial").exists()
+    text = manifest.read_text()
+    manifest.unlink()
+    (tmp_path / "1" / f"{checkpoint.MANIFEST}.partial").write_text(text[: len(text) // 2])
+    assert checkpoint.inspect(tmp_path / "1", ("state", "config"), 1) is None
+    manifest.write_text(text[: len(text) // 2])  # what a non-atomic write would have left
+    assert "does not parse" in checkpoint.inspect(tmp_path / "1", ("state", "config"), 1)
