@@ -10,7 +10,7 @@ loss or gradient (nonfinite.policy).
 
 A user's mistake (a config value, a model shape or mesh that cannot be built, a data path, init_from or teacher
 checkpoint that does not exist) stops with one line on stderr naming the key and the path, exit status 2, before
-the workdir is written or anything is compiled; `--verbose` (JCLIP_VERBOSE=1) prints its traceback first. Any
+anything is saved in the workdir or compiled; `--verbose` (JCLIP_VERBOSE=1) prints its traceback first. Any
 other exception is a bug and keeps Python's traceback.
 
 `--compile_only` (no workdir needed) compiles the train step for the config's mesh on abstract inputs and
