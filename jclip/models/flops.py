@@ -49,8 +49,8 @@ def forward_flops(model_config: Mapping[str, Any]) -> dict[str, int]:
                   for path, v in nnx.to_flat_state(nnx.state(getattr(model, attribute), nnx.Param))}
         for path, leaf in stacking.unstack(params).items():  # a scanned tower's biases are not matrices
             size = int(np.prod(leaf.shape))
-            if leaf.ndim < 2 or path[-1] in _NOT_MATMULS:
-                continue
+            if leaf.ndim < 2 or path[-1] in _NOT_MATMULS or str(path[-1]).endswith("bias"):
+                continue  # the fused q/k/v bias is [3, heads, head_dim]: added, not multiplied
             if path[-1] == "patch_embedding":
                 flops += 2 * size * patches
             elif path[-1] == "projection":
