@@ -57,9 +57,7 @@ class CompileReport:
     @property
     def estimated_peak_bytes(self) -> int:
         """Arguments + outputs - aliased (donated state updated in place) + temporaries."""
-        m = self.memory
-        return (m["argument_size_in_bytes"] + m["output_size_in_bytes"] - m["alias_size_in_bytes"]
-                + m["temp_size_in_bytes"])
+        return estimated_peak_bytes(self.memory)
 
     def lines(self) -> list[str]:
         """The printed report: `name: integer (readable)` lines, then notes."""
@@ -86,6 +84,13 @@ class CompileReport:
             "estimated_peak = arguments + outputs - aliased + temporaries. xla_flops counts a loop body once "
             "(scan_layers, accum_steps); model_flops = 3 x forward (jclip.models.flops), remat excluded.",
         ]
+
+
+def estimated_peak_bytes(memory: Mapping[str, int]) -> int:
+    """Peak bytes per device estimated from MEMORY_FIELDS of a compiled program's memory analysis: arguments +
+    outputs - aliased (a donated state is updated in place) + temporaries."""
+    return (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"]
+            + memory["temp_size_in_bytes"])
 
 
 def _batch_shards(mesh: Mapping[str, int]) -> int:
