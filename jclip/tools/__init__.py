@@ -1,4 +1,4 @@
-"""jclip.tools: benchmarks and experiment drivers (loss_bench, data_bench, compare).
+"""jclip.tools: benchmarks and experiment drivers (bench_step, loss_bench, data_bench, compare).
 
 They use the library and the library never uses them (shared/ARCHITECTURE.md, layers).
 """
