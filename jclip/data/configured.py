@@ -153,6 +153,7 @@ class ConfiguredData:
         self.op_context = ops.OpContext(
             image_size=self.image_size, context_length=self.context_length, tokenizer_spec=self.tokenizer_spec,
             training=True, random_crop_scale=None if scale is None else tuple(scale),
+            jpeg_draft=bool(data_config.get("jpeg_draft", True)),
         )
         self.component_ops()  # an unknown op or a bad argument fails here, before anything is read
 
