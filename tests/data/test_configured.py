@@ -401,3 +401,24 @@ def test_embedded_batches_are_bit_identical_with_and_without_jpeg_draft(scenes_d
         assert exact["images"].shape == (8, 32, 32, 3)
         for field in exact:
             np.testing.assert_array_equal(exact[field], drafted[field])
+
+
+def test_auto_workers_take_the_hosts_cores_less_two_within_memory_and_shards(tmp_path, monkeypatch):
+    from jclip.data import pipeline
+
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 240)  # a TPU VM host
+    monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 64 * 2**30)
+    config = data_config("embedded", num_workers=-1)
+    config.data.batch_size = 512
+    data = configured.ConfiguredData(config.data, config.model)
+    assert data.num_workers(pipeline.HostShard(0, 4)) == 238  # 128 rows of 32 px: memory is no limit
+    config.model.vision.image_size = 224  # 512 rows of 224 px in float32: 2 batches a worker in half of 64 GiB
+    assert configured.ConfiguredData(config.data, config.model).num_workers(pipeline.HostShard(0, 1)) == (
+        32 * 2**30 // (2 * 512 * 224 * 224 * 3 * 4)) == 55
+    for index in range(10):
+        (tmp_path / f"{index}.tar").write_bytes(b"")
+    config = data_config(f"wds:{tmp_path}/{{0..9}}.tar", num_workers=-1)
+    data = configured.ConfiguredData(config.data, config.model)
+    assert data.num_workers(pipeline.HostShard(0, 2)) == 5  # each worker needs a shard of its own
+    config.data.num_workers = 300  # an explicit count is taken as given
+    assert configured.ConfiguredData(config.data, config.model).num_workers(pipeline.HostShard(0, 2)) == 300
