@@ -335,7 +335,8 @@ def photo_jpegs() -> dict[str, list[bytes]]:
                                                               "ships the real photos of the draft-mode pixel test")
     photos = [getattr(skimage_data, name)() for name in SKIMAGE_PHOTOS]
     photos = [photo[0] if isinstance(photo, tuple) else photo for photo in photos]  # the motorcycle's left view
-    return {label: [photo_at(photo, size) for photo in photos] for label, size in (("512", 512), ("640x480", (640, 480)))}
+    sizes = {"512": 512, "640x480": (640, 480)}
+    return {label: [photo_at(photo, size) for photo in photos] for label, size in sizes.items()}
 
 
 def centre_crops(encoded: list[bytes], size: int, draft: bool) -> np.ndarray:
