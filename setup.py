@@ -55,6 +55,10 @@ setup(
             # Kubernetes' API schemas, offline: the GKE manifests in launch/gke/ are checked against them.
             "kubernetes-validate>=1.33",
             "pyyaml>=6",
+            # Real photos shipped in its wheel (skimage.data): the JPEG draft-mode pixel test and the benchmark.
+            "scikit-image>=0.22",
         ],
+        # python -m jclip.tools.data_bench --parts=sizes: real photos (without it, generated ones, labelled synthetic).
+        "bench": ["scikit-image>=0.22"],
     },
 )

@@ -127,7 +127,12 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
     config.data.max_consecutive_bad = 10_000
     config.data.batch_size = args.batch  # global, over all processes and devices.
     config.data.random_crop_scale = config_dict.placeholder(tuple)  # crop_image's scale if unnamed, e.g. (0.9, 1.0).
-    config.data.num_workers = 0  # Grain worker processes per host (0 = threads in the main process).
+    # Decode JPEGs at least twice the crop's size DCT-scaled by 1/2, 1/4 or 1/8 (libjpeg draft mode): about twice
+    # as fast from 512 px to 224 px. False decodes every pixel (jclip/data/ops/image.py, README "Measured").
+    config.data.jpeg_draft = True
+    # Grain worker processes per host: 0 = threads in the main process; -1 = auto, the host's usable cores
+    # (os.sched_getaffinity) minus 2 for the training loop (jclip/data/pipeline.py: resolve_num_workers).
+    config.data.num_workers = 0
     config.data.num_threads = 2
     config.data.prefetch = 4
 

@@ -21,7 +21,7 @@ def _require(condition: bool, message: str) -> None:
 def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
     """Raises ConfigError naming the first invalid field; `mesh` adds the divisibility checks."""
     from jclip import evals, losses, models
-    from jclip.data import configured
+    from jclip.data import configured, pipeline
 
     _require(int(config.total_steps) > 0, f"total_steps must be positive, got {config.total_steps}")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -59,7 +59,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
     _require(0 <= float(data.max_skip_rate) <= 1, f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}")
     batch = int(data.batch_size)
     _require(batch > 0, f"data.batch_size must be positive, got {batch}")
-    _require(int(data.num_workers) >= 0, f"data.num_workers must be >= 0, got {data.num_workers}")
+    try:
+        pipeline.resolve_num_workers(data.num_workers, cores=1)  # n >= 0, or -1 / "auto"
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     if data.random_crop_scale is not None:
         low, high = data.random_crop_scale
         _require(0 < low <= high <= 1, f"data.random_crop_scale must satisfy 0 < low <= high <= 1, got {data.random_crop_scale}")

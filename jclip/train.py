@@ -203,7 +203,11 @@ def _run(config, workdir, mesh, checkpointer: checkpoint.Checkpointer, is_main: 
     weights = pretrained.load_pretrained(config.model) if fresh else {}
     data = ConfiguredData(config.data, config.model)
     prepare_data(data, config)
-    train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=pipeline.HostShard.current()))
+    shard = pipeline.HostShard.current()
+    if is_main and pipeline.is_auto(config.data.num_workers):
+        print(f"data.num_workers=auto: {data.num_workers(shard)} Grain worker processes "
+              f"({pipeline.usable_cores()} usable cores on this host)", flush=True)
+    train_iterator = iter(data.training_dataset(seed=int(config.seed), shard=shard))
     try:
         return _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, weights)
     finally:

@@ -91,6 +91,16 @@ def test_checkpoint_failure_takes_stop_or_continue():
         validate_config(config)
 
 
+def test_num_workers_takes_a_count_or_auto():
+    config = clip.get_config()
+    for setting in (0, 4, -1):
+        config.data.num_workers = setting
+        validate_config(config)
+    config.data.num_workers = -2
+    with pytest.raises(ConfigError, match=r"data.num_workers must be an integer >= 0, or -1 \(auto\), got -2"):
+        validate_config(config)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("policy", "ignore", "nonfinite.policy must be one of ('halt', 'skip'), got 'ignore'"),
     ("max_skips", -1, "nonfinite.max_skips must be an integer >= 0, got -1"),

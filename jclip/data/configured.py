@@ -153,6 +153,7 @@ class ConfiguredData:
         self.op_context = ops.OpContext(
             image_size=self.image_size, context_length=self.context_length, tokenizer_spec=self.tokenizer_spec,
             training=True, random_crop_scale=None if scale is None else tuple(scale),
+            jpeg_draft=bool(data_config.get("jpeg_draft", True)),
         )
         self.component_ops()  # an unknown op or a bad argument fails here, before anything is read
 
@@ -340,11 +341,34 @@ class ConfiguredData:
             preprocessors,
             global_batch_size=int(self.config.batch_size),
             shard=shard,
-            num_workers=int(self.config.num_workers),
+            num_workers=self.num_workers(shard),
             num_threads=int(self.config.num_threads),
             prefetch_buffer_size=int(self.config.prefetch),
             max_consecutive_bad=int(self.config.max_consecutive_bad),
         )
+
+    def num_workers(self, shard: pipeline.HostShard) -> int:
+        """This host's Grain worker processes: `data.num_workers`, or for auto (-1) its usable cores minus
+        `pipeline.AUTO_RESERVED_CORES`, limited only by host memory for the workers' batches
+        (`pipeline.memory_worker_limit`) and, for tar shards, by the shards this host reads (each worker needs one).
+        """
+        setting = self.config.num_workers
+        if not pipeline.is_auto(setting):
+            return pipeline.resolve_num_workers(setting, cores=pipeline.usable_cores())
+        local_batch = pipeline.local_batch_size(int(self.config.batch_size), shard)
+        image_bytes = self.image_size * self.image_size * 3 * 4  # float32 `images` dominate a batch
+        limits = [pipeline.memory_worker_limit(local_batch * image_bytes, pipeline.host_memory_bytes())]
+        limits += [len(shards) // shard.count for shards in self._stream_shards()]
+        limits = [limit for limit in limits if limit is not None]
+        return pipeline.resolve_num_workers(setting, cores=pipeline.usable_cores(), limit=min(limits, default=None))
+
+    def _stream_shards(self) -> list[list[str]]:
+        """The tar shards of each `wds:` training component (what `prepare` checks)."""
+        from jclip.data.sources import webdataset
+
+        allow_missing = bool(self.config.allow_missing_shards)
+        return [webdataset.expand_shards(spec.argument, allow_missing=allow_missing)
+                for _, spec, _, _ in self._components() if spec.kind == "wds"]
 
     # ----- preprocessing ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -27,6 +28,64 @@ import numpy as np
 
 #: The field the training pipeline adds to every raw example: the 0-based epoch of its source it comes from.
 EPOCH_FIELD = "_epoch"
+
+#: `data.num_workers` meaning "as many Grain worker processes as the host's cores allow" (also "auto").
+AUTO_WORKERS = -1
+#: Cores that auto leaves to the main process: the training loop (step dispatch, host-to-device copies)
+#: and the batches arriving from the workers.
+AUTO_RESERVED_CORES = 2
+#: Share of host memory that auto lets the workers' batch buffers take (see `memory_worker_limit`).
+AUTO_MEMORY_SHARE = 0.5
+
+
+def is_auto(setting: int | str) -> bool:
+    """Whether a `data.num_workers` value asks for auto (-1 or "auto")."""
+    return str(setting).strip().lower() in ("auto", str(AUTO_WORKERS))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (os.cpu_count() where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of the host, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_worker_limit(batch_bytes: int, memory_bytes: int | None, *, share: float = AUTO_MEMORY_SHARE,
+                        batches_per_worker: int = 2) -> int | None:
+    """The most workers whose batches fit in `share` of host memory, or None (no limit) when unknown.
+
+    Each Grain worker makes whole batches: one waits in its output buffer (`per_worker_buffer_size=1`)
+    while it builds the next, hence `batches_per_worker` batches of `batch_bytes` each. At least 1.
+    """
+    if memory_bytes is None or batch_bytes <= 0:
+        return None
+    return max(1, int(memory_bytes * share) // (batches_per_worker * batch_bytes))
+
+
+def resolve_num_workers(setting: int | str, *, cores: int, reserved: int = AUTO_RESERVED_CORES,
+                        limit: int | None = None) -> int:
+    """Grain worker processes for `data.num_workers`: n >= 0 as given; auto (-1 or "auto") is `cores` minus
+    `reserved` for the training loop (0 below that: threads in the main process), at most `limit` (what the
+    data or the memory allow). Nothing else caps it: a 240-core TPU VM host gets 238 workers.
+    """
+    if is_auto(setting):
+        workers = max(0, int(cores) - int(reserved))
+        return workers if limit is None else max(0, min(workers, int(limit)))
+    try:
+        workers = int(setting)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.num_workers must be an integer >= 0, or -1 (auto), got {setting!r}") from None
+    if workers < 0:
+        raise ValueError(f"data.num_workers must be an integer >= 0, or -1 (auto), got {setting!r}")
+    return workers
 
 
 class RandomAccessSource(Protocol):

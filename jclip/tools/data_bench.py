@@ -3,8 +3,9 @@
 Command:
     python -m jclip.tools.data_bench --config=configs/clip.py[:args] [--config.x=y ...]
         [--jpegs=PATH] [--num_images=2000] [--random_crop_scale=0.9,1.0] [--steps=10] [--json=PATH]
+        [--parts=jpegs,config,sizes] [--sizes=256,512,640x480] [--photo_images=70]
 
-It prints (and with `--json` writes) two measurements:
+It prints (and with `--json` writes) these measurements (`--parts`, default the first two):
 
 1. Real JPEGs (default `<repo>/../shared/data/cifar10/cifar10-train.tar.gz`; `--jpegs` takes a tar(.gz) or
    a folder; generated JPEGs, labelled synthetic, when none is found). `--num_images` files are read into
@@ -17,6 +18,14 @@ It prints (and with `--json` writes) two measurements:
    config's own source, their ratio pipeline/step (> 1: the accelerators never wait for data), and both
    running together (pull a batch, run a step, as `jclip.train.run` does), the real rate when they share
    the CPU.
+
+3. Photo sizes (`--parts=sizes --sizes=256,512,640x480`): real photos that scikit-image ships (optional:
+   `pip install scikit-image`; PIL-generated images, labelled synthetic, without it), re-encoded with PIL as
+   JPEG quality 90 at each size (`N`: shorter side N; `WxH`: covered and centre-cropped), then per size,
+   exact decode and JPEG draft mode (`data.jpeg_draft`): decode + resize/crop to the config's image size,
+   and the whole training preprocessing, in images per CPU-second (per core); the pixel difference of the
+   draft from the exact path (centre crop, uint8, mean and max absolute); and the Grain pipeline with the
+   config's num_threads / num_workers (`--config.data.num_workers=-1`: auto) in examples/s.
 
 The pipeline is one process's (one host's): with P hosts each reads its 1/P of every global batch, so the
 ratio here is that of a single-host run; the per-core rate says how many cores a host needs.
@@ -44,6 +53,11 @@ DEFAULT_JPEGS = REPO_ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-trai
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 CAPTION_TEMPLATE = "a photo of {}."
 SYNTHETIC_CLASSES = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "purple", "grey", "brown")
+#: Colour photos shipped inside the scikit-image wheel (no download): skimage.data function -> caption name.
+SKIMAGE_PHOTOS = {"astronaut": "astronaut", "coffee": "cup of coffee", "chelsea": "cat", "rocket": "rocket",
+                  "stereo_motorcycle": "motorcycle", "hubble_deep_field": "galaxy field", "retina": "retina"}
+PHOTO_QUALITY = 90
+PARTS = ("jpegs", "config", "sizes")
 
 RawExample = dict[str, Any]
 
@@ -190,6 +204,123 @@ def load_jpegs(path: str | os.PathLike | None, num_images: int, *, synthetic_siz
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Photos at img2dataset and COCO sizes
+
+
+@dataclasses.dataclass
+class Photos:
+    """RGB photos as arrays, by caption name, and where they came from."""
+
+    images: dict[str, np.ndarray]
+    origin: str
+    synthetic: bool
+
+
+def parse_size(text: str) -> tuple[int, int] | int:
+    """`"512"` -> 512 (shorter side), `"640x480"` -> (640, 480) (width, height)."""
+    text = str(text).strip().lower()
+    width, sep, height = text.partition("x")
+    try:
+        size = (int(width), int(height)) if sep else int(width)
+    except ValueError:
+        raise ValueError(f"a size is N (shorter side) or WxH, got {text!r}") from None
+    if min(size if isinstance(size, tuple) else (size,)) <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return size
+
+
+def size_label(size: tuple[int, int] | int) -> str:
+    return f"{size[0]}x{size[1]}" if isinstance(size, tuple) else str(size)
+
+
+def skimage_photos() -> Photos | None:
+    """The colour photos that scikit-image ships in its wheel, or None when it is not installed."""
+    try:
+        from skimage import data as skimage_data
+    except ImportError:
+        return None
+    images = {}
+    for function, name in SKIMAGE_PHOTOS.items():
+        image = getattr(skimage_data, function)()
+        images[name] = np.asarray(image[0] if function == "stereo_motorcycle" else image)  # (left, right, disparity)
+    return Photos(images, "scikit-image's bundled sample photos", False)
+
+
+def synthetic_photos(count: int = 7, size: tuple[int, int] = (1000, 750), seed: int = 0) -> Photos:
+    """Generated stand-ins for photos: smooth colour fields, random ellipses with soft edges and fine noise
+    texture (what JPEG and resizing find in photos), labelled synthetic."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    images = {}
+    for index in range(count):
+        base = np.stack([128 + 100 * np.sin(rng.uniform(2, 9) * x + rng.uniform(1, 6) * y + rng.uniform(0, 6))
+                         for _ in range(3)], axis=-1)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(40):
+            left, top = rng.uniform(0, width), rng.uniform(0, height)
+            extent = rng.uniform(10, width / 4)
+            draw.ellipse((left, top, left + extent, top + extent * rng.uniform(0.3, 2)),
+                         fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        image = image.filter(ImageFilter.GaussianBlur(1.0))
+        pixels = np.asarray(image, np.float32) + rng.normal(0, 6, size=(height, width, 3))
+        images[f"scene {index}"] = np.clip(pixels, 0, 255).astype(np.uint8)
+    return Photos(images, f"SYNTHETIC photo-like images (generated here, {width}x{height})", True)
+
+
+def load_photos() -> tuple[Photos, str | None]:
+    """scikit-image's photos, or synthetic ones with a note saying so."""
+    photos = skimage_photos()
+    if photos is not None:
+        return photos, None
+    note = "scikit-image is not installed: SYNTHETIC photo-like images instead (pip install scikit-image)"
+    return synthetic_photos(), note
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int] | int) -> tuple[np.ndarray, float]:
+    """`image` resized (Lanczos) to shorter side `size`, or to cover `(width, height)` then centre-cropped to
+    it; also the scale factor (> 1: the photo was upscaled to reach the size)."""
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    width, height = pil.size
+    target_w, target_h = size if isinstance(size, tuple) else (size, size)
+    factor = max(target_w / width, target_h / height) if isinstance(size, tuple) else size / min(width, height)
+    new_w, new_h = max(target_w, round(width * factor)), max(target_h, round(height * factor))
+    pil = pil.resize((new_w, new_h), Image.LANCZOS)
+    if isinstance(size, tuple):
+        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+        pil = pil.crop((left, top, left + target_w, top + target_h))
+    return np.asarray(pil), factor
+
+
+def photo_jpegs(photos: Photos, size: tuple[int, int] | int, num_images: int) -> tuple[JpegSet, list[str]]:
+    """`num_images` JPEGs (quality 90) of the photos at `size`, cycling through them; and the names of those
+    that had to be upscaled."""
+    from PIL import Image
+
+    encoded, upscaled = [], []
+    for name, image in photos.images.items():
+        pixels, factor = resize_to(image, size)
+        if factor > 1:
+            upscaled.append(name)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=PHOTO_QUALITY)
+        encoded.append((name, buffer.getvalue()))
+    names = [name for name, _ in encoded]
+    examples = []
+    for index in range(num_images):
+        name, data = encoded[index % len(encoded)]
+        examples.append({"image": data, "caption": caption_for(name), "label": names.index(name),
+                         "key": f"{name}/{size_label(size)}/{index:05d}.jpg"})
+    origin = f"{photos.origin}, JPEG quality {PHOTO_QUALITY} at {size_label(size)}"
+    return JpegSet(examples, origin, photos.synthetic, names), upscaled
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Measurements
 
 
@@ -240,13 +371,91 @@ def measure_jpeg_pipeline(jpegs: JpegSet, data_config, model_config, *, num_batc
     batch = min(int(batch_size or data_config.batch_size), len(jpegs.examples))
     dataset = pipeline.training_dataset(
         [(InMemorySource(jpegs.examples), 1.0, seed)], data.train_preprocess(), global_batch_size=batch,
-        shard=pipeline.HostShard(0, 1), num_workers=int(data_config.num_workers),
+        shard=pipeline.HostShard(0, 1), num_workers=data.num_workers(pipeline.HostShard(0, 1)),
         num_threads=int(data_config.num_threads), prefetch_buffer_size=int(data_config.prefetch),
         max_consecutive_bad=int(data_config.max_consecutive_bad),
     )
-    result = measure_batches(iter(dataset), num_batches)
+    iterator = iter(dataset)
+    try:
+        result = measure_batches(iterator, num_batches)
+    finally:
+        if hasattr(iterator, "close"):  # stops Grain worker processes
+            iterator.close()
     result["batch_size"] = batch
     return result
+
+
+def image_path(data) -> Callable[[RawExample, Any], Any]:
+    """`decode_image|crop_image` of `data`'s op context (its image size, crop and `jpeg_draft`): raw example
+    -> example with the cropped PIL image, or a `Skipped` marker."""
+    from jclip.data import ops, robust
+
+    chain = ops.make_ops("decode_image|crop_image", data.op_context)
+
+    def run(example: RawExample, rng: Any) -> Any:
+        current = dict(example)
+        try:
+            for op in chain:
+                current = op(current, rng)
+        except robust.BadExample as bad:
+            return robust.Skipped(bad.reason, None, bad.detail)
+        return current
+
+    return run
+
+
+def cropped_pixels(examples: Sequence[RawExample], data) -> list[np.ndarray]:
+    """The uint8 crops (before normalising) of `examples` through `data`'s decode and centre crop (no rng)."""
+    path = image_path(data)
+    return [np.asarray(path(example, None)["image"]) for example in examples]
+
+
+def pixel_difference(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> dict[str, float]:
+    """Mean and max absolute difference (0-255 units) over all pixels and channels, and the share of values
+    more than 10 apart."""
+    diffs = np.concatenate([np.abs(a.astype(np.int16) - b.astype(np.int16)).ravel() for a, b in zip(reference, other)])
+    return {"mean_abs": float(diffs.mean()), "max_abs": int(diffs.max()), "share_over_10": float(np.mean(diffs > 10))}
+
+
+def pixel_sizes(examples: Sequence[RawExample]) -> list[str]:
+    """The distinct width x height of the examples' images (headers only), in order."""
+    from PIL import Image
+
+    sizes = ["{}x{}".format(*Image.open(io.BytesIO(example["image"])).size) for example in examples]
+    return list(dict.fromkeys(sizes))
+
+
+def sizes_benchmark(config, photos: Photos, sizes: Sequence[tuple[int, int] | int], *, num_images: int,
+                    num_batches: int, seed: int = 0) -> dict[str, Any]:
+    """Part 3: per size, exact vs draft decode + resize/crop and whole preprocessing per core, the draft's pixel
+    difference (centre crop), and the Grain pipeline (draft, the config's threads/workers)."""
+    from jclip.data import pipeline
+    from jclip.data.configured import ConfiguredData
+
+    modes = {}
+    for draft in (False, True):
+        data_config = config.data.copy_and_resolve_references()
+        data_config.jpeg_draft = draft
+        modes["draft" if draft else "exact"] = (data_config, ConfiguredData(data_config, config.model))
+    rows = []
+    for size in sizes:
+        jpegs, upscaled = photo_jpegs(photos, size, num_images)
+        distinct = jpegs.examples[:len(photos.images)]
+        row: dict[str, Any] = {"size": size_label(size), "input_sizes": pixel_sizes(distinct), "upscaled": upscaled}
+        for mode, (_, data) in modes.items():
+            row[f"{mode}_decode_crop"] = measure_preprocess(jpegs.examples, image_path(data), seed=seed)
+            row[f"{mode}_preprocess"] = measure_preprocess(jpegs.examples, data.train_preprocess(), seed=seed)
+        row["pixel_difference"] = pixel_difference(cropped_pixels(distinct, modes["exact"][1]),
+                                                   cropped_pixels(distinct, modes["draft"][1]))
+        data_config, data = modes["draft"]
+        row["pipeline"] = measure_jpeg_pipeline(jpegs, data_config, config.model, num_batches=num_batches, seed=seed)
+        rows.append(row)
+    data_config, data = modes["draft"]
+    return {"source": photos.origin, "synthetic": photos.synthetic, "photos": list(photos.images),
+            "num_images": num_images, "image_size": data.image_size,
+            "random_crop_scale": None if data_config.random_crop_scale is None else list(data_config.random_crop_scale),
+            "num_threads": int(data_config.num_threads), "num_workers_setting": str(data_config.num_workers),
+            "num_workers": data.num_workers(pipeline.HostShard(0, 1)), "rows": rows}
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -377,6 +586,7 @@ def ratio(pipeline_rate: float, step_rate: float) -> float:
 def jpeg_benchmark(config, jpegs: JpegSet, *, random_crop_scale: Sequence[float] | None, num_batches: int,
                    seed: int = 0) -> dict[str, Any]:
     """Part 1: per-core preprocessing and Grain pipeline rates on in-memory JPEGs at the config's image size."""
+    from jclip.data import pipeline
     from jclip.data.configured import ConfiguredData
 
     data_config = config.data.copy_and_resolve_references()
@@ -389,7 +599,7 @@ def jpeg_benchmark(config, jpegs: JpegSet, *, random_crop_scale: Sequence[float]
         "source": jpegs.origin, "synthetic": jpegs.synthetic, "num_images": len(jpegs.examples),
         "input_size": jpegs.pixel_size(), "image_size": data.image_size, "context_length": data.context_length,
         "random_crop_scale": None if data_config.random_crop_scale is None else list(data_config.random_crop_scale),
-        "num_threads": int(data_config.num_threads), "num_workers": int(data_config.num_workers),
+        "num_threads": int(data_config.num_threads), "num_workers": data.num_workers(pipeline.HostShard(0, 1)),
         "preprocess": per_core, "pipeline": grain_rate,
     }
 
@@ -416,7 +626,7 @@ def config_benchmark(config, *, steps: int, num_batches: int, source_images: int
     result = {
         "source": str(config.data.source), "batch_size": int(config.data.batch_size),
         "image_size": int(config.model.vision.image_size), "context_length": int(config.model.text.context_length),
-        "num_threads": int(config.data.num_threads), "num_workers": int(config.data.num_workers),
+        "num_threads": int(config.data.num_threads), "num_workers": data.num_workers(pipeline.HostShard.current()),
         "devices": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
         "compile_seconds": compiled.compile_seconds,
         "step": step, "pipeline": delivery, "together": together, "source_preprocess": per_core,
@@ -482,14 +692,47 @@ def format_report(results: dict[str, Any]) -> str:
             rows.append(("cores to feed step", f"{c['cores_to_feed_step']:9.2f}        "
                                                "(step rate / per-core preprocessing rate)"))
         lines += [""] + _rows("[2] pipeline vs. train step", rows)
+    if "sizes" in results:
+        lines += [""] + format_sizes(results["sizes"])
     return "\n".join(lines)
+
+
+def format_sizes(sizes: dict[str, Any]) -> list[str]:
+    """Part 3 as a table: one row per input size, exact vs draft."""
+    scale = sizes["random_crop_scale"]
+    crop = "resize + centre crop" if scale is None else f"random-resized, scale {scale}"
+    kind = "SYNTHETIC photo-like JPEGs" if sizes["synthetic"] else "real photos"
+    lines = [f"[3] JPEG decode to {sizes['image_size']} px by input size, exact vs draft (data.jpeg_draft), on {kind}",
+             f"  {len(sizes['photos'])} photos from {sizes['source']}: {', '.join(sizes['photos'])}; "
+             f"{sizes['num_images']} images per timing; crop {crop}",
+             "  input: N = shorter side N, WxH = exactly that; images/s per CPU core (thread CPU time); "
+             "pixel difference: draft vs exact, centre crop, uint8 0-255",
+             f"  {'input':>8} | {'decode+crop exact':>17} {'draft':>6} {'x':>5} | "
+             f"{'preprocess exact':>16} {'draft':>6} | {'diff mean':>9} {'max':>4} | "
+             f"{'Grain ex/s':>10}"]
+    for row in sizes["rows"]:
+        exact, draft = (row[f"{mode}_decode_crop"]["images_per_cpu_second"] for mode in ("exact", "draft"))
+        exact_all, draft_all = (row[f"{mode}_preprocess"]["images_per_cpu_second"] for mode in ("exact", "draft"))
+        diff = row["pixel_difference"]
+        lines.append(
+            f"  {row['size']:>8} | {exact:17.0f} {draft:6.0f} {draft / exact:5.2f} | {exact_all:16.0f} {draft_all:6.0f} | "
+            f"{diff['mean_abs']:9.2f} {diff['max_abs']:4d} | {row['pipeline']['examples_per_second']:10.0f}")
+    upscaled = {row["size"]: row["upscaled"] for row in sizes["rows"] if row["upscaled"]}
+    if upscaled:
+        lines.append("  upscaled to reach the size (smoother than a real photo of it): "
+                     + "; ".join(f"{size}: {', '.join(names)}" for size, names in upscaled.items()))
+    lines.append(f"  Grain pipeline: draft, num_threads={sizes['num_threads']}, "
+                 f"num_workers={sizes['num_workers']} (setting {sizes['num_workers_setting']}), "
+                 f"batch {sizes['rows'][0]['pipeline']['batch_size'] if sizes['rows'] else '-'}")
+    return lines
 
 
 def run_benchmark(config, *, config_name: str = "config", jpegs_path: str | None = None, num_images: int = 2000,
                   random_crop_scale: Sequence[float] | None = None, pipeline_batches: int = 20, steps: int = 10,
                   source_images: int = 500, synthetic_size: int = 32, parts: Sequence[str] = ("jpegs", "config"),
+                  sizes: Sequence[tuple[int, int] | int] = (256, 512, (640, 480)), photo_images: int = 70,
                   ) -> dict[str, Any]:
-    """Both parts (or those in `parts`) as one dictionary of numbers, the JSON that `--json` writes."""
+    """The parts in `parts` (jpegs, config, sizes) as one dictionary of numbers, the JSON that `--json` writes."""
     results: dict[str, Any] = {"cpus": cpu_info(), "config_name": config_name, "notes": []}
     if "jpegs" in parts:
         jpegs, note = load_jpegs(jpegs_path, num_images, synthetic_size=synthetic_size)
@@ -500,6 +743,12 @@ def run_benchmark(config, *, config_name: str = "config", jpegs_path: str | None
     if "config" in parts:
         results["config"] = config_benchmark(config, steps=steps, num_batches=pipeline_batches,
                                              source_images=source_images)
+    if "sizes" in parts:
+        photos, note = load_photos()
+        if note:
+            results["notes"].append(note)
+        results["sizes"] = sizes_benchmark(config, photos, sizes, num_images=photo_images,
+                                           num_batches=pipeline_batches)
     return results
 
 
@@ -539,12 +788,19 @@ def main(argv: list[str]) -> None:
     crop = values.random_crop_scale
     if crop is not None and len(crop) not in (0, 2):
         raise app.UsageError("--random_crop_scale takes two numbers, e.g. 0.9,1.0 (or '' for none)")
+    unknown = sorted(set(values.parts) - set(PARTS))
+    if unknown:
+        raise app.UsageError(f"unknown --parts {unknown}; the parts are {', '.join(PARTS)}")
+    try:
+        sizes = [parse_size(size) for size in values.sizes]
+    except ValueError as error:
+        raise app.UsageError(f"--sizes: {error}") from None
     results = run_benchmark(
         values.config, config_name=_config_name(values["config"]),
         jpegs_path=values.jpegs, num_images=values.num_images,
         random_crop_scale=None if crop is None else [float(s) for s in crop],
         pipeline_batches=values.pipeline_batches, steps=values.steps, source_images=values.source_images,
-        synthetic_size=values.synthetic_size, parts=values.parts,
+        synthetic_size=values.synthetic_size, parts=values.parts, sizes=sizes, photo_images=values.photo_images,
     )
     print(format_report(results), flush=True)
     if values.json:
@@ -570,7 +826,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", 10, "Train steps timed (alone, and together with the pipeline).")
     flags.DEFINE_integer("source_images", 500, "Examples of the config's source for its per-core rate (0: skip).")
     flags.DEFINE_integer("synthetic_size", 32, "Side of the generated JPEGs when no real ones are found.")
-    flags.DEFINE_list("parts", ["jpegs", "config"], "Which parts to run: jpegs, config.")
+    flags.DEFINE_list("parts", ["jpegs", "config"], f"Which parts to run: {', '.join(PARTS)}.")
+    flags.DEFINE_list("sizes", ["256", "512", "640x480"], "Part sizes: photo sizes, N (shorter side) or WxH.")
+    flags.DEFINE_integer("photo_images", 70, "Part sizes: JPEGs timed per size and mode (the photos, cycled).")
     flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
 
 

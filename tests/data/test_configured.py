@@ -380,3 +380,45 @@ def test_alternate_switches_captions_each_epoch_of_the_source(scenes_data_dir):
         rows = {row.tobytes() for _ in range(2) for row in next(iterator)["token_ids"]}
         texts = dense if epoch % 2 == 0 else short
         assert rows == {tokenizer(text).tobytes() for text in texts}, epoch
+
+
+# ----- decoding and worker processes: data.jpeg_draft, data.num_workers=auto ----------------------------------
+
+def test_embedded_batches_are_bit_identical_with_and_without_jpeg_draft(scenes_data_dir):
+    """The quick start's data: 64 px scenes decoded by TFDS to arrays (stored as PNG), cropped to 32 px. Draft
+    mode only touches JPEG bytes at least twice the crop, so the batches (and the README's metrics) stay."""
+    from jclip.data import pipeline
+
+    batches = {}
+    for draft in (False, True):
+        config = data_config("embedded", embedded_config="small", data_dir=str(scenes_data_dir), jpeg_draft=draft)
+        config.data.batch_size = 8
+        data = configured.ConfiguredData(config.data, config.model)
+        assert data.op_context.jpeg_draft is draft and data.image_size == 32
+        iterator = iter(data.training_dataset(seed=0, shard=pipeline.HostShard(0, 1)))
+        batches[draft] = [next(iterator) for _ in range(2)]
+    for exact, drafted in zip(batches[False], batches[True]):
+        assert exact["images"].shape == (8, 32, 32, 3)
+        for field in exact:
+            np.testing.assert_array_equal(exact[field], drafted[field])
+
+
+def test_auto_workers_take_the_hosts_cores_less_two_within_memory_and_shards(tmp_path, monkeypatch):
+    from jclip.data import pipeline
+
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 240)  # a TPU VM host
+    monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 64 * 2**30)
+    config = data_config("embedded", num_workers=-1)
+    config.data.batch_size = 512
+    data = configured.ConfiguredData(config.data, config.model)
+    assert data.num_workers(pipeline.HostShard(0, 4)) == 238  # 128 rows of 32 px: memory is no limit
+    config.model.vision.image_size = 224  # 512 rows of 224 px in float32: 2 batches a worker in half of 64 GiB
+    assert configured.ConfiguredData(config.data, config.model).num_workers(pipeline.HostShard(0, 1)) == (
+        32 * 2**30 // (2 * 512 * 224 * 224 * 3 * 4)) == 55
+    for index in range(10):
+        (tmp_path / f"{index}.tar").write_bytes(b"")
+    config = data_config(f"wds:{tmp_path}/{{0..9}}.tar", num_workers=-1)
+    data = configured.ConfiguredData(config.data, config.model)
+    assert data.num_workers(pipeline.HostShard(0, 2)) == 5  # each worker needs a shard of its own
+    config.data.num_workers = 300  # an explicit count is taken as given
+    assert configured.ConfiguredData(config.data, config.model).num_workers(pipeline.HostShard(0, 2)) == 300

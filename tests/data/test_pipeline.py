@@ -215,3 +215,33 @@ def test_each_component_may_have_its_own_preprocessing():
     with pytest.raises(ValueError, match="1 preprocessors for 2 training components"):
         pipeline.training_dataset([(RangeSource(20), 1.0, 1), (Offset(20), 1.0, 2)], [tagged(1)],
                                   global_batch_size=10, shard=pipeline.HostShard(0, 1))
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 0), (2, 0), (3, 1), (8, 6), (16, 14), (240, 238), (448, 446)])
+def test_auto_workers_are_the_cores_less_two_with_no_small_cap(cores, expected):
+    for setting in (-1, "auto", "-1", " Auto "):
+        assert pipeline.resolve_num_workers(setting, cores=cores) == expected
+    assert pipeline.resolve_num_workers(-1, cores=cores, reserved=1) == cores - 1
+    assert pipeline.resolve_num_workers(-1, cores=cores, limit=100) == min(expected, 100)
+    assert pipeline.resolve_num_workers(-1, cores=cores, limit=0) == 0
+
+
+def test_explicit_worker_counts_pass_and_bad_ones_fail():
+    assert pipeline.resolve_num_workers(0, cores=240) == 0
+    assert pipeline.resolve_num_workers(300, cores=2, limit=1) == 300  # as given: limits are auto's
+    for bad in (-2, "many", 1.5j):
+        with pytest.raises(ValueError, match="data.num_workers"):
+            pipeline.resolve_num_workers(bad, cores=8)
+
+
+def test_memory_limit_counts_two_batches_a_worker_in_half_the_memory():
+    assert pipeline.memory_worker_limit(2**30, 400 * 2**30) == 100
+    assert pipeline.memory_worker_limit(2**30, 2**30) == 1  # always at least one
+    assert pipeline.memory_worker_limit(2**30, None) is None
+
+
+def test_usable_cores_is_this_process_affinity():
+    import os
+
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert pipeline.usable_cores() == expected >= 1

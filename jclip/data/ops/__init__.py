@@ -11,7 +11,7 @@ op consumes, and each must be a NumPy array of one shape for all examples. Built
 |---|---|---|
 | `choose_caption(field='caption')` | captions | one of several captions (random in training, else the first) |
 | `keep(fields=('label',))` | captions | raw fields passed into the batch as arrays |
-| `decode_image(field='image', max_pixels=, max_aspect_ratio=, alpha_background=)` | image | checked RGB image |
+| `decode_image(field='image', max_pixels=, max_aspect_ratio=, alpha_background=, draft=None)` | image | checked RGB image (large JPEGs DCT-scaled for the crop after it: `data.jpeg_draft`) |
 | `crop_image(field='image', size=None, scale=None)` | image | centre crop, or RandomResizedCrop in training |
 | `normalise_image(field='image', out='images')` | image | float32 [H, W, 3], CLIP-normalised |
 | `tokenize(field='caption', out='token_ids', max_count=None, mask=None, count_truncated=None)` | text | ids |

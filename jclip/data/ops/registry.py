@@ -1,8 +1,9 @@
 """Preprocessing ops by name: the registry, the op-list parser and the chain that runs them per example.
 
 An op is built by a factory registered with `@register_op("name")`, called as `factory(context, **kwargs)`;
-it has `reads` and `writes` (field names), optionally `consumes` (fields it uses up, dropped from the batch),
-and `__call__(example, rng) -> example` with its written fields added or replaced. A bad example raises
+it has `reads` and `writes` (field names), optionally `consumes` (fields it uses up, dropped from the batch)
+and `link(later_ops)` (called once by `make_ops` with the ops after it), and `__call__(example, rng) ->
+example` with its written fields added or replaced. A bad example raises
 `jclip.data.robust.BadExample(reason)`; `Preprocess` turns that into a counted skip. Any module may
 register an op (a test, a user's method): importing `register_op` is enough, and nothing in jclip changes.
 """
@@ -30,6 +31,7 @@ class OpContext:
     tokenizer_spec: str = "clip"
     training: bool = True
     random_crop_scale: tuple[float, float] | None = None  # `data.random_crop_scale`: crop_image's default
+    jpeg_draft: bool = True  # `data.jpeg_draft`: decode_image's default (DCT-scaled decoding of large JPEGs)
 
 
 class Op:
@@ -140,8 +142,21 @@ def make_op(name: str, context: OpContext, **kwargs: Any) -> Any:
 
 
 def make_ops(spec: str, context: OpContext) -> list[Any]:
-    """The ops of an op list (see `parse_ops`), built for `context`."""
-    return [make_op(name, context, **kwargs) for name, kwargs in parse_ops(spec)]
+    """The ops of an op list (see `parse_ops`), built for `context` and linked (`link_ops`)."""
+    return link_ops([make_op(name, context, **kwargs) for name, kwargs in parse_ops(spec)])
+
+
+def link_ops(ops: list[Any]) -> list[Any]:
+    """Shows every op with a `link(later_ops)` method the ops after it, once, when the list is built.
+
+    Lets an op adapt to what follows without fields for it in the examples: `decode_image` sizes its JPEG
+    draft by the `crop_image` after it. The same ops, returned.
+    """
+    for index, op in enumerate(ops):
+        link = getattr(op, "link", None)
+        if callable(link):
+            link(ops[index + 1:])
+    return ops
 
 
 def op_name(op: Any) -> str:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jclip.data import ops
 from jclip.data.ops import image as image_ops
+from jclip.data.robust import BadExample
 
 N_PX = 224
 OPENAI_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
@@ -170,3 +172,193 @@ def test_random_resized_crop_falls_back_to_torchvision_centre_crop():
     expected_w = round(25 * 4 / 3)  # the whole height, at the widest allowed ratio, centred
     assert abs(crop_w - expected_w) < 1.5 and abs(left - (250 - expected_w) // 2) < 1.0
     assert abs(crop_h - 25) < 1.5 and abs(top) < 1.0
+
+
+# ----- JPEG draft mode (data.jpeg_draft) ------------------------------------------------------------------
+
+
+def jpeg_bytes(pixels: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def textured(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth colour field with noise: something JPEG and resizing both have work to do on."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 200 // width, y * 200 // height, (x + y) % 97 * 2], axis=-1)
+    return np.clip(base + rng.normal(0, 12, size=(height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def image_chain(size: int, draft: bool, spec: str = "decode_image|crop_image",
+                scale: tuple[float, float] | None = None) -> list:
+    context = ops.OpContext(image_size=size, context_length=8, jpeg_draft=draft, random_crop_scale=scale)
+    return ops.make_ops(spec, context)
+
+
+def run_chain(chain: list, raw, rng=None) -> dict:
+    example = {"image": raw}
+    for op in chain:
+        example = op(example, rng)
+    return example
+
+
+def decoded_size(raw: bytes, size: int, draft: bool = True, scale=None) -> tuple[int, int]:
+    """The size of the image `decode_image` hands to `crop_image(size)`."""
+    decode = image_chain(size, draft, scale=scale)[0]
+    return decode({"image": raw}, None)["image"].size
+
+
+def test_random_crop_min_sides_bound_every_box_torchvision_samples():
+    cases = [(256, 256, (0.9, 1.0)), (320, 240, (0.9, 1.0)), (300, 200, (0.5, 1.0)), (640, 480, (0.08, 1.0)),
+             (250, 25, (0.9, 1.0)), (100, 300, (0.3, 0.6))]
+    for width, height, scale in cases:
+        bound_w, bound_h = image_ops.random_crop_min_sides(width, height, scale)
+        sides = np.asarray([image_ops.random_crop_box(width, height, np.random.default_rng(seed), scale)[2:]
+                            for seed in range(3000)])
+        assert sides[:, 0].min() >= bound_w and sides[:, 1].min() >= bound_h, (width, height, scale)
+        # Tight enough to be of use: within 12% of the smallest sides actually drawn.
+        assert sides[:, 0].min() <= 1.12 * bound_w + 1 and sides[:, 1].min() <= 1.12 * bound_h + 1, (
+            width, height, scale, sides.min(axis=0), (bound_w, bound_h))
+
+
+def test_random_resized_crop_is_unchanged_by_the_box_refactor():
+    image = coordinate_image(160, 128)
+    for seed in range(5):
+        box = image_ops.random_crop_box(160, 128, np.random.default_rng(seed), (0.3, 0.6))
+        left, top, crop_w, crop_h = box
+        expected = image.resize((32, 32), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+        ours = image_ops.random_resized_crop(image, 32, np.random.default_rng(seed), (0.3, 0.6))
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+
+
+def test_draft_threshold_follows_pils_real_decode_never_below_the_crop():
+    """PIL's actual draft decode is the reference: whenever both sides are at least 2x the crop, the JPEG is
+    decoded smaller, never below the crop's size; below 2x on either side it is decoded whole."""
+    target = 16
+    rng = np.random.default_rng(0)
+    sizes = [(31, 64), (64, 31), (32, 32), (63, 200), (64, 64), (127, 128), (128, 128), (255, 300), (256, 256)]
+    sizes += [tuple(int(v) for v in rng.integers(target, 9 * target, 2)) for _ in range(30)]
+    for width, height in sizes:
+        raw = jpeg_bytes(textured(width, height))
+        decoded = decoded_size(raw, target)
+        assert min(decoded) >= target, (width, height, decoded)
+        if min(width, height) < 2 * target:
+            assert decoded == (width, height), (width, height, decoded)
+        else:
+            scale = max(k for k in (2, 4, 8) if min(width, height) // k >= target)
+            assert decoded == (-(-width // scale), -(-height // scale)), (width, height, decoded, scale)
+
+
+def test_draft_sizes_for_224_px_crops():
+    def scale_for(width, height, crop_scale=None):
+        crop = image_chain(224, True, scale=crop_scale)[1]
+        return image_ops.draft_scale((width, height), crop.source_fits)
+
+    assert scale_for(256, 341) == 1  # img2dataset's 256 px: below 2 x 224, decoded whole
+    assert scale_for(447, 600) == 1 and scale_for(448, 600) == 2
+    assert scale_for(512, 512) == 2 and scale_for(640, 480) == 2
+    assert scale_for(896, 1200) == 4 and scale_for(4000, 3000) == 8
+    # Random-resized crops need more: every box of >= 90% area must still have 224 px a side.
+    assert scale_for(512, 512, (0.9, 1.0)) == 2  # smallest box of the 256 x 256 draft: 229 px
+    assert scale_for(640, 480, (0.9, 1.0)) == 2
+    assert scale_for(512, 512, (0.5, 1.0)) == 1 and scale_for(1024, 1024, (0.5, 1.0)) == 2
+    assert scale_for(640, 480, (0.08, 1.0)) == 1  # an 8% box of a 320 x 240 draft can be 68 px high
+
+
+def test_draft_only_for_jpegs_before_a_crop_and_only_when_on():
+    pixels = textured(128, 96)
+    jpeg, png = jpeg_bytes(pixels), png_bytes(Image.fromarray(pixels))
+    assert decoded_size(jpeg, 16) == (32, 24)  # scale 4: 96 // 4 = 24 >= 16, 96 // 8 = 12 < 16
+    assert decoded_size(jpeg, 16, draft=False) == (128, 96)
+    assert decoded_size(png, 16) == (128, 96)
+    assert decoded_size(pixels, 16) == (128, 96)  # arrays (TFDS-decoded images)
+    for raw in (png, pixels):  # PNGs and arrays: bit-identical batches either way
+        on = run_chain(image_chain(16, True, "decode_image|crop_image|normalise_image"), raw)["images"]
+        off = run_chain(image_chain(16, False, "decode_image|crop_image|normalise_image"), raw)["images"]
+        np.testing.assert_array_equal(on, off)
+    # The next op to use the image is no crop: it gets every pixel.
+    decode = image_chain(16, True, "decode_image|normalise_image")[0]
+    assert decode.draft_fits is None and decode({"image": jpeg}, None)["image"].size == (128, 96)
+    # An op-level draft=False wins over data.jpeg_draft; a crop op's own size is what counts.
+    assert image_chain(16, True, "decode_image(draft=False)|crop_image")[0].draft_fits is None
+    big_crop = image_chain(16, True, "decode_image|crop_image(size=40)")[0]
+    assert big_crop({"image": jpeg}, None)["image"].size == (64, 48)
+    # A crop of another field does not count.
+    other = image_chain(16, True, "decode_image|crop_image(field='thumbnail')")[0]
+    assert other.draft_fits is None
+
+
+def test_draft_keeps_the_bad_image_checks():
+    raw = jpeg_bytes(textured(256, 192))
+    with pytest.raises(BadExample) as truncated:
+        image_ops.decode_image(raw[: len(raw) // 2], draft_fits=lambda size: min(size) >= 16)
+    assert truncated.value.reason == "truncated_image"
+    with pytest.raises(BadExample) as too_large:  # sizes are checked on the full header size
+        image_ops.decode_image(raw, max_pixels=256 * 191, draft_fits=lambda size: min(size) >= 16)
+    assert too_large.value.reason == "image_too_large"
+
+
+def test_draft_greyscale_and_cmyk_jpegs_decode_to_rgb():
+    grey = Image.fromarray(textured(128, 128)[..., 0], "L")
+    cmyk = Image.fromarray(textured(128, 128)).convert("CMYK")
+    for image in (grey, cmyk):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        decoded = run_chain(image_chain(16, True), buffer.getvalue())["image"]
+        exact = run_chain(image_chain(16, False), buffer.getvalue())["image"]
+        assert decoded.mode == "RGB" and decoded.size == (16, 16)
+        assert np.abs(np.asarray(decoded, np.int16) - np.asarray(exact, np.int16)).mean() < 4
+
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "hubble_deep_field", "retina")
+
+
+def photo_at(pixels: np.ndarray, size: tuple[int, int] | int) -> bytes:
+    """A photo resized (Lanczos) to shorter side `size`, or to cover (width, height) and centre-cropped; JPEG q90."""
+    photo = Image.fromarray(pixels)
+    width, height = photo.size
+    target_w, target_h = size if isinstance(size, tuple) else (size, size)
+    factor = max(target_w / width, target_h / height) if isinstance(size, tuple) else size / min(width, height)
+    photo = photo.resize((max(target_w, round(width * factor)), max(target_h, round(height * factor))), Image.LANCZOS)
+    if isinstance(size, tuple):
+        left, top = (photo.width - target_w) // 2, (photo.height - target_h) // 2
+        photo = photo.crop((left, top, left + target_w, top + target_h))
+    return jpeg_bytes(np.asarray(photo))
+
+
+@pytest.fixture(scope="module")
+def photo_jpegs() -> dict[str, list[bytes]]:
+    """scikit-image's bundled colour photos as quality-90 JPEGs at 512 px (shorter side) and 640 x 480."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (a test extra: pip install -e '.[test]') "
+                                                              "ships the real photos of the draft-mode pixel test")
+    photos = [getattr(skimage_data, name)() for name in SKIMAGE_PHOTOS]
+    photos = [photo[0] if isinstance(photo, tuple) else photo for photo in photos]  # the motorcycle's left view
+    sizes = {"512": 512, "640x480": (640, 480)}
+    return {label: [photo_at(photo, size) for photo in photos] for label, size in sizes.items()}
+
+
+def centre_crops(encoded: list[bytes], size: int, draft: bool) -> np.ndarray:
+    chain = image_chain(size, draft)
+    return np.stack([np.asarray(run_chain(chain, raw)["image"], np.int16) for raw in encoded])
+
+
+@pytest.mark.parametrize("label", ["512", "640x480"])
+def test_draft_pixels_stay_close_to_the_exact_decode_on_real_photos(photo_jpegs, label):
+    """Bounds from measurement (7 photos, Pillow 13 / libjpeg-turbo; README "Measured"): draft vs exact
+    mean |diff| 1.64 (512) and 1.22 (640x480), worst photo 3.87, 99th percentile 19 and 10, max 94 and 48;
+    the bounds leave room for other libjpeg builds. The draft is libjpeg's DCT scaling by 1/2, which
+    approximates a 2 x 2 box average: against exact decode -> `Image.reduce(2)` -> the same crop (an
+    independent route) it measured mean 0.48, 99th percentile 4."""
+    encoded = photo_jpegs[label]
+    exact, draft = centre_crops(encoded, 224, False), centre_crops(encoded, 224, True)
+    assert exact.shape == draft.shape == (len(encoded), 224, 224, 3)
+    assert all(decoded_size(raw, 224)[0] < Image.open(io.BytesIO(raw)).width for raw in encoded)  # it drafted
+    difference = np.abs(exact - draft)
+    assert difference.mean() <= 2.5 and difference.mean(axis=(1, 2, 3)).max() <= 5.0
+    assert np.percentile(difference, 99) <= 30 and difference.max() <= 128
+    boxed = np.stack([
+        np.asarray(image_ops.centre_crop(image_ops.resize_short_side(
+            Image.open(io.BytesIO(raw)).convert("RGB").reduce(2), 224), 224), np.int16) for raw in encoded])
+    assert np.abs(boxed - draft).mean() <= 1.0 and np.percentile(np.abs(boxed - draft), 99) <= 8
