@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jclip.cli import initialise_distributed, parse_flags, user_error
+from jclip.host_memory import keep_freed_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:model=B/32.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and TensorBoard logs.")
@@ -53,6 +54,7 @@ _PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
 
 
 def main(argv: list[str]) -> None:
+    keep_freed_memory()  # before the JAX backend starts its threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:

@@ -13,6 +13,10 @@ import subprocess
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from jclip.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # XLA:CPU's temporaries stay in the heap instead of being mmapped anew every run
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
