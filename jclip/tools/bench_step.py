@@ -274,6 +274,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jclip.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as jclip.main does, before the JAX backend starts
     args = _parse(argv)
     if args.openclip_python:
         # On a GPU, OpenCLIP's processes need memory beside this one: allocate on demand, not 75% up front.

@@ -778,6 +778,10 @@ def _config_name(flag) -> str:
 
 def main(argv: list[str]) -> None:
     from absl import app, flags
+
+    from jclip.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # as jclip.main does, before the JAX backend starts
     from absl import logging as absl_logging
 
     if len(argv) > 1:
