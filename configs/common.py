@@ -180,6 +180,8 @@ def base_config(arg: str | None = None, *, data: str = "embedded", steps: int = 
     config.nonfinite = ml_collections.ConfigDict({"policy": "halt", "max_skips": 10, "window": 1000})
 
     config.log_every = 25
+    # "FIRST,LAST": a jax.profiler trace of those train steps in <workdir>/profile (TensorBoard, Perfetto).
+    config.profile_steps = ""
     config.checkpoint_every = 200
     config.keep_checkpoints = 3  # deleted by jclip only after a newer save has been checked (README, Failure handling)
     config.async_checkpointing = True

@@ -30,6 +30,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None)
              f"checkpoint_failure must be one of {CHECKPOINT_FAILURE_POLICIES}, got {config.get('checkpoint_failure')!r}")
 
     _check_nonfinite(config)
+    from jclip.profiling import parse_profile_steps
+
+    parse_profile_steps(config.get("profile_steps"), int(config.total_steps))
 
     model = config.model
     _require(int(model.embed_dim) > 0, f"model.embed_dim must be positive, got {model.embed_dim}")

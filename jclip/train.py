@@ -29,6 +29,7 @@ from jclip.evals.common import Encoders
 from jclip.metrics import MetricsWriter, Progress
 from jclip.paths import PathLike, as_path, check_writable
 from jclip.preemption import PreemptionWatch
+from jclip.profiling import StepProfiler
 from jclip.step import compile_train_step
 from jclip.teacher import load_teacher
 
@@ -257,6 +258,7 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
         )
 
     save_policy = SavePolicy(config, is_main)
+    profiler = StepProfiler.from_config(config.get("profile_steps"), total_steps, workdir, announce=is_main)
     train_step = None
     final_metrics: dict[str, float] = {}
     step = start_step
@@ -270,7 +272,11 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
             batch = parallel.host_batch_to_global(host_batch, mesh)
             if train_step is None:
                 train_step = compile_train_step(setup, batch, teacher)
+            if profiler is not None:
+                profiler.before_step(step)
             state, metrics = train_step(state, batch)
+            if profiler is not None:
+                profiler.after_step(step, state)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
                 progress.start(step)
@@ -302,6 +308,8 @@ def _train(config, workdir, mesh, checkpointer, is_main, data, train_iterator, w
             if preempted:
                 break
             final_metrics.update(run_evaluators(evaluators, state, encoders, step, writer, final=step == total_steps))
+    if profiler is not None:
+        profiler.stop(state)  # a run that ended (preempted, halted) inside the traced steps
     if start_step >= total_steps and is_main:
         print(f"nothing to do: the checkpoint in {checkpointer.directory} is at step {start_step} >= {total_steps}")
     save_policy(checkpointer.finish, last=True)  # waits for the last save and checks it
