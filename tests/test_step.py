@@ -118,8 +118,16 @@ def test_training_on_data_fsdp_tensor_2x2x2_equals_one_device(scan_layers):
     for sharded, single in zip(sharded_history, history):
         np.testing.assert_allclose(sharded["loss/total"], single["loss/total"], rtol=1e-5)
         np.testing.assert_allclose(sharded["train/grad_norm"], single["train/grad_norm"], rtol=1e-4)
-    for got, want in zip(jax.tree.leaves(sharded_final["params"]), jax.tree.leaves(final["params"])):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    flat_final = jax.tree_util.tree_leaves_with_path(final["params"])
+    for (path, want), got in zip(flat_final, jax.tree.leaves(sharded_final["params"])):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['attn']['in_bias']"):
+            # The key bias shifts every logit of a query's row alike, so softmax cancels it: its exact gradient is
+            # 0, and AdamW turns the rounding noise left in its place into updates of either sign. Those are
+            # compared loosely; the query and value biases as strictly as every other parameter.
+            np.testing.assert_allclose(got[..., 1, :, :], want[..., 1, :, :], atol=2e-5, err_msg=name)
+            got, want = np.delete(got, 1, axis=-3), np.delete(want, 1, axis=-3)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 # Parameter rules (jclip/param_rules.py): frozen parameters, learning-rate multipliers, the default table.
