@@ -29,7 +29,7 @@ import numpy as np
 #: The field the training pipeline adds to every raw example: the 0-based epoch of its source it comes from.
 EPOCH_FIELD = "_epoch"
 
-#: `data.num_workers` meaning "as many Grain worker processes as the host's cores allow" (also "auto").
+#: `data.num_workers` meaning "as many Grain worker processes as the host's cores allow".
 AUTO_WORKERS = -1
 #: Cores that auto leaves to the main process: the training loop (step dispatch, host-to-device copies)
 #: and the batches arriving from the workers.
@@ -38,9 +38,9 @@ AUTO_RESERVED_CORES = 2
 AUTO_MEMORY_SHARE = 0.5
 
 
-def is_auto(setting: int | str) -> bool:
-    """Whether a `data.num_workers` value asks for auto (-1 or "auto")."""
-    return str(setting).strip().lower() in ("auto", str(AUTO_WORKERS))
+def is_auto(setting: int) -> bool:
+    """Whether a `data.num_workers` value asks for auto (-1; the config field is an integer)."""
+    return setting == AUTO_WORKERS
 
 
 def usable_cores() -> int:
@@ -70,9 +70,9 @@ def memory_worker_limit(batch_bytes: int, memory_bytes: int | None, *, share: fl
     return max(1, int(memory_bytes * share) // (batches_per_worker * batch_bytes))
 
 
-def resolve_num_workers(setting: int | str, *, cores: int, reserved: int = AUTO_RESERVED_CORES,
+def resolve_num_workers(setting: int, *, cores: int, reserved: int = AUTO_RESERVED_CORES,
                         limit: int | None = None) -> int:
-    """Grain worker processes for `data.num_workers`: n >= 0 as given; auto (-1 or "auto") is `cores` minus
+    """Grain worker processes for `data.num_workers`: n >= 0 as given; auto (-1) is `cores` minus
     `reserved` for the training loop (0 below that: threads in the main process), at most `limit` (what the
     data or the memory allow). Nothing else caps it: a 240-core TPU VM host gets 238 workers.
     """

@@ -219,8 +219,7 @@ def test_each_component_may_have_its_own_preprocessing():
 
 @pytest.mark.parametrize("cores, expected", [(1, 0), (2, 0), (3, 1), (8, 6), (16, 14), (240, 238), (448, 446)])
 def test_auto_workers_are_the_cores_less_two_with_no_small_cap(cores, expected):
-    for setting in (-1, "auto", "-1", " Auto "):
-        assert pipeline.resolve_num_workers(setting, cores=cores) == expected
+    assert pipeline.resolve_num_workers(-1, cores=cores) == expected
     assert pipeline.resolve_num_workers(-1, cores=cores, reserved=1) == cores - 1
     assert pipeline.resolve_num_workers(-1, cores=cores, limit=100) == min(expected, 100)
     assert pipeline.resolve_num_workers(-1, cores=cores, limit=0) == 0
