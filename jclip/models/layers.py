@@ -90,7 +90,7 @@ def exact_gelu(x: jax.Array) -> jax.Array:
     """The erf GELU of `torch.nn.GELU()` (OpenCLIP's default activation), not the tanh approximation.
 
     Written as torch computes it, x/2 (1 + erf(x/sqrt 2)): `jax.nn.gelu(approximate=False)` goes through erfc,
-    whose exponential XLA:CPU evaluates in two extra passes (about a tenth of a small model's train step)."""
+    whose exponential XLA:CPU evaluates in extra passes (this form made the cpu-tiny step 6.6% faster; README)."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
 
 
