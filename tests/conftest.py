@@ -13,6 +13,10 @@ import subprocess
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from compilation_cache import use_persistent_compilation_cache  # noqa: E402
+
+use_persistent_compilation_cache()  # this process and every `jclip.main` the tests start compile each program once
+
 from jclip.host_memory import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # XLA:CPU's temporaries stay in the heap instead of being mmapped anew every run

@@ -28,6 +28,7 @@ def cifar_folders(shared_dir, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_cifar10_zero_shot_on_held_out_photos(cifar_folders, tmp_path):
     workdir = tmp_path / "run"
     command = [

@@ -14,6 +14,7 @@ import tarfile
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from gcs_emulator import BUCKET
@@ -86,6 +87,7 @@ def test_shard_globs_and_brace_ranges_find_objects_in_a_bucket(gcs):
     assert keys == [f"00001{index:04d}" for index in range(PER_SHARD)]
 
 
+@pytest.mark.slow
 def test_a_run_on_gcs_is_killed_and_resumes_from_the_bucket_exactly(gcs, scenes_data_dir):
     upload_shards(f"gs://{BUCKET}/shards")
     steps = 60
@@ -198,6 +200,7 @@ def test_a_run_in_the_bucket_is_a_teacher_an_init_from_source_and_converts_to_an
             np.testing.assert_array_equal(flat[path], value, err_msg=f"{source}: {path}")
 
 
+@pytest.mark.slow
 def test_two_processes_save_one_step_to_the_bucket_on_sigterm_and_resume_from_it(gcs, scenes_data_dir, tmp_path):
     """A pod's hosts: both processes write their parts of each checkpoint (and their own data positions) to the
     bucket; SIGTERM to one makes both save the same step there, and the rerun resumes from it."""

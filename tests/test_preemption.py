@@ -9,6 +9,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from jclip_testing import (checkpoint_steps, finish_processes as finish, micro_run_flags, read_losses, read_logs,
                            start_processes as start, wait_for_checkpoint)
@@ -29,6 +30,7 @@ def test_preempted_exit_code_makes_a_preemption_save_exit_non_zero(tmp_path, sce
     assert json.loads(status.read_text()) == {"state": "preempted", "step": stopped_at, "exit_code": 143}
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_0_and_the_rerun_resumes_exactly(tmp_path, scenes_data_dir):
     """One process without jax.distributed: jclip's own SIGTERM handler; --status_file says how it ended."""
     flags = micro_run_flags(scenes_data_dir, total_steps=STEPS, checkpoint_every=5)
@@ -56,6 +58,7 @@ def test_sigterm_saves_and_exits_0_and_the_rerun_resumes_exactly(tmp_path, scene
     np.testing.assert_array_equal([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)])
 
 
+@pytest.mark.slow
 def test_a_sigkilled_peer_stops_the_other_process_within_60_s(tmp_path, scenes_data_dir):
     """The survivor stops by one of two routes, whichever comes first: on CPU the dead peer's closed gloo connection
     fails the next collective (jclip's message, exit 1), or jax.distributed's heartbeat timeout aborts the process

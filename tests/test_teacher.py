@@ -23,6 +23,7 @@ def teacher_run(micro_clip_run):
     return micro_clip_run
 
 
+@pytest.mark.slow
 def test_teacher_guidance_changes_the_soft_targets(teacher_run, scenes_data_dir, tmp_path):
     flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2)
     run_jclip_main(tmp_path / "self", "configs/softclip.py", flags)

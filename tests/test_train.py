@@ -38,6 +38,7 @@ def run_main(workdir, flags, devices=1, timeout=600):
     return result
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_continues_with_identical_losses(tmp_path, scenes_data_dir):
     flags = micro_run_flags(scenes_data_dir, total_steps=80, checkpoint_every=5)
     reference = tmp_path / "uninterrupted"
@@ -70,6 +71,7 @@ def test_sigkill_then_rerun_continues_with_identical_losses(tmp_path, scenes_dat
     np.testing.assert_array_equal([got[s] for s in range(1, 81)], [expected[s] for s in range(1, 81)])
 
 
+@pytest.mark.slow
 def test_losses_agree_on_one_device_eight_devices_and_two_processes(tmp_path, scenes_data_dir):
     steps = 4
     flags = micro_run_flags(scenes_data_dir, total_steps=steps, checkpoint_every=100)

@@ -69,6 +69,7 @@ def test_written_features_are_the_models_embeddings_of_each_example(guide_run, g
         np.testing.assert_allclose(row["guidance_text_features"], text, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_softclip_trains_with_the_written_guidance(guidance_dir, scenes_data_dir, tmp_path):
     flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2)
     runs = {}

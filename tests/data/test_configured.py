@@ -137,6 +137,7 @@ def test_mixture_of_embedded_and_tar_shards_yields_both(tmp_path, scenes_data_di
     assert counter.skipped > 0 and batches[0]["images"].shape == (16, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_a_mixture_with_tar_shards_resumes_to_the_exact_batch(tmp_path, scenes_data_dir):
     """Restart from an early checkpoint of a finished run: the later steps' losses must come out identical,
     which needs the mixture's, the tar stream's and the skip counters' states all restored exactly."""

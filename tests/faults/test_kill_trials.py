@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
+
 from jclip.tools import fault_trials
 from jclip_testing import read_losses
 
 
+@pytest.mark.slow
 def test_two_trials_killed_in_a_step_a_save_and_an_evaluation_end_with_the_reference_losses(tmp_path,
                                                                                            scenes_data_dir):
     settings = fault_trials.Settings(workdir=tmp_path, trials=2, kills=3, seed=0, steps=60, data_dir=scenes_data_dir)

@@ -37,6 +37,7 @@ def two_process_reference(scenes_data_dir, tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_losses_of_one(two_process_reference, scenes_data_dir, tmp_path):
     """The 2-process job trains the 1-process run's losses to float32 rounding (the processes' gradients are summed
     in another order), not bit for bit: the fault tests below compare 2-process jobs with a 2-process reference."""

@@ -53,6 +53,7 @@ def wait(process: subprocess.Popen, log: pathlib.Path, timeout: float = 600) -> 
         raise AssertionError(f"the batch script did not end within {timeout} s:\n{log.read_text()[-5000:]}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_task_saves_one_step_requeues_and_the_rerun_resumes_exactly(tmp_path, scenes_data_dir):
     flags = micro_run_flags(scenes_data_dir, total_steps=STEPS, checkpoint_every=5)
     reference, log = tmp_path / "uninterrupted", tmp_path / "uninterrupted.log"

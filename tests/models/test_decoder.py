@@ -206,6 +206,7 @@ def parity_texts() -> list[str]:
             "Ünïcödé — 日本語 🙂, 3.14 and it's"]
 
 
+@pytest.mark.slow
 @needs_pretrained("gemma3-270m")
 def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("gemma3-270m", context_length=96)
@@ -235,6 +236,7 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     assert "in the file but not used: nothing" in "\n".join(report)
 
 
+@pytest.mark.slow
 @needs_pretrained("smollm2-135m")
 def test_smollm2_135m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("smollm2-135m", context_length=96)
@@ -479,6 +481,7 @@ def get_config(arg=None):
 '''
 
 
+@pytest.mark.slow
 def test_a_run_trains_the_top_blocks_of_a_gguf_tower_and_leaves_the_rest(scenes_data_dir, tmp_path):
     """A micro run (3 steps, 8 fake devices) with a tiny Gemma GGUF, weights and tokenizer: loaded and reported,
     the two top blocks bidirectional and trained, the rest bit-identical."""

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jclip_testing import REPO_ROOT, micro_run_flags
 
 
+@pytest.mark.slow
 def test_compare_trains_each_method_and_seed_and_tabulates(tmp_path, scenes_data_dir):
     flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2)
     command = [sys.executable, "-m", "jclip.tools.compare", f"--workdir={tmp_path}", "--methods=clip,siglip",

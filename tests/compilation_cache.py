@@ -1,0 +1,44 @@
+"""A persistent XLA compilation cache for the test session and the processes it starts.
+
+Many tests compile the same programs: every `python -m jclip.main` subprocess compiles the micro model's train
+step afresh, and in-process tests rebuild the same models and steps with new function objects. JAX's
+persistent cache (keyed by the program, the compile options, the devices and the jax version) turns every
+compile after the first into a file read. It is set through environment variables before jax is imported,
+so the subprocesses the tests start inherit it.
+
+The cache lives in `.pytest_cache/jax-compilation-cache` (git ignores it), so a developer's second run starts
+warm; `JCLIP_TEST_COMPILATION_CACHE` names another folder, or `0` turns it off. A folder over
+`MAX_CACHE_BYTES` is emptied at the start of the session rather than left to grow with every code change.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CACHE_DIR = REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"
+MAX_CACHE_BYTES = 4 << 30
+# Compiles faster than this are cheaper to redo than to hash, write and read back.
+MIN_COMPILE_SECONDS = 0.1
+
+
+def folder_bytes(folder: pathlib.Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def use_persistent_compilation_cache() -> pathlib.Path | None:
+    """Points JAX (this process and its children, through the environment) at the test cache folder; returns
+    the folder, or None where `JCLIP_TEST_COMPILATION_CACHE=0` turns the cache off."""
+    setting = os.environ.get("JCLIP_TEST_COMPILATION_CACHE", "")
+    if setting == "0":
+        return None
+    folder = pathlib.Path(setting) if setting else DEFAULT_CACHE_DIR
+    if folder.is_dir() and folder_bytes(folder) > MAX_CACHE_BYTES:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(folder))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return folder

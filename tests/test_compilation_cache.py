@@ -1,0 +1,46 @@
+"""The test session's persistent compilation cache (tests/compilation_cache.py): where it points JAX, how it is
+turned off, and that an oversized folder is emptied instead of growing."""
+
+from __future__ import annotations
+
+import compilation_cache
+
+CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def clear(monkeypatch) -> None:
+    for name in CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_zero_turns_the_cache_off(monkeypatch):
+    clear(monkeypatch)
+    monkeypatch.setenv("JCLIP_TEST_COMPILATION_CACHE", "0")
+    assert compilation_cache.use_persistent_compilation_cache() is None
+    assert "JAX_COMPILATION_CACHE_DIR" not in compilation_cache.os.environ
+
+
+def test_a_folder_is_made_and_handed_to_jax_and_its_subprocesses(monkeypatch, tmp_path):
+    clear(monkeypatch)
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("JCLIP_TEST_COMPILATION_CACHE", str(folder))
+    assert compilation_cache.use_persistent_compilation_cache() == folder
+    environ = compilation_cache.os.environ
+    assert folder.is_dir() and environ["JAX_COMPILATION_CACHE_DIR"] == str(folder)
+    assert float(environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) == compilation_cache.MIN_COMPILE_SECONDS
+    assert environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] == "0"
+
+
+def test_an_oversized_folder_is_emptied_and_a_small_one_kept(monkeypatch, tmp_path):
+    clear(monkeypatch)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "entry-cache").write_bytes(b"x" * 100)
+    monkeypatch.setenv("JCLIP_TEST_COMPILATION_CACHE", str(folder))
+    monkeypatch.setattr(compilation_cache, "MAX_CACHE_BYTES", 1000)
+    compilation_cache.use_persistent_compilation_cache()
+    assert (folder / "entry-cache").is_file()
+    monkeypatch.setattr(compilation_cache, "MAX_CACHE_BYTES", 50)
+    compilation_cache.use_persistent_compilation_cache()
+    assert folder.is_dir() and not any(folder.iterdir())
