@@ -44,3 +44,21 @@ def test_an_oversized_folder_is_emptied_and_a_small_one_kept(monkeypatch, tmp_pa
     monkeypatch.setattr(compilation_cache, "MAX_CACHE_BYTES", 50)
     compilation_cache.use_persistent_compilation_cache()
     assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_a_subprocess_that_inherits_the_environment_writes_its_compile_into_the_folder(monkeypatch, tmp_path):
+    """JAX itself, not this module, decides what the variables mean: a fresh interpreter that compiles one program
+    must leave an entry in the folder (the minimum compile time is lowered so a tiny program qualifies)."""
+    import subprocess
+    import sys
+
+    clear(monkeypatch)
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("JCLIP_TEST_COMPILATION_CACHE", str(folder))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    compilation_cache.use_persistent_compilation_cache()
+    program = "import jax, jax.numpy as jnp; print(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).sum())"
+    result = subprocess.run([sys.executable, "-c", program], env={**compilation_cache.os.environ, "JAX_PLATFORMS": "cpu"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any(path.name.endswith("-cache") for path in folder.iterdir()), sorted(p.name for p in folder.iterdir())
