@@ -17,6 +17,8 @@ import os
 import pathlib
 import shutil
 
+from jclip.tools.micro_run import compilation_cache_env
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CACHE_DIR = REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"
 MAX_CACHE_BYTES = 4 << 30
@@ -38,7 +40,6 @@ def use_persistent_compilation_cache() -> pathlib.Path | None:
     if folder.is_dir() and folder_bytes(folder) > MAX_CACHE_BYTES:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(folder))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    for name, value in compilation_cache_env(folder, MIN_COMPILE_SECONDS).items():
+        os.environ.setdefault(name, value)
     return folder

@@ -53,7 +53,7 @@ import numpy as np
 
 import configs
 from jclip.checkpoint import DAMAGED, MANIFEST, UNFINISHED
-from jclip.tools.micro_run import micro_run_flags
+from jclip.tools.micro_run import compilation_cache_env, micro_run_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILE = pathlib.Path(configs.__file__).parent / "clip.py"
@@ -97,8 +97,7 @@ class Settings:
         for name in ("JCLIP_COORDINATOR_ADDRESS", "JCLIP_NUM_PROCESSES", "JCLIP_PROCESS_ID"):
             env.pop(name, None)
         if self.compilation_cache:
-            env.update(JAX_COMPILATION_CACHE_DIR=str(self.workdir / "jax_cache"),
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+            env.update(compilation_cache_env(self.workdir / "jax_cache"))
         return env
 
     def command(self, workdir: pathlib.Path) -> list[str]:

@@ -46,3 +46,12 @@ def micro_run_flags(data_dir: str | os.PathLike, **overrides) -> list[str]:
     ]
     flags += [f"--config.{key}={value}" for key, value in overrides.items()]
     return flags
+
+
+def compilation_cache_env(folder: str | os.PathLike, min_compile_seconds: float = 0.0) -> dict[str, str]:
+    """The environment variables that point JAX's persistent compilation cache at `folder` for a process about to
+    import jax (and for its children), writing every compile that took at least `min_compile_seconds`. Repeated
+    micro runs (the fault trials, the test suite's subprocesses) then compile each program once."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(folder),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(min_compile_seconds),
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
