@@ -97,10 +97,16 @@ def _clamp_logit_scale(params: Params, max_log_scale: float) -> Params:
     return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, max_log_scale)}
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    """True where every floating-point element of `tree` is finite (integer leaves, e.g. counts, are skipped)."""
-    flags = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
-    return jnp.stack(flags).all() if flags else jnp.array(True)
+def all_finite(*trees: Any) -> jax.Array:
+    """True where every floating-point element of `trees` is finite (integer leaves, e.g. counts, are skipped).
+
+    Each leaf times 0 sums to 0, or to NaN where it holds an inf or a NaN. The square root ends the chain of
+    sums: XLA treats it as costly and computes it once, where it would otherwise copy the chain into the fusion
+    of every parameter's update that reads the flag (quadratic in the number of leaves; for the micro model
+    that tripled the step's compile time)."""
+    leaves = [leaf for leaf in jax.tree.leaves(trees) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    zero_or_nan = sum((jnp.sum(leaf * 0, dtype=jnp.float32) for leaf in leaves), jnp.float32(0))
+    return jnp.isfinite(jnp.sqrt(zero_or_nan))
 
 
 def _keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
@@ -146,7 +152,7 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
         new_trainable = optax.apply_updates(trainable, updates)
         new_trainable = _clamp_logit_scale(new_trainable, float(config.optim.max_log_logit_scale))  # a frozen one stays put
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_trainable, opt_state, loss_state))
+        finite = all_finite(loss, grad_norm, new_trainable, opt_state, loss_state)
         new_trainable, opt_state = _keep_if_finite(finite, (new_trainable, opt_state), (trainable, state["opt_state"]))
         if loss_state:
             loss_state = _keep_if_finite(finite, loss_state, state["loss_state"])
