@@ -1,4 +1,5 @@
-"""A persistent XLA compilation cache for the test session and the processes it starts.
+"""How the test session compiles quickly: a persistent XLA compilation cache, and XLA's quick mode, for the
+session and the processes it starts.
 
 Many tests compile the same programs: every `python -m jclip.main` subprocess compiles the micro model's train
 step afresh, and in-process tests rebuild the same models and steps with new function objects. JAX's
@@ -9,6 +10,12 @@ so the subprocesses the tests start inherit it.
 The cache lives in `.pytest_cache/jax-compilation-cache` (git ignores it), so a developer's second run starts
 warm; `JCLIP_TEST_COMPILATION_CACHE` names another folder, or `0` turns it off. A folder over
 `MAX_CACHE_BYTES` is emptied at the start of the session rather than left to grow with every code change.
+
+Most tests run micro models for a step or a few: compiling dominates, and XLA's backend optimisations (LLVM's)
+cost more than they save. `JAX_DISABLE_MOST_OPTIMIZATIONS=1` skips them; the programs compute the same
+operations, so every tolerance holds. Tests whose time is spent running real-sized models instead are marked
+`xla_optimized` (conftest.py compiles them as a user's run is compiled). `JAX_DISABLE_MOST_OPTIMIZATIONS=0`
+in the environment compiles the whole session fully optimised.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ DEFAULT_CACHE_DIR = REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"
 MAX_CACHE_BYTES = 4 << 30
 # Compiles faster than this are cheaper to redo than to hash, write and read back.
 MIN_COMPILE_SECONDS = 0.1
+# jax reads it at import: 1 compiles without XLA's backend (LLVM) optimisations.
+QUICK_MODE_VARIABLE = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 
 def folder_bytes(folder: pathlib.Path) -> int:
@@ -43,3 +52,9 @@ def use_persistent_compilation_cache() -> pathlib.Path | None:
     for name, value in compilation_cache_env(folder, MIN_COMPILE_SECONDS).items():
         os.environ.setdefault(name, value)
     return folder
+
+
+def skip_most_xla_optimizations() -> None:
+    """XLA's quick mode for this process and its children (through the environment), unless the environment
+    already chooses."""
+    os.environ.setdefault(QUICK_MODE_VARIABLE, "1")

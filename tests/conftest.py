@@ -13,9 +13,10 @@ import subprocess
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from compilation_cache import use_persistent_compilation_cache  # noqa: E402
+from compilation_cache import QUICK_MODE_VARIABLE, skip_most_xla_optimizations, use_persistent_compilation_cache  # noqa: E402
 
 use_persistent_compilation_cache()  # this process and every `jclip.main` the tests start compile each program once
+skip_most_xla_optimizations()  # micro models: compiling costs more than running
 
 from jclip.host_memory import keep_freed_memory  # noqa: E402
 
@@ -30,6 +31,20 @@ flags.FLAGS.mark_as_parsed()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = pathlib.Path(os.environ.get("JCLIP_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(autouse=True)
+def xla_optimized(request, monkeypatch):
+    """A test marked `xla_optimized` compiles with XLA's optimisations on, in this process and in the processes
+    it starts: its time goes into running real-sized models, not into compiling them."""
+    if request.node.get_closest_marker("xla_optimized") is None:
+        yield
+        return
+    monkeypatch.setenv(QUICK_MODE_VARIABLE, "0")
+    quick = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", quick)
 
 
 @pytest.fixture(scope="session")

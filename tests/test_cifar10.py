@@ -29,6 +29,7 @@ def cifar_folders(shared_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # 250 steps: running, not compiling, is its time
 def test_tiny_model_learns_cifar10_zero_shot_on_held_out_photos(cifar_folders, tmp_path):
     workdir = tmp_path / "run"
     command = [

@@ -1,9 +1,15 @@
-"""The test session's persistent compilation cache (tests/compilation_cache.py): where it points JAX, how it is
-turned off, and that an oversized folder is emptied instead of growing."""
+"""How the test session compiles (tests/compilation_cache.py): where the persistent cache points JAX, how it is
+turned off, that an oversized folder is emptied instead of growing, and XLA's quick mode with its
+`xla_optimized` exception."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import compilation_cache
+import jax
+import pytest
 
 CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
@@ -49,8 +55,6 @@ def test_an_oversized_folder_is_emptied_and_a_small_one_kept(monkeypatch, tmp_pa
 def test_a_subprocess_that_inherits_the_environment_writes_its_compile_into_the_folder(monkeypatch, tmp_path):
     """JAX itself, not this module, decides what the variables mean: a fresh interpreter that compiles one program
     must leave an entry in the folder (the minimum compile time is lowered so a tiny program qualifies)."""
-    import subprocess
-    import sys
 
     clear(monkeypatch)
     folder = tmp_path / "cache"
@@ -62,3 +66,22 @@ def test_a_subprocess_that_inherits_the_environment_writes_its_compile_into_the_
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert any(path.name.endswith("-cache") for path in folder.iterdir()), sorted(p.name for p in folder.iterdir())
+
+
+def quick_mode_in_a_fresh_interpreter() -> bool:
+    """What jax reads from the environment this test session hands to the processes it starts."""
+    program = "import jax; print(jax.config.values['jax_disable_most_optimizations'])"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
+    return {"True": True, "False": False}[done.stdout.strip()]
+
+
+def test_quick_mode_reaches_jax_here_and_in_the_processes_tests_start():
+    quick = compilation_cache.os.environ[compilation_cache.QUICK_MODE_VARIABLE] != "0"
+    assert jax.config.values["jax_disable_most_optimizations"] is quick
+    assert quick_mode_in_a_fresh_interpreter() is quick
+
+
+@pytest.mark.xla_optimized
+def test_a_test_marked_xla_optimized_compiles_fully_here_and_in_its_subprocesses():
+    assert jax.config.values["jax_disable_most_optimizations"] is False
+    assert quick_mode_in_a_fresh_interpreter() is False

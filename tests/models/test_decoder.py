@@ -207,6 +207,7 @@ def parity_texts() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # a real-sized decoder in float32 and float64
 @needs_pretrained("gemma3-270m")
 def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("gemma3-270m", context_length=96)
@@ -237,6 +238,7 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # a real-sized decoder in float32 and float64
 @needs_pretrained("smollm2-135m")
 def test_smollm2_135m_hidden_states_equal_transformers(torch_python, tmp_path):
     text = models.pretrained_text_tower("smollm2-135m", context_length=96)
