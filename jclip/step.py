@@ -102,8 +102,8 @@ def all_finite(*trees: Any) -> jax.Array:
 
     Each leaf times 0 sums to 0, or to NaN where it holds an inf or a NaN. The square root ends the chain of
     sums: XLA treats it as costly and computes it once, where it would otherwise copy the chain into the fusion
-    of every parameter's update that reads the flag (quadratic in the number of leaves; for the micro model
-    that tripled the step's compile time)."""
+    of every parameter's update that reads the flag (quadratic in the number of leaves: `bench_step`'s
+    `cpu-small` step compiled in 77 s instead of 14.5 s). XLA does not fold a float `x * 0` to 0 (NaN-unsafe)."""
     leaves = [leaf for leaf in jax.tree.leaves(trees) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     zero_or_nan = sum((jnp.sum(leaf * 0, dtype=jnp.float32) for leaf in leaves), jnp.float32(0))
     return jnp.isfinite(jnp.sqrt(zero_or_nan))
