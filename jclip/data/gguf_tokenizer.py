@@ -22,8 +22,8 @@ both match whole in the raw text. The post-processor adds BOS when `tokenizer.gg
 (Gemma: yes, id 2; SmolLM2: no; a SentencePiece file without the flag: yes, as llama.cpp does) and EOS when
 `add_eos_token` does.
 
-Building Gemma's 262k-token tokenizer takes seconds (and opening the file with `gguf` about ten; SmolLM2's
-about three), so a tokenizer that took over a second is cached as a tokenizer.json under
+Building Gemma's 262k-token tokenizer takes seconds (and opening the file about three; SmolLM2's under
+one), so a tokenizer that took over a second is cached as a tokenizer.json under
 `$JCLIP_CACHE/tokenizers` (default `~/.cache/jclip/tokenizers`), keyed by the file's path, size and
 modification time; loading Gemma's from there takes about a second.
 """

@@ -2,7 +2,8 @@
 
 A GGUF holds key-value metadata (the architecture's numbers under `<architecture>.*`, the tokenizer under
 `tokenizer.ggml.*`) and tensors, many of them quantised (Q4_K, Q5_0, Q8_0, ...). `GGUFFile` opens one with
-`gguf.GGUFReader` (a memory map: nothing is read before it is asked for), checks `general.architecture`,
+`gguf.GGUFReader` (a memory map: nothing is read before it is asked for; see `gguf_reader` for why it
+reads through a plain array), checks `general.architecture`,
 hands out metadata values, and dequantises each tensor to float32 with `gguf.quants.dequantize` when it is
 taken. It remembers what was taken, so a loader can report the tensors it left unused.
 
@@ -24,17 +25,36 @@ import numpy as np
 _MISSING = object()
 
 
+def gguf_reader(path: str) -> Any:
+    """`gguf.GGUFReader` of `path`, reading its memory map through a plain `np.ndarray` view of it.
+
+    The reader slices its `data` once or twice per metadata element, and a slice of an `np.memmap` runs
+    Python code (`memmap.__getitem__`, `__array_finalize__`) where a slice of an ndarray does not. Gemma 3's
+    262,144-token vocabulary is 2.1 million slices: opening its GGUF took 10.1 s, through the plain view
+    3.1 s (SmolLM2-135M: 2.7 s -> 0.7 s), with every field and tensor equal. The view's base is the map."""
+    import gguf
+
+    class PlainViewReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainViewReader(path)
+
+
 class GGUFFile:
     """One GGUF file, opened for reading (see the module docstring)."""
 
     def __init__(self, path: str, architecture: str | Iterable[str] | None = None) -> None:
-        import gguf
-
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"the GGUF file {self.path} does not exist")
         try:
-            self._reader = gguf.GGUFReader(self.path)
+            self._reader = gguf_reader(self.path)
         except Exception as error:  # the reader raises ValueError, IndexError, ... on a short or foreign file
             raise ValueError(f"{self.path} is not a readable GGUF file (truncated or of another format: "
                              f"{type(error).__name__}: {error})") from None

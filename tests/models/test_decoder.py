@@ -18,7 +18,7 @@ from jclip.data.tokenizer import make_tokenizer
 from jclip.errors import ConfigError
 from jclip.models import decoder, pretrained_files
 from jclip_testing import (dense_scene_captions, needs_pretrained, run_reference, tiny_decoder_config, write_gguf,
-                           write_tiny_decoder_gguf)
+                           write_gguf_without_vocabulary, write_tiny_decoder_gguf)
 
 gguf = pytest.importorskip("gguf")
 
@@ -37,8 +37,14 @@ def loaded_model(text: dict, loaded=None):
     config = model_config(text)
     functions = ModelFunctions.create(config, seed=0)
     loaded = pretrained.load_pretrained(config) if loaded is None else loaded
-    params, report = pretrained.place_pretrained(loaded, functions.init_params())
+    params, report = pretrained.place_pretrained(loaded, zero_params(functions))
     return functions.model(params), report
+
+
+def zero_params(functions: ModelFunctions) -> dict:
+    """The model's parameters as zeros, for the file's tensors to replace: the text tower's hidden states read
+    nothing else, and a random init of Gemma's 262k-row embedding (eager, float64) cost seconds per model."""
+    return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), nnx.to_pure_dict(functions.abstract_state))
 
 
 def scratch_tower(kind: str, **overrides) -> decoder.DecoderTextTower:
@@ -56,6 +62,7 @@ def right_padded(rows: list[list[int]], length: int) -> np.ndarray:
 TORCH_DECODER = r"""
 import json, os, sys
 import numpy as np, torch, transformers
+from transformers.initialization import no_init_weights
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 inputs = json.load(open(sys.argv[1]))
 path = inputs["gguf"]
@@ -63,7 +70,8 @@ config = transformers.AutoConfig.from_pretrained(os.path.dirname(path), gguf_fil
 for key, value in inputs["config"].items():
     setattr(config, key, value)
 config._attn_implementation = "eager"
-model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+with no_init_weights():  # every weight comes from the file (the head is the tied embedding)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 # transformers' own GGUF reading: gguf's dequantisation, its name map, Gemma's norms minus 1, Llama's q/k
 # un-permuted.
 tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
@@ -78,7 +86,8 @@ with torch.no_grad():
     if inputs.get("bidirectional"):  # EmbeddingGemma's switch: every block bidirectional, windows halved
         both = type(config)(**{**config.to_dict(), "use_bidirectional_attention": True})
         both._attn_implementation = "eager"
-        other = transformers.AutoModelForCausalLM.from_config(both, dtype=torch.float32).eval()
+        with no_init_weights():
+            other = transformers.AutoModelForCausalLM.from_config(both, dtype=torch.float32).eval()
         other.load_state_dict(model.state_dict())
         outputs["bidirectional"] = other.model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
         outputs["bidirectional_window"] = np.array(both.sliding_window)
@@ -98,13 +107,22 @@ def reference(torch_python, gguf_path, ids: np.ndarray, tmp_path, *, bidirection
         "bidirectional": bidirectional, "config": config or {}, "float64": float64}, tmp_path)
 
 
+def real_file_reference(torch_python, name: str, ids: np.ndarray, tmp_path, bidirectional=False) -> dict:
+    """`reference` (with float64) for the real file `name`, given to transformers without its vocabulary arrays
+    (`write_gguf_without_vocabulary`): the ids are made here, and parsing the arrays was most of its minute."""
+    path = tmp_path / f"{name}-weights.gguf"
+    vocab_size = write_gguf_without_vocabulary(pretrained_files.weights_path(name), path)
+    return reference(torch_python, path, ids, tmp_path, bidirectional=bidirectional, float64=True,
+                     config={"vocab_size": vocab_size})
+
+
 def float64_hidden_states(text: dict, ids: np.ndarray, loaded) -> np.ndarray:
     """The tower's final hidden states with float64 parameters and compute (the same file's weights)."""
     with jax.enable_x64(True):
         config = model_config(text)
         config.dtype = config.param_dtype = "float64"
         functions = ModelFunctions.create(config, seed=0)
-        params, _ = pretrained.place_pretrained(loaded, functions.init_params())
+        params, _ = pretrained.place_pretrained(loaded, zero_params(functions))
         return np.asarray(functions.model(params).text.hidden_states(ids))
 
 
@@ -217,8 +235,7 @@ def test_gemma3_270m_hidden_states_equal_transformers(torch_python, tmp_path):
     ids = make_tokenizer(models.tokenizer_spec(model_config(text)), 96).batch(parity_texts())
     ids = ids[:, : int(np.max(np.sum(ids >= 0, axis=1)))]
     assert 60 < ids.shape[1] < 257  # within transformers' halved bidirectional window (257)
-    expected = reference(torch_python, pretrained_files.weights_path("gemma3-270m"), ids, tmp_path,
-                         bidirectional=True, float64=True)
+    expected = real_file_reference(torch_python, "gemma3-270m", ids, tmp_path, bidirectional=True)
     assert float(expected["scale"]) == 256 ** -0.5 and int(expected["sliding_window"]) == 512
     with jax.default_matmul_precision("highest"):
         causal_hidden, both_hidden = causal.text.hidden_states(ids), both.text.hidden_states(ids)
@@ -246,7 +263,7 @@ def test_smollm2_135m_hidden_states_equal_transformers(torch_python, tmp_path):
     model, report = loaded_model(text, loaded)
     ids = make_tokenizer(models.tokenizer_spec(model_config(text)), 96).batch(parity_texts())
     ids = ids[:, : int(np.max(np.sum(ids >= 0, axis=1)))]
-    expected = reference(torch_python, pretrained_files.weights_path("smollm2-135m"), ids, tmp_path, float64=True)
+    expected = real_file_reference(torch_python, "smollm2-135m", ids, tmp_path)
     with jax.default_matmul_precision("highest"):
         hidden = model.text.hidden_states(ids)
     print(f"smollm2-135m: max abs diff {max_real_diff(hidden, expected['causal'], ids):.3g}, mean "

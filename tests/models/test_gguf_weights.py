@@ -102,3 +102,27 @@ def test_check_metadata_names_every_mismatch(small_gguf):
                                       ("width", "embedding_length")])  # absent in the file: not checked
     check_metadata(file, {**config, "layers": 1}, [("layers", "block_count"), ("norm_eps",
                                                                                "attention.layer_norm_rms_epsilon")])
+
+
+def test_every_field_and_tensor_equals_the_stock_readers(tmp_path):
+    """The reader reads through a plain view of its memory map (for speed); gguf's own reader is the reference,
+    on a file with a vocabulary-like string array, float and int arrays, scalars and quantised tensors."""
+    rng = np.random.default_rng(1)
+    tokens = [f"tok{i}" for i in range(3000)] + ["Ünïcödé 日本語 🙂", ""]
+    metadata = {"llama.block_count": 2, "llama.rope.freq_base": 500000.0, "general.name": "vocab",
+                "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": rng.normal(size=len(tokens)).tolist(),
+                "tokenizer.ggml.token_type": [1] * len(tokens), "tokenizer.ggml.add_bos_token": True}
+    tensors = {"token_embd.weight": rng.normal(size=(len(tokens), 32)).astype(np.float32),
+               "blk.0.attn_q.weight": rng.normal(size=(8, 256)).astype(np.float32)}
+    path = write_gguf(tmp_path / "vocab.gguf", "llama", metadata, tensors,
+                      quantise={"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_1"})
+    stock = gguf.GGUFReader(str(path))
+    file = open_gguf(str(path), "llama")
+    assert file.keys() == list(stock.fields)
+    for key, field in stock.fields.items():
+        assert file.value(key) == field.contents(), key
+    assert file.value("tokenizer.ggml.tokens") == tokens
+    assert file.tensor_names == [tensor.name for tensor in stock.tensors]
+    for tensor in stock.tensors:
+        expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        np.testing.assert_array_equal(file.tensor(tensor.name), expected.reshape(file.shape(tensor.name)))
