@@ -21,7 +21,7 @@ from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_los
 FAKE_SLURM = pathlib.Path(__file__).parent / "fake_slurm"
 SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"
 WORKER = REPO_ROOT / "launch" / "slurm_worker.sh"
-STEPS = 40
+STEPS = 20
 
 
 def slurm_environment(tmp_path: pathlib.Path, job_id: int, ntasks: int = 2) -> dict[str, str]:
@@ -65,7 +65,7 @@ def test_sigterm_to_one_task_saves_one_step_requeues_and_the_rerun_resumes_exact
     run, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
     env = slurm_environment(tmp_path, 102)
     job = sbatch(run, flags, env, log)
-    assert wait_for_checkpoint(run, [job], 10), log.read_text()[-5000:]
+    assert wait_for_checkpoint(run, [job], 5), log.read_text()[-5000:]
     task_pids = [int(line) for line in pathlib.Path(env["FAKE_SRUN_PIDS"]).read_text().split()]
     assert len(task_pids) == 2
     os.kill(task_pids[1], signal.SIGTERM)  # the signal reaches one task only
