@@ -121,3 +121,48 @@ def test_heads_count_follows_head_width() -> None:
     assert layers.num_heads_for(768, 64) == 12
     with pytest.raises(ValueError, match="head_width"):
         layers.num_heads_for(100, 64)
+
+
+def test_next_key_gives_the_keys_of_nnxs_own_stream() -> None:
+    ours, theirs = nnx.Rngs(3), nnx.Rngs(3)
+    for _ in range(4):
+        np.testing.assert_array_equal(jax.random.key_data(layers.next_key(ours.params)),
+                                      jax.random.key_data(theirs.params()))
+    np.testing.assert_array_equal(ours.params.count[...], theirs.params.count[...])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_jitted_init_equals_the_one_drawing_through_nnxs_stream(monkeypatch, scan_layers) -> None:
+    """Every parameter of the tiny preset, initialised in a jit as a run does, with `next_key` and with nnx's own
+    `stream()` (the reference), scanned layers (nnx.split_rngs) included."""
+    from jclip import models
+
+    def init(seed: int = 0) -> dict:
+        return jax.jit(lambda: nnx.to_pure_dict(nnx.state(models.build_model(config, nnx.Rngs(seed)))))()
+
+    config = models.get_preset("tiny", scan_layers=scan_layers)
+    ours = init()
+    monkeypatch.setattr(layers, "next_key", lambda stream: stream())
+    theirs = init()
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+    assert len(jax.tree.leaves(ours)) > 20
+
+
+def test_building_a_model_under_tracing_never_walks_the_trace_per_parameter(monkeypatch) -> None:
+    """The probe `next_key` avoids: JAX describes a tracer's origin by walking every equation traced so far
+    (`_origin_msg`), which made an abstract model's build quadratic in its parameter count. nnx's own
+    `stream()` calls it twice per parameter (for the new count and the old one)."""
+    from jax._src.interpreters import partial_eval
+
+    from jclip import models
+
+    walks = []
+    original = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg",
+                        lambda tracer: walks.append(1) or original(tracer))
+    config = models.get_preset("tiny")
+    parameters = len(jax.tree.leaves(nnx.state(models.abstract_model(config), nnx.Param)))
+    assert walks == [] and parameters > 20
+    monkeypatch.setattr(layers, "next_key", lambda stream: stream())
+    models.abstract_model(config)
+    assert len(walks) == 2 * parameters
