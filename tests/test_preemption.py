@@ -14,7 +14,7 @@ import pytest
 from jclip_testing import (checkpoint_steps, finish_processes as finish, micro_run_flags, read_losses, read_logs,
                            start_processes as start, wait_for_checkpoint)
 
-STEPS = 60
+STEPS = 30
 
 
 def test_preempted_exit_code_makes_a_preemption_save_exit_non_zero(tmp_path, scenes_data_dir):
