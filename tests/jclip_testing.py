@@ -295,7 +295,7 @@ def write_gguf_without_vocabulary(source: str, destination: pathlib.Path) -> int
     writer = gguf.GGUFWriter(str(destination), architecture)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
-            continue  # the writer writes these itself
+            continue  # the writer writes the header and the architecture, and aligns the data, itself
         if key.startswith("tokenizer.ggml.") and field.types[0] == gguf.GGUFValueType.ARRAY:
             continue
         sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
