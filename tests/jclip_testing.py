@@ -273,11 +273,16 @@ def write_gguf(path: pathlib.Path, architecture: str, metadata: dict[str, Any], 
             quant_type = gguf.GGMLQuantizationType[kind]
             writer.add_tensor(name, gguf.quants.quantize(np.asarray(array, np.float32), quant_type),
                               raw_dtype=quant_type)
+    close_gguf_writer(writer)
+    return path
+
+
+def close_gguf_writer(writer: Any) -> None:
+    """Writes a `gguf.GGUFWriter`'s header, metadata and tensors to its file, and closes it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def write_gguf_without_vocabulary(source: str, destination: pathlib.Path) -> int:
@@ -302,10 +307,7 @@ def write_gguf_without_vocabulary(source: str, destination: pathlib.Path) -> int
         writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    close_gguf_writer(writer)
     [embedding] = [tensor for tensor in reader.tensors if tensor.name == "token_embd.weight"]
     return int(embedding.shape[-1])  # GGUF lists dimensions innermost first
 
