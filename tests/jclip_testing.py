@@ -31,10 +31,19 @@ def make_small_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
-def run_jclip_main(workdir: pathlib.Path, config: str, flags: list[str], timeout: int = 600) -> str:
-    """Runs `python -m jclip.main` in a subprocess; asserts success and returns its stdout."""
+def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """This environment for a process that sees `devices` fake CPU devices (one, as a user's CPU run, unless a
+    test is about meshes), with `extra` variables."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            **extra}
+
+
+def run_jclip_main(workdir: pathlib.Path, config: str, flags: list[str], timeout: int = 600, devices: int = 1) -> str:
+    """Runs `python -m jclip.main` in a subprocess on `devices` CPU devices; asserts success and returns its
+    stdout."""
     command = [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=cpu_env(devices), capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -425,7 +434,7 @@ def start_processes(workdir: pathlib.Path | str, flags: list[str], logs: pathlib
     logs.mkdir(exist_ok=True)
     started = []
     for index in range(processes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        env = cpu_env(1)
         if processes > 1:
             env.update(JCLIP_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JCLIP_NUM_PROCESSES=str(processes),
                        JCLIP_PROCESS_ID=str(index), JCLIP_HEARTBEAT_TIMEOUT_SECONDS="10")

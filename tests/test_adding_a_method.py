@@ -12,14 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from jclip_testing import REPO_ROOT, micro_run_flags, read_losses
+from jclip_testing import REPO_ROOT, cpu_env, micro_run_flags, read_losses
 
 TOY_CONFIG = REPO_ROOT / "tests" / "toy_method" / "config.py"
 
 
 def run_toy(workdir, flags, devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = cpu_env(devices, PYTHONPATH=os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "jclip.main", f"--config={TOY_CONFIG}", f"--workdir={workdir}", *flags]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

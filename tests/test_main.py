@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 
 from configs import clip, common, siglip
-from jclip_testing import REPO_ROOT
+from jclip_testing import REPO_ROOT, cpu_env
 from jclip.config_validation import validate_config
 from jclip.errors import ConfigError
 
@@ -54,7 +53,7 @@ def test_wrong_type_is_rejected(tmp_path):
 
 
 def test_a_mesh_the_devices_cannot_fill_names_both(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = cpu_env(2)
     result = subprocess.run(
         [sys.executable, "-m", "jclip.main", "--config=configs/clip.py", f"--workdir={tmp_path}", "--config.mesh.data=3"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env,

@@ -107,7 +107,7 @@ def micro_flags(data_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_bert_run(tiny_bert, scenes_data_dir, tmp_path_factory) -> tuple[pathlib.Path, str]:
     workdir = tmp_path_factory.mktemp("tiny_bert_run")
-    stdout = run_jclip_main(workdir, tiny_bert["config"], micro_flags(scenes_data_dir))
+    stdout = run_jclip_main(workdir, tiny_bert["config"], micro_flags(scenes_data_dir), devices=8)
     return workdir, stdout
 
 

@@ -16,23 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_final_evaluation, read_losses
+from jclip_testing import REPO_ROOT, checkpoint_steps, cpu_env, micro_run_flags, read_final_evaluation, read_losses
 
 
 def main_command(workdir: pathlib.Path, flags: list[str], config: str = "configs/clip.py") -> list[str]:
     return [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
 
 
-def child_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
 def run_main(workdir, flags, devices=1, timeout=600):
     result = subprocess.run(
-        main_command(workdir, flags), cwd=REPO_ROOT, env=child_env(devices), capture_output=True, text=True, timeout=timeout
+        main_command(workdir, flags), cwd=REPO_ROOT, env=cpu_env(devices), capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, f"jclip.main failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -49,7 +42,7 @@ def test_sigkill_then_rerun_continues_with_identical_losses(tmp_path, scenes_dat
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
-        main_command(interrupted, flags), cwd=REPO_ROOT, env=child_env(1),
+        main_command(interrupted, flags), cwd=REPO_ROOT, env=cpu_env(1),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
@@ -87,7 +80,7 @@ def test_losses_agree_on_one_device_eight_devices_and_two_processes(tmp_path, sc
         sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--processes=2", "--devices_per_process=4", "--",
         *main_command(multi, flags + ["--config.mesh.data=4", "--config.mesh.fsdp=2"]),
     ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(4), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=cpu_env(4), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-5000:]
     assert "2 process(es)" in result.stdout
 
@@ -120,12 +113,12 @@ def test_nclip_centres_are_checkpointed_and_resume_exactly(tmp_path, scenes_data
     flags.append("--config.losses.nclip.collapse=centering")  # the variant with state, whatever the default
     workdir = tmp_path / "run"
     command = main_command(workdir, flags, config="configs/xclip.py")
-    subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600, check=True)
+    subprocess.run(command, cwd=REPO_ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600, check=True)
     first = read_losses(workdir)
     import shutil
 
     shutil.rmtree(workdir / "checkpoints" / "4")
-    subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600, check=True)
+    subprocess.run(command, cwd=REPO_ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600, check=True)
     second = read_losses(workdir)  # steps 3 and 4 were recomputed after restoring step 2
     np.testing.assert_allclose([second[3], second[4]], [first[3], first[4]], rtol=1e-6)
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -142,7 +135,7 @@ def test_nclip_without_prototype_heads_is_a_config_error(tmp_path, scenes_data_d
         "    return config\n"
     )
     command = main_command(tmp_path / "run", micro_run_flags(scenes_data_dir, total_steps=2), config=str(config_file))
-    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "jclip: invalid config: losses:" in result.stderr and "prototype_heads" in result.stderr
 
@@ -152,7 +145,7 @@ def test_nclip_config_trains_and_evaluates_in_the_prototype_space(tmp_path, scen
     flags = micro_run_flags(scenes_data_dir, total_steps=2, checkpoint_every=2) + NCLIP_HEAD_FLAGS
     workdir = tmp_path / "run"
     command = main_command(workdir, flags, config="configs/nclip.py")
-    result = subprocess.run(command, cwd=REPO_ROOT, env=child_env(1), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     final = read_final_evaluation(workdir)
     assert {"eval/retrieval/image_to_text_R@1", "eval/zeroshot/top1", "eval/compositional/accuracy"} <= set(final)
@@ -180,7 +173,7 @@ def test_resuming_with_another_model_is_one_config_error(micro_clip_run, scenes_
     workdir = tmp_path / "run"
     shutil.copytree(micro_clip_run, workdir)
     flags = micro_run_flags(scenes_data_dir, total_steps=4, checkpoint_every=3) + [change]
-    result = subprocess.run(main_command(workdir, flags), cwd=REPO_ROOT, env=child_env(1), capture_output=True,
+    result = subprocess.run(main_command(workdir, flags), cwd=REPO_ROOT, env=cpu_env(1), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"the checkpoint of step 3 in {workdir / 'checkpoints'} holds another model than config.model" in result.stderr

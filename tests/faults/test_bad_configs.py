@@ -5,7 +5,6 @@ wrong and what to do), exit status 2, no traceback, within seconds and before th
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from jclip_testing import REPO_ROOT, micro_run_flags
+from jclip_testing import REPO_ROOT, cpu_env, micro_run_flags
 
 #: Replaced by a path in the test's own temporary folder that does not exist.
 MISSING = "{missing}"
@@ -55,7 +54,7 @@ def run_main(config: str, flags: list[str], workdir: pathlib.Path,
              **env: str) -> tuple[subprocess.CompletedProcess, float]:
     """`python -m jclip.main` on one CPU device; the result and its seconds."""
     command = [sys.executable, "-m", "jclip.main", f"--config={config}", f"--workdir={workdir}", *flags]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **env}
+    env = cpu_env(1, **env)
     started = time.monotonic()
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     return result, time.monotonic() - started

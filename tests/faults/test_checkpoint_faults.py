@@ -5,7 +5,6 @@ write error stops with one message (exit 4) or, with checkpoint_failure="continu
 
 from __future__ import annotations
 
-import os
 import pathlib
 import resource
 import signal
@@ -15,7 +14,7 @@ import uuid
 
 import pytest
 
-from jclip_testing import (REPO_ROOT, checkpoint_steps, copy_run_until, micro_run_flags, read_losses,
+from jclip_testing import (REPO_ROOT, checkpoint_steps, cpu_env, copy_run_until, micro_run_flags, read_losses,
                            truncate_array_file)
 
 STEPS, EVERY = 8, 2
@@ -26,8 +25,7 @@ def main_command(workdir: pathlib.Path, flags: list[str]) -> list[str]:
 
 
 def run(workdir, flags, preexec_fn=None, timeout=600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.run(main_command(workdir, flags), cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run(main_command(workdir, flags), cwd=REPO_ROOT, env=cpu_env(1), capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 
 from jclip.models.flops import train_step_flops
 from jclip.tools import bench_shapes
-from jclip_testing import REPO_ROOT
+from jclip_testing import REPO_ROOT, cpu_env
 
 SHAPE_FLAGS = ["--vision_width=64", "--vision_layers=2", "--patch_size=8", "--image_size=32", "--text_width=64",
                "--text_heads=2", "--text_layers=2", "--context_length=16", "--embed_dim=32"]
@@ -44,7 +43,7 @@ def test_analytic_flops_of_an_explicit_shape_equal_a_count_by_hand():
 def run_bench(tmp_path, *flags: str) -> tuple[dict, str]:
     """Runs the tool on one CPU device; returns its JSON report and printed table."""
     path = tmp_path / "report.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = cpu_env(1)
     done = subprocess.run([sys.executable, "-m", "jclip.tools.bench_step", *SHAPE_FLAGS, *flags, f"--json={path}"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
