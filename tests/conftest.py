@@ -13,7 +13,8 @@ import subprocess
 # Must precede the first `import jax` anywhere in the test session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from compilation_cache import QUICK_MODE_VARIABLE, skip_most_xla_optimizations, use_persistent_compilation_cache  # noqa: E402
+from compilation_cache import (QUICK_MODE_VARIABLE, skip_most_xla_optimizations,  # noqa: E402
+                               use_persistent_compilation_cache, without_quick_xla_flags)
 
 use_persistent_compilation_cache()  # this process and every `jclip.main` the tests start compile each program once
 skip_most_xla_optimizations()  # micro models: compiling costs more than running
@@ -45,6 +46,7 @@ def xla_optimized(request, monkeypatch):
         yield
         return
     monkeypatch.setenv(QUICK_MODE_VARIABLE, "0")
+    monkeypatch.setenv("XLA_FLAGS", without_quick_xla_flags(os.environ.get("XLA_FLAGS", "")))
     quick = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", False)
     yield

@@ -85,3 +85,33 @@ def test_quick_mode_reaches_jax_here_and_in_the_processes_tests_start():
 def test_a_test_marked_xla_optimized_compiles_fully_here_and_in_its_subprocesses():
     assert jax.config.values["jax_disable_most_optimizations"] is False
     assert quick_mode_in_a_fresh_interpreter() is False
+
+
+def xla_flags_in_a_fresh_interpreter() -> list[str]:
+    program = "import os; print(os.environ.get('XLA_FLAGS', ''))"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.split()
+
+
+def test_quick_xla_flags_go_with_quick_mode_to_the_processes_tests_start():
+    quick = compilation_cache.os.environ[compilation_cache.QUICK_MODE_VARIABLE] != "0"
+    flags = xla_flags_in_a_fresh_interpreter()
+    assert all((flag in flags) is quick for flag in compilation_cache.QUICK_XLA_FLAGS), flags
+
+
+@pytest.mark.xla_optimized
+def test_a_test_marked_xla_optimized_starts_processes_without_the_quick_xla_flags():
+    flags = xla_flags_in_a_fresh_interpreter()
+    assert not any(flag in flags for flag in compilation_cache.QUICK_XLA_FLAGS), flags
+
+
+def test_skipping_optimizations_adds_the_quick_flags_to_the_users_own(monkeypatch):
+    monkeypatch.setenv(compilation_cache.QUICK_MODE_VARIABLE, "1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dump")
+    compilation_cache.skip_most_xla_optimizations()
+    assert compilation_cache.os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/dump",
+                                                                 *compilation_cache.QUICK_XLA_FLAGS]
+    monkeypatch.setenv(compilation_cache.QUICK_MODE_VARIABLE, "0")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/dump")
+    compilation_cache.skip_most_xla_optimizations()
+    assert compilation_cache.os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/dump"

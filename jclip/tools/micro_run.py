@@ -48,6 +48,13 @@ def micro_run_flags(data_dir: str | os.PathLike, **overrides) -> list[str]:
     return flags
 
 
+def with_cpu_devices(xla_flags: str, devices: int) -> str:
+    """`xla_flags` (a process's XLA_FLAGS) with `devices` fake CPU devices in place of any count it names, its other
+    flags kept."""
+    kept = [flag for flag in xla_flags.split() if not flag.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def compilation_cache_env(folder: str | os.PathLike, min_compile_seconds: float = 0.0) -> dict[str, str]:
     """The environment variables that point JAX's persistent compilation cache at `folder` for a process about to
     import jax (and for its children), writing every compile that took at least `min_compile_seconds`. Repeated

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jclip.cli import free_port
-from jclip_testing import REPO_ROOT, checkpoint_steps, micro_run_flags, read_losses, wait_for_checkpoint
+from jclip_testing import REPO_ROOT, checkpoint_steps, cpu_env, micro_run_flags, read_losses, wait_for_checkpoint
 
 FAKE_SLURM = pathlib.Path(__file__).parent / "fake_slurm"
 SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"
@@ -26,12 +26,12 @@ STEPS = 20
 
 def slurm_environment(tmp_path: pathlib.Path, job_id: int, ntasks: int = 2) -> dict[str, str]:
     """What sbatch gives the batch shell of a one-node, `ntasks`-task job (no SLURM_STEP_* there)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env = {key: value for key, value in cpu_env(1).items() if not key.startswith("SLURM_")}
     env.update(
         PATH=f"{FAKE_SLURM}:{os.path.dirname(sys.executable)}:{env['PATH']}",
         SLURM_JOB_ID=str(job_id), SLURM_NTASKS=str(ntasks), SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost",
         SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_TASKS_PER_NODE=str(ntasks), SLURM_SUBMIT_DIR=str(REPO_ROOT),
-        JAX_COORDINATOR_PORT=str(free_port()), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COORDINATOR_PORT=str(free_port()),
         JCLIP_PYTHON=sys.executable, JCLIP_HEARTBEAT_TIMEOUT_SECONDS="10",
         JCLIP_STATUS_FILE=str(tmp_path / f"status-{job_id}.json"), FAKE_SRUN_PIDS=str(tmp_path / f"pids-{job_id}"),
         FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
