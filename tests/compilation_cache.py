@@ -35,8 +35,9 @@ MIN_COMPILE_SECONDS = 0.1
 QUICK_MODE_VARIABLE = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 # XLA:CPU's older loop emitters: without LLVM's optimisations they compile the micro train step 1.7-2x faster
 # than the default fusion emitters (2.85 -> 1.6 s on one device). Fully optimised they compile and run slower
-# (the cpu-tiny step: 640 against 750 examples/s), so only quick mode uses them.
-QUICK_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+# (the cpu-tiny step: 640 against 750 examples/s), so only quick mode uses them. One codegen module instead of
+# parallel ones saves another 5-10% of the compile's CPU time, which is what two busy test workers pay for.
+QUICK_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def folder_bytes(folder: pathlib.Path) -> int:
