@@ -11,8 +11,10 @@ data-parallel mesh over every device, with configs/clip.py's optimizer. Reported
 timed steps after warm-up and examples/s; the model FLOPs of a step (jclip.models.flops: 3 x forward, OpenCLIP's
 counting) beside XLA's own count; achieved FLOP/s and MFU against the device's matmul peak (jclip.tools.peak_flops:
 published for TPUs and NVIDIA GPUs, measured on CPU); peak memory (the device allocator's where it keeps one,
-else XLA's estimate and the process's max RSS). `--against-openclip` runs jclip.tools.openclip_step.py with that
-interpreter on the same shapes, `--repeats` times alternating with jclip, each a fresh process.
+else XLA's estimate and the process's max RSS). `--matmul_floor` times each of the step's matmuls alone
+(jclip.tools.matmul_floor): how much of the step they take, and the MFU they bound. `--against-openclip` runs
+jclip.tools.openclip_step.py with that interpreter on the same shapes, `--repeats` times alternating with jclip,
+each a fresh process.
 """
 
 from __future__ import annotations
@@ -54,12 +56,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "two would share its memory)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak matmul TFLOP/s of one device, instead of the known or measured one")
+    parser.add_argument("--matmul_floor", "--matmul-floor", dest="matmul_floor", action="store_true",
+                        help="also time each matmul of jclip's step alone (jclip.tools.matmul_floor): the step time "
+                             "its matmuls alone take, and the MFU that bounds")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report here as JSON")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be at least 1")
     if args.openclip_only and not args.openclip_python:
         parser.error("--openclip-only needs --against-openclip=PYTHON")
+    if args.openclip_only and args.matmul_floor:
+        parser.error("--matmul_floor times jclip's step: it cannot go with --openclip-only")
     return args
 
 
@@ -198,6 +205,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         }
         if step is None:
             report["jclip_model"] = {"params": params, "decayed_params": decayed}  # its step was not run
+    if step is not None and args.matmul_floor:
+        report["matmul_floor"] = _matmul_floor(step, report, model_flops, peak_total)
     if "jclip" in report and "openclip" in report:
         jclip_side, openclip_side = report["jclip"], report["openclip"]
         report["jclip_over_openclip"] = {
@@ -206,6 +215,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "params_equal": jclip_side["params"] == openclip_side["params"],
         }
     return report
+
+
+def _matmul_floor(step: Any, report: dict[str, Any], model_flops: int, peak: float | None) -> dict[str, Any]:
+    """Each matmul of the step timed alone: their total against the step's median, and the MFU bound."""
+    from jclip import parallel
+    from jclip.tools.matmul_floor import matmul_floor
+
+    if report["devices"] > 1:
+        raise SystemExit("--matmul_floor times the step's matmuls at their global shapes, on one device: make one "
+                         "visible")
+    with parallel.sharding_context(step.setup.mesh, step.setup.rules):
+        floor = matmul_floor(step.jitted, step.state, step.batch, None,
+                             progress=lambda line: print(f"  {line}", end="\r", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    found = floor.as_dict()
+    found["share_of_step"] = floor.seconds / report["jclip"]["median_step_seconds"]
+    found["rate_over_peak"] = found["flops_per_second"] / peak if peak else None
+    found["mfu_bound"] = model_flops / floor.seconds / peak if peak else None
+    return found
 
 
 def _gib(value: float | None) -> str:
@@ -263,6 +291,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"XLA's estimate per device {_gib(memory['xla_estimated_peak_bytes_per_device'])}; "
                      f"process max RSS {_gib(memory['process_max_rss_bytes'])}")
         lines.append(f"jclip compile: {report['jclip']['compile_seconds']:.1f} s")
+    if "matmul_floor" in report:
+        lines += _format_floor(report["matmul_floor"])
     if "openclip" in report:
         memory = report["openclip"]["memory"]
         runtime = report["openclip"]["runtime"]
@@ -271,6 +301,21 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{_gib(memory['device_peak_memory_allocated_bytes'])}")
     lines += [f"note: {note}" for note in report["notes"] if note]
     return "\n".join(lines)
+
+
+def _format_floor(floor: dict[str, Any], slowest: int = 5) -> list[str]:
+    """The matmul floor's summary and its slowest shapes."""
+    lines = [f"matmul floor: {floor['matmuls']} matmuls ({floor['distinct_shapes']} shapes, "
+             f"{floor['flops']:.4g} FLOPs) timed alone take {floor['seconds'] * 1e3:.1f} ms, "
+             f"{100 * floor['share_of_step']:.1f}% of jclip's step, at {floor['flops_per_second'] / 1e12:.4f} TFLOP/s"]
+    if floor["mfu_bound"] is not None:
+        lines.append(f"  = {100 * floor['rate_over_peak']:.1f}% of the peak: with every other operation free, the "
+                     f"step's MFU would be at most {100 * floor['mfu_bound']:.1f}%")
+    lines.append("  slowest in total (count x ms each, TFLOP/s):")
+    for item in floor["by_shape"][:slowest]:
+        lines.append(f"    {item['lhs']} x {item['rhs']} {item['dimension_numbers']}: {item['count']} x "
+                     f"{item['seconds_each'] * 1e3:.2f} ms, {item['flops_per_second'] / 1e12:.3f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

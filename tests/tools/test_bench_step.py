@@ -1,5 +1,6 @@
 """`python -m jclip.tools.bench_step` end to end on a small explicit shape: the JSON report's keys and numbers,
-the FLOPs against a count by hand and XLA's, and the side by side with OpenCLIP's step."""
+the FLOPs against a count by hand and XLA's, the matmul floor's FLOPs against the same count, and the side by
+side with OpenCLIP's step."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def run_bench(tmp_path, *flags: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_cli_reports_time_flops_mfu_and_memory(tmp_path):
-    report, table = run_bench(tmp_path, "--batch=64", "--steps=2", "--warmup=1")
+    report, table = run_bench(tmp_path, "--batch=64", "--steps=2", "--warmup=1", "--matmul_floor")
     assert report["overrides"]["vision_width"] == 64 and report["batch"] == 64 and report["devices"] == 1
     jclip = report["jclip"]
     assert len(jclip["step_seconds"]) == 1 and len(jclip["step_seconds"][0]) == 2
@@ -76,6 +77,19 @@ def test_cli_reports_time_flops_mfu_and_memory(tmp_path):
     assert memory["device_peak_bytes_in_use"] is None  # CPU: no allocator statistics, so the two below
     assert memory["xla_estimated_peak_bytes_per_device"] > 0 and memory["process_max_rss_bytes"] > 0
     assert "examples/s" in table and "MFU" in table and "XLA / model" in table
+
+    # The traced matmuls against the analytic count: the patch embedding's input gradient is not computed (the
+    # pixels are not differentiated), and the loss's two logits matmuls (image x text^T and text x image^T, each
+    # forward and two gradients) are not in the model count.
+    floor = report["matmul_floor"]
+    patch_forward = 2 * 64 * (32 // 8) ** 2 * (3 * 8 * 8) * 64
+    logits = 2 * 3 * (2 * 64 * 64 * 32)
+    assert floor["flops"] == flops["model_flops_per_step"] - patch_forward + logits
+    assert floor["matmuls"] == sum(item["count"] for item in floor["by_shape"]) and floor["seconds"] > 0
+    assert floor["share_of_step"] == pytest.approx(floor["seconds"] / median)
+    assert floor["mfu_bound"] == pytest.approx(flops["model_flops_per_step"] / floor["seconds"]
+                                               / peak["devices_flops_per_second"])
+    assert "matmul floor" in table
 
 
 @pytest.mark.slow
