@@ -5,14 +5,19 @@ with respect to the trainable parameters only (whole-batch, or accumulated over 
 GradCache scheme; frozen parameters are constants, jclip.param_rules), the optimizer update and CLIP's
 logit-scale clamp. `compile_train_step` jits it with the set-up's declared shardings and a donated state.
 
-Non-finite steps. Every step checks its loss, its global gradient norm and the state it would return
-(parameters, optimizer state, loss-term states); where any of them is NaN or infinite, the update is dropped:
-the returned state holds the incoming parameters, optimizer state and loss-term states (selected with
-`jnp.where`, so the donated buffers are reused), the step counter still advances (the data moves on past the
-batch), and the metric `train/nonfinite` is 1 (0 otherwise). The host reads that flag and applies
+Non-finite steps. Every step checks its loss, its global gradient norm (NaN or infinite where any gradient is,
+or where their squares overflow) and its loss terms' new state; where any of them is NaN or infinite, the update
+is dropped: the returned state holds the incoming parameters, optimizer state and loss-term states (selected
+with `jnp.where`, so the donated buffers are reused), the step counter still advances (the data moves on past
+the batch), and the metric `train/nonfinite` is 1 (0 otherwise). The host reads that flag and applies
 `config.nonfinite.policy` (jclip.nonfinite): `halt` stops the run before anything of that step is saved,
 `skip` goes on. A dropped update also leaves the optimizer's own step count (the learning-rate schedule's
 position) where it was.
+
+The new parameters and AdamW moments are not checked: from finite gradients and a finite state, AdamW's update
+is finite (the moments average the gradients and their squares; the step is bounded by the learning rate).
+Checking them would read the whole state once more and make the selection wait for that reduction instead of
+fusing into the update: 5% of `bench_step --shape=cpu-tiny`'s step.
 """
 
 from __future__ import annotations
@@ -152,7 +157,7 @@ def make_train_step(setup: TrainSetup, teacher: Teacher | None = None) -> Callab
         new_trainable = optax.apply_updates(trainable, updates)
         new_trainable = _clamp_logit_scale(new_trainable, float(config.optim.max_log_logit_scale))  # a frozen one stays put
         grad_norm = optax.tree.norm(grads)
-        finite = all_finite(loss, grad_norm, new_trainable, opt_state, loss_state)
+        finite = all_finite(loss, grad_norm, loss_state)
         new_trainable, opt_state = _keep_if_finite(finite, (new_trainable, opt_state), (trainable, state["opt_state"]))
         if loss_state:
             loss_state = _keep_if_finite(finite, loss_state, state["loss_state"])

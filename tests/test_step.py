@@ -421,3 +421,36 @@ def test_the_finite_flag_is_computed_once_not_copied_into_every_guarded_update()
         return jax.jit(guarded).lower(tree).compile().as_text().count("\n")
 
     assert guarded_program_lines(48) < 4 * guarded_program_lines(16)
+
+
+def test_adamw_of_finite_gradients_stays_finite_and_overflowing_gradients_make_the_norm_infinite():
+    """Why the step checks the loss and the gradient norm but not the new state: jclip's optimizer (AdamW with
+    weight decay, with and without clipping), fed for many steps the largest gradients whose global norm is
+    still finite, keeps parameters and moments finite; gradients whose squares overflow make the norm infinite,
+    which the step flags."""
+    import jax.numpy as jnp
+    import optax
+
+    from jclip.optim import make_optimizer
+    from jclip.step import all_finite
+
+    rng = np.random.default_rng(0)
+    start = {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32),
+             "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
+             "logit_scale": jnp.float32(2.6)}
+    elements = sum(leaf.size for leaf in jax.tree.leaves(start))
+    largest = float(np.sqrt(np.finfo(np.float32).max / elements)) * 0.99  # the sum of squares just fits
+    for clip in (1.0, 0.0):
+        config = micro_config()
+        config.optim.grad_clip_norm = clip
+        optimizer = make_optimizer(config)
+        params, state = start, optimizer.init(start)
+        for step in range(20):
+            sign = 1.0 if step % 3 else -1.0
+            grads = jax.tree.map(lambda p: jnp.full_like(p, sign * largest), params)
+            assert np.isfinite(float(optax.tree.norm(grads)))
+            updates, state = optimizer.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+            assert bool(all_finite(params, state)), (clip, step)
+    overflowing = jax.tree.map(lambda p: jnp.full_like(p, 2 * largest), params)
+    assert not np.isfinite(float(optax.tree.norm(overflowing)))
