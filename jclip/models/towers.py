@@ -157,11 +157,12 @@ def tower_settings(model_config: Mapping[str, Any], modality: str) -> dict[str, 
 
 def check_tower(model_config: Mapping[str, Any], modality: str) -> None:
     """Raises ValueError naming the field for an unknown kind, unknown or missing keys, or bad values; also
-    for a bad `model.lora`, or LoRA on for a tower kind without adapters (the adapters live in the towers)."""
+    for a bad `model.lora`, or LoRA on for a tower kind without adapters (the adapters live in the towers). The
+    checks that need only the kind come first: a pretrained tower's own check reads its installed files."""
     tower = tower_for(model_config, modality)
-    tower.check(tower.settings(_section(model_config, modality)))
     tower_lora(model_config, modality)
     tower_scan(model_config, modality)
+    tower.check(tower.settings(_section(model_config, modality)))
 
 
 def tower_scan(model_config: Mapping[str, Any], modality: str) -> bool:
