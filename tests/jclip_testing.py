@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 # The micro run (compiles and steps in seconds on 2 CPU cores), shared with jclip.tools.fault_trials.
-from jclip.tools.micro_run import MICRO_MODEL_OVERRIDES, micro_run_flags, with_cpu_devices  # noqa: F401 (re-exported)
+from jclip.tools.micro_run import MICRO_MODEL_OVERRIDES, cpu_env, micro_run_flags  # noqa: F401 (re-exported)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,6 @@ def make_small_config(**overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
-
-
-def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
-    """This environment (its other XLA flags kept) for a process that sees `devices` fake CPU devices (one, as a
-    user's CPU run, unless a test is about meshes), with `extra` variables."""
-    flags = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices)
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
 
 
 def run_jclip_main(workdir: pathlib.Path, config: str, flags: list[str], timeout: int = 600, devices: int = 1) -> str:

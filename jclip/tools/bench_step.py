@@ -126,6 +126,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     config = bench_shapes.train_config(args.shape, batch, args.dtype, overrides)
     device = jax.devices()[0]
     devices = jax.device_count()
+    if args.matmul_floor and devices > 1:
+        raise SystemExit(f"--matmul_floor times the step's matmuls at their global shapes on one device, and jax sees "
+                         f"{devices}: make one visible")
     if args.openclip_python and devices > 1:
         raise SystemExit(f"--against-openclip compares one device with one device, and jax sees {devices}: make one "
                          "visible (e.g. CUDA_VISIBLE_DEVICES=0; on CPU, no fake devices in XLA_FLAGS)")
@@ -222,9 +225,6 @@ def _matmul_floor(step: Any, report: dict[str, Any], model_flops: int, peak: flo
     from jclip import parallel
     from jclip.tools.matmul_floor import matmul_floor
 
-    if report["devices"] > 1:
-        raise SystemExit("--matmul_floor times the step's matmuls at their global shapes, on one device: make one "
-                         "visible")
     with parallel.sharding_context(step.setup.mesh, step.setup.rules):
         floor = matmul_floor(step.jitted, step.state, step.batch, None,
                              progress=lambda line: print(f"  {line}", end="\r", file=sys.stderr, flush=True))

@@ -53,7 +53,7 @@ import numpy as np
 
 import configs
 from jclip.checkpoint import DAMAGED, MANIFEST, UNFINISHED
-from jclip.tools.micro_run import compilation_cache_env, micro_run_flags, with_cpu_devices
+from jclip.tools.micro_run import compilation_cache_env, cpu_env, micro_run_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_FILE = pathlib.Path(configs.__file__).parent / "clip.py"
@@ -93,7 +93,7 @@ class Settings:
 
     def env(self) -> dict[str, str]:
         """One CPU device per run (the losses then depend on nothing else); the shared compilation cache."""
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 1)}
+        env = cpu_env(1)
         for name in ("JCLIP_COORDINATOR_ADDRESS", "JCLIP_NUM_PROCESSES", "JCLIP_PROCESS_ID"):
             env.pop(name, None)
         if self.compilation_cache:

@@ -39,15 +39,15 @@ class Matmul:
     @property
     def flops(self) -> int:
         """2 x (batch x free lhs x free rhs x contracted) multiply-adds."""
-        (lhs_contract, rhs_contract), (lhs_batch, _) = self.dimension_numbers
+        (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = self.dimension_numbers
+
+        def free(shape: tuple[int, ...], *bound: tuple[int, ...]) -> int:
+            return math.prod(size for axis, size in enumerate(shape) if not any(axis in axes for axes in bound))
+
         contracted = math.prod(self.lhs_shape[axis] for axis in lhs_contract)
         batch = math.prod(self.lhs_shape[axis] for axis in lhs_batch)
-        lhs_free = math.prod(size for axis, size in enumerate(self.lhs_shape)
-                             if axis not in lhs_contract and axis not in lhs_batch)
-        rhs_batch = self.dimension_numbers[1][1]
-        rhs_free = math.prod(size for axis, size in enumerate(self.rhs_shape)
-                             if axis not in rhs_contract and axis not in rhs_batch)
-        return 2 * batch * lhs_free * rhs_free * contracted
+        return 2 * batch * contracted * free(self.lhs_shape, lhs_contract, lhs_batch) * free(
+            self.rhs_shape, rhs_contract, rhs_batch)
 
 
 def _sub_jaxprs(value: Any) -> Iterator[jex_core.Jaxpr]:

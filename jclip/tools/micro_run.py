@@ -55,6 +55,13 @@ def with_cpu_devices(xla_flags: str, devices: int) -> str:
     return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
 
 
+def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """This process's environment (its other XLA flags kept) for a `jclip.main` process that sees `devices` fake
+    CPU devices (one, as a user's CPU run, unless a test is about meshes), with `extra` variables."""
+    flags = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+
+
 def compilation_cache_env(folder: str | os.PathLike, min_compile_seconds: float = 0.0) -> dict[str, str]:
     """The environment variables that point JAX's persistent compilation cache at `folder` for a process about to
     import jax (and for its children), writing every compile that took at least `min_compile_seconds`. Repeated

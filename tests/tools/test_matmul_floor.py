@@ -74,12 +74,25 @@ def test_matmuls_whose_count_the_trace_cannot_tell_and_convolutions_are_refused(
         matmuls(jax.make_jaxpr(conv)(jnp.ones((1, 1, 4, 4)), jnp.ones((1, 1, 2, 2))).jaxpr)
 
 
-def test_the_floor_times_each_shape_and_totals_count_times_time():
-    floor = matmul_floor(jax.grad(mlp_loss, argnums=(0, 1)), *mlp_args(), calls=2, repeats=1)
-    assert floor.count == 5 and len(floor.timed) == 5
-    assert all(seconds > 0 for _, _, seconds in floor.timed)
-    assert floor.seconds == pytest.approx(sum(count * seconds for _, count, seconds in floor.timed))
+def test_the_floor_times_each_shape_once_and_counts_its_repeats():
+    """The MLP's gradient (five matmuls, each once) after a scan of 4 square layers (one shape, 4 times): the
+    totals weigh each shape's time and FLOPs by its count."""
+    layers = 4
+
+    def deep_loss(ws: jax.Array, w1: jax.Array, w2: jax.Array, x: jax.Array) -> jax.Array:
+        x = lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+        return mlp_loss(w1, w2, x)
+
+    ws = jnp.ones((layers, D_IN, D_IN))
+    floor = matmul_floor(jax.grad(deep_loss, argnums=(1, 2)), ws, *mlp_args(), calls=2, repeats=1)
+    # Neither ws nor x is differentiated: the scan has its forward matmuls only.
+    by_shape = {(m.lhs_shape, m.rhs_shape): (count, seconds) for m, count, seconds in floor.timed}
+    assert by_shape[((BATCH, D_IN), (D_IN, D_IN))][0] == layers and floor.count == layers + 5
+    assert len(floor.timed) == 6 and all(seconds > 0 for _, _, seconds in floor.timed)
+    square_seconds = by_shape[((BATCH, D_IN), (D_IN, D_IN))][1]
+    others = sum(seconds for shape, (count, seconds) in by_shape.items() if shape != ((BATCH, D_IN), (D_IN, D_IN)))
+    assert floor.seconds == pytest.approx(layers * square_seconds + others)
     report = floor.as_dict()
-    assert report["flops"] == 2 * BATCH * (2 * D_IN * HIDDEN + 3 * HIDDEN * D_OUT)
+    assert report["flops"] == layers * 2 * BATCH * D_IN * D_IN + 2 * BATCH * (2 * D_IN * HIDDEN + 3 * HIDDEN * D_OUT)
     totals = [item["count"] * item["seconds_each"] for item in report["by_shape"]]
     assert totals == sorted(totals, reverse=True)
